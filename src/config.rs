@@ -1,0 +1,729 @@
+//! The config file: plain serde structs that mirror the YAML, then `validate` into the runtime
+//! [`Config`] the proxy runs on. Every problem is reported as `FILE:LINE:COL: key.path: reason`.
+//!
+//! YAML is parsed by serde-saphyr (line and column on every error, duplicate keys included);
+//! `serde_path_to_error` adds the dotted key path it lacks. A syntax or type error stops the parse,
+//! so it is reported alone; every semantic problem after a successful parse is reported together.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::providers::{self, Provider};
+use crate::route::{ClientAuth, HostPattern, Route, RouteTable, Scheme};
+use crate::secret;
+
+// ---------------------------------------------------------------------------------------------
+// The file, as written.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    /// The forward-proxy listener (`http_proxy=` clients, Postman).
+    #[serde(default = "default_listen")]
+    listen: SocketAddr,
+    /// What to do with a request for a host no route maps.
+    #[serde(default)]
+    unmapped: Unmapped,
+    #[serde(default)]
+    upstream: UpstreamFile,
+    #[serde(default)]
+    limits: LimitsFile,
+    #[serde(default)]
+    providers: BTreeMap<String, ProviderFile>,
+    #[serde(default)]
+    routes: Vec<RouteFile>,
+    /// Listeners bound to one route, for apps that only know a base URL.
+    #[serde(default)]
+    local_endpoints: Vec<LocalEndpointFile>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unmapped {
+    /// Forwarded untouched, without credentials.
+    #[default]
+    Passthrough,
+    /// Refused with 403.
+    Deny,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamFile {
+    /// PEM files of extra CAs trusted for upstream TLS, on top of the system's roots.
+    #[serde(default)]
+    extra_ca_files: Vec<Spanned<String>>,
+    #[serde(default = "d10s", deserialize_with = "duration")]
+    connect_timeout: Duration,
+    /// How long to wait for the upstream's response headers (the body may take longer).
+    #[serde(default = "d60s", deserialize_with = "duration")]
+    response_timeout: Duration,
+    /// Idle pooled connections are closed after this; keep it below the providers' keep-alive.
+    #[serde(default = "d30s", deserialize_with = "duration")]
+    pool_idle_timeout: Duration,
+}
+
+impl Default for UpstreamFile {
+    fn default() -> Self {
+        UpstreamFile {
+            extra_ca_files: Vec::new(),
+            connect_timeout: d10s(),
+            response_timeout: d60s(),
+            pool_idle_timeout: d30s(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    /// Largest request head (request line + headers) accepted; larger gets 431.
+    #[serde(default = "default_max_header_bytes")]
+    max_header_bytes: usize,
+    /// A client must send its request head within this time (slowloris).
+    #[serde(default = "d30s", deserialize_with = "duration")]
+    header_read_timeout: Duration,
+}
+
+impl Default for LimitsFile {
+    fn default() -> Self {
+        LimitsFile {
+            max_header_bytes: default_max_header_bytes(),
+            header_read_timeout: d30s(),
+        }
+    }
+}
+
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn d10s() -> Duration {
+    Duration::from_secs(10)
+}
+fn d30s() -> Duration {
+    Duration::from_secs(30)
+}
+fn d60s() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{s}` is not a duration ({e}); write e.g. `500ms`, `10s`, `5m`"
+        ))
+    })
+}
+
+/// One provider: `kind: { settings }`, e.g. `basic: { username: …, password: … }`.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum ProviderFile {
+    Basic(BasicFile),
+    Headers(BTreeMap<String, Spanned<String>>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BasicFile {
+    username: Spanned<String>,
+    password: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    /// Defaults to `host` + `path_prefix`.
+    name: Option<String>,
+    host: Spanned<String>,
+    path_prefix: Option<Spanned<String>>,
+    provider: Spanned<String>,
+    #[serde(default)]
+    upstream_scheme: Scheme,
+    connect_to: Option<Spanned<String>>,
+    #[serde(default)]
+    client_auth: ClientAuth,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalEndpointFile {
+    listen: SocketAddr,
+    route: Spanned<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The runtime config.
+
+#[derive(Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub unmapped: Unmapped,
+    pub upstream: Upstream,
+    pub limits: Limits,
+    pub routes: RouteTable,
+    pub local_endpoints: Vec<LocalEndpoint>,
+    /// Things that work but deserve a word at start (literal secrets in the file).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub extra_roots: Vec<CertificateDer<'static>>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct LocalEndpoint {
+    pub listen: SocketAddr,
+    pub route: Arc<Route>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors.
+
+/// One problem in a config file, located as precisely as the parser allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    /// 1-based; `None` when the problem is not tied to a place (an unreadable file).
+    pub line_col: Option<(u64, u64)>,
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:", self.file)?;
+        if let Some((l, c)) = self.line_col {
+            write!(f, "{l}:{c}:")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, " {}:", self.key)?;
+        }
+        write!(f, " {}", self.reason)
+    }
+}
+
+/// Every problem found in one file. Never holds a secret value: reasons name where a value was
+/// looked for, not what it was, and the YAML snippet (which shows neighbouring lines) is off.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading.
+
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        problems: vec![Problem {
+            file: file.clone(),
+            line_col: None,
+            key: String::new(),
+            reason: format!("cannot read the config file: {e}"),
+        }],
+    })?;
+    from_yaml(&text, &file)
+}
+
+/// Parses and validates YAML text; `file` is the name used in error messages.
+pub fn from_yaml(text: &str, file: &str) -> Result<Config, ConfigError> {
+    let raw = parse(text, file)?;
+    let mut v = Validator {
+        file,
+        problems: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let config = v.build(raw);
+    if v.problems.is_empty() {
+        let mut config = config;
+        config.warnings = v.warnings;
+        Ok(config)
+    } else {
+        Err(ConfigError {
+            problems: v.problems,
+        })
+    }
+}
+
+fn parse(text: &str, file: &str) -> Result<File, ConfigError> {
+    let key_path = RefCell::new(String::new());
+    let options = serde_saphyr::options! {
+        strict_booleans: true,
+        with_snippet: false,
+    };
+    let result = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            *key_path.borrow_mut() = e.path().to_string();
+            e.into_inner()
+        })
+    });
+    result.map_err(|e| {
+        let line_col = e
+            .location()
+            .filter(|l| l.line() > 0)
+            .map(|l| (l.line(), l.column()));
+        let mut key = key_path.into_inner();
+        if key == "." || key == "?" {
+            key.clear();
+        }
+        ConfigError {
+            problems: vec![Problem {
+                file: file.to_string(),
+                line_col,
+                key,
+                reason: parse_reason(&e),
+            }],
+        }
+    })
+}
+
+/// serde-saphyr's message without its own `line N column M:` prefix (we print the location).
+fn parse_reason(e: &serde_saphyr::Error) -> String {
+    let full = e.to_string();
+    let mut s = full.as_str();
+    if let Some(rest) = s.strip_prefix("line ")
+        && let Some(i) = rest.find(": ")
+    {
+        s = &rest[i + 2..];
+    }
+    let mut s = s.lines().next().unwrap_or("").trim();
+    if let Some(i) = s.rfind(" at line ") {
+        s = &s[..i];
+    }
+    // A hint meant for the library's user (us), not for someone editing the file.
+    if let Some(i) = s.find(", set DuplicateKeyPolicy") {
+        s = &s[..i];
+    }
+    s.to_string()
+}
+
+struct Validator<'a> {
+    file: &'a str,
+    problems: Vec<Problem>,
+    warnings: Vec<String>,
+}
+
+impl Validator<'_> {
+    fn problem<T>(&mut self, at: &Spanned<T>, key: impl Into<String>, reason: impl Into<String>) {
+        let loc = &at.referenced;
+        self.problems.push(Problem {
+            file: self.file.to_string(),
+            line_col: (loc.line() > 0).then(|| (loc.line(), loc.column())),
+            key: key.into(),
+            reason: reason.into(),
+        });
+    }
+
+    /// A problem with no better place than the file itself.
+    fn problem_at_file(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.problems.push(Problem {
+            file: self.file.to_string(),
+            line_col: None,
+            key: key.into(),
+            reason: reason.into(),
+        });
+    }
+
+    fn secret(
+        &mut self,
+        value: &Spanned<String>,
+        key: &str,
+        warn_literal: bool,
+    ) -> Option<secret::Secret> {
+        if warn_literal && secret::source_of(&value.value) == secret::Source::Literal {
+            self.warnings.push(format!(
+                "{}:{}:{}: {key}: the secret is written in the config file; prefer `env:NAME` or `file:PATH`",
+                self.file,
+                value.referenced.line(),
+                value.referenced.column()
+            ));
+        }
+        match secret::resolve(&value.value) {
+            Ok(s) => Some(s),
+            Err(reason) => {
+                self.problem(value, key, reason);
+                None
+            }
+        }
+    }
+
+    fn build(&mut self, raw: File) -> Config {
+        let upstream = self.upstream(raw.upstream);
+        if raw.limits.max_header_bytes < 8192 {
+            self.problem_at_file(
+                "limits.max_header_bytes",
+                "must be at least 8192 (the smallest request-head buffer the HTTP/1 parser accepts)",
+            );
+        }
+        let providers = self.providers(&raw.providers);
+        let declared: HashSet<&str> = raw.providers.keys().map(String::as_str).collect();
+        let routes = self.routes(raw.routes, &providers, &declared);
+        let routes = RouteTable::new(routes);
+        let local_endpoints = self.local_endpoints(raw.local_endpoints, &routes, raw.listen);
+        Config {
+            listen: raw.listen,
+            unmapped: raw.unmapped,
+            upstream,
+            limits: Limits {
+                max_header_bytes: raw.limits.max_header_bytes.max(8192),
+                header_read_timeout: raw.limits.header_read_timeout,
+            },
+            routes,
+            local_endpoints,
+            warnings: Vec::new(),
+        }
+    }
+
+    fn upstream(&mut self, raw: UpstreamFile) -> Upstream {
+        let mut extra_roots = Vec::new();
+        for (i, f) in raw.extra_ca_files.iter().enumerate() {
+            let key = format!("upstream.extra_ca_files[{i}]");
+            match read_pem_certs(Path::new(&f.value)) {
+                Ok(certs) => extra_roots.extend(certs),
+                Err(reason) => self.problem(f, key, reason),
+            }
+        }
+        Upstream {
+            extra_roots,
+            connect_timeout: raw.connect_timeout,
+            response_timeout: raw.response_timeout,
+            pool_idle_timeout: raw.pool_idle_timeout,
+        }
+    }
+
+    fn providers(
+        &mut self,
+        raw: &BTreeMap<String, ProviderFile>,
+    ) -> BTreeMap<String, Arc<Provider>> {
+        let mut out = BTreeMap::new();
+        for (name, p) in raw {
+            let key = format!("providers.{name}");
+            let headers = match p {
+                ProviderFile::Basic(b) => {
+                    let user = self.secret(&b.username, &format!("{key}.basic.username"), false);
+                    let pass = self.secret(&b.password, &format!("{key}.basic.password"), true);
+                    let (Some(user), Some(pass)) = (user, pass) else {
+                        continue;
+                    };
+                    match providers::basic::header(&user, &pass) {
+                        Ok(h) => vec![h],
+                        Err(reason) => {
+                            self.problem(&b.username, format!("{key}.basic"), reason);
+                            continue;
+                        }
+                    }
+                }
+                ProviderFile::Headers(map) => {
+                    if map.is_empty() {
+                        self.problem_at_file(format!("{key}.headers"), "lists no header");
+                    }
+                    let mut headers = Vec::new();
+                    for (hname, value) in map {
+                        let hkey = format!("{key}.headers.{hname}");
+                        let Some(secret) = self.secret(value, &hkey, true) else {
+                            continue;
+                        };
+                        match providers::headers::header(hname, &secret) {
+                            Ok(h) => headers.push(h),
+                            Err(reason) => self.problem(value, hkey, reason),
+                        }
+                    }
+                    headers
+                }
+            };
+            out.insert(
+                name.clone(),
+                Arc::new(Provider::new(
+                    name.clone(),
+                    providers::Kind::Static(headers),
+                )),
+            );
+        }
+        out
+    }
+
+    fn routes(
+        &mut self,
+        raw: Vec<RouteFile>,
+        providers: &BTreeMap<String, Arc<Provider>>,
+        declared: &HashSet<&str>,
+    ) -> Vec<Arc<Route>> {
+        let mut routes: Vec<(usize, Arc<Route>)> = Vec::new();
+        let mut names = HashSet::new();
+        for (i, r) in raw.into_iter().enumerate() {
+            let key = format!("routes[{i}]");
+            let host = match HostPattern::parse(&r.host.value) {
+                Ok(h) => Some(h),
+                Err(reason) => {
+                    self.problem(&r.host, format!("{key}.host"), reason);
+                    None
+                }
+            };
+            let path_prefix = match &r.path_prefix {
+                None => "/".to_string(),
+                Some(p) if p.value.starts_with('/') && !p.value.contains(['?', '#']) => {
+                    p.value.clone()
+                }
+                Some(p) => {
+                    self.problem(
+                        p,
+                        format!("{key}.path_prefix"),
+                        "must start with `/` and hold no `?` or `#`",
+                    );
+                    "/".to_string()
+                }
+            };
+            let provider = match providers.get(&r.provider.value) {
+                Some(p) => Some(p.clone()),
+                // Declared but broken: its own problem is already reported.
+                None if declared.contains(r.provider.value.as_str()) => None,
+                None => {
+                    let reason =
+                        unknown_name("provider", &r.provider.value, declared.iter().copied());
+                    self.problem(&r.provider, format!("{key}.provider"), reason);
+                    None
+                }
+            };
+            let connect_to = match &r.connect_to {
+                None => None,
+                Some(c) => match parse_host_port(&c.value) {
+                    Ok(hp) => Some(hp),
+                    Err(reason) => {
+                        self.problem(c, format!("{key}.connect_to"), reason);
+                        None
+                    }
+                },
+            };
+            let (Some(host), Some(provider)) = (host, provider) else {
+                continue;
+            };
+            let name = r.name.unwrap_or_else(|| {
+                if path_prefix == "/" {
+                    host.to_string()
+                } else {
+                    format!("{host}{path_prefix}")
+                }
+            });
+            if !names.insert(name.clone()) {
+                self.problem(
+                    &r.host,
+                    format!("{key}.name"),
+                    format!("another route is already named `{name}`"),
+                );
+            }
+            let route = Arc::new(Route {
+                name,
+                host,
+                path_prefix,
+                provider,
+                upstream_scheme: r.upstream_scheme,
+                connect_to,
+                client_auth: r.client_auth,
+            });
+            if let Some((j, other)) = routes.iter().find(|(_, o)| o.same_match_as(&route)) {
+                self.problem(
+                    &r.host,
+                    format!("{key}.host"),
+                    format!(
+                        "routes[{j}] (`{}`) already matches the same host and path prefix; merge them or make one more specific",
+                        other.name
+                    ),
+                );
+            }
+            routes.push((i, route));
+        }
+        routes.into_iter().map(|(_, r)| r).collect()
+    }
+
+    fn local_endpoints(
+        &mut self,
+        raw: Vec<LocalEndpointFile>,
+        routes: &RouteTable,
+        proxy_listen: SocketAddr,
+    ) -> Vec<LocalEndpoint> {
+        let mut out = Vec::new();
+        let mut seen = HashSet::from([proxy_listen]);
+        for (i, e) in raw.into_iter().enumerate() {
+            let key = format!("local_endpoints[{i}]");
+            if e.listen.port() != 0 && !seen.insert(e.listen) {
+                self.problem(
+                    &e.route,
+                    format!("{key}.listen"),
+                    format!("{} is already used by another listener", e.listen),
+                );
+            }
+            let Some(route) = routes.by_name(&e.route.value) else {
+                let reason = unknown_name(
+                    "route",
+                    &e.route.value,
+                    routes.iter().map(|r| r.name.as_str()),
+                );
+                self.problem(&e.route, format!("{key}.route"), reason);
+                continue;
+            };
+            if route.host.is_wildcard() {
+                self.problem(
+                    &e.route,
+                    format!("{key}.route"),
+                    format!("route `{}` has a wildcard host; a local endpoint needs one exact host to forward to", route.name),
+                );
+                continue;
+            }
+            out.push(LocalEndpoint {
+                listen: e.listen,
+                route: route.clone(),
+            });
+        }
+        out
+    }
+}
+
+/// "unknown provider `x`", with "did you mean `y`?" when one name is close.
+fn unknown_name<'a>(what: &str, name: &str, known: impl Iterator<Item = &'a str>) -> String {
+    let known: Vec<&str> = known.collect();
+    let best = known
+        .iter()
+        .map(|k| (strsim::levenshtein(name, k), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 3))
+        .min();
+    match (best, known.is_empty()) {
+        (Some((_, k)), _) => format!("unknown {what} `{name}`; did you mean `{k}`?"),
+        (None, true) => format!("unknown {what} `{name}`: none is configured"),
+        (None, false) => format!("unknown {what} `{name}`; known: {}", known.join(", ")),
+    }
+}
+
+fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{s}` needs a port, as in `127.0.0.1:8443`"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("`{port}` is not a port number (1-65535)"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("`{s}` has no host"));
+    }
+    Ok((host.to_string(), port))
+}
+
+fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&text).collect();
+    match certs {
+        Ok(c) if c.is_empty() => Err(format!("{} holds no PEM certificate", path.display())),
+        Ok(c) => Ok(c),
+        Err(e) => Err(format!(
+            "{} is not a valid PEM certificate file: {e}",
+            path.display()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(yaml: &str) -> Vec<String> {
+        match from_yaml(yaml, "c.yaml") {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn every_problem_has_file_line_column_key_and_reason() {
+        let cases: [(&str, &[&str]); 6] = [
+            (
+                "listen: 127.0.0.1:8080\nbogus: 1\n",
+                &[
+                    "c.yaml:2:1: bogus: unknown field `bogus`, expected one of listen, unmapped, upstream, limits, providers, routes, local_endpoints",
+                ],
+            ),
+            (
+                "providers:\n  a:\n    basic:\n      username: u\n      pasword: p\n",
+                &[
+                    "c.yaml:5:7: providers.a.basic.pasword: unknown field `pasword`, expected one of username, password",
+                ],
+            ),
+            (
+                "providers:\n  a:\n    oauth:\n      x: 1\n",
+                &[
+                    "c.yaml:3:5: providers.a: unknown variant `oauth`, expected one of basic, headers",
+                ],
+            ),
+            (
+                "upstream:\n  connect_timeout: soon\n",
+                &[
+                    "c.yaml:2:20: upstream.connect_timeout: `soon` is not a duration (expected number at 0); write e.g. `500ms`, `10s`, `5m`",
+                ],
+            ),
+            (
+                "listen: 127.0.0.1:8080\nlisten: 127.0.0.1:8081\n",
+                &["c.yaml:2:1: duplicate mapping key: listen"],
+            ),
+            (
+                "providers:\n  twotcloud-billing:\n    basic: {username: u, password: env:CREDPROXY_UNSET_X}\nroutes:\n  - host: a.com\n    provider: twotcloud-biling\n  - host: 'https://x'\n    provider: twotcloud-billing\n  - host: b.com\n    provider: twotcloud-billing\n    path_prefix: /v1\n  - host: b.com\n    provider: twotcloud-billing\n    path_prefix: /v1/\n",
+                &[
+                    "c.yaml:3:36: providers.twotcloud-billing.basic.password: environment variable CREDPROXY_UNSET_X is not set",
+                    "c.yaml:6:15: routes[0].provider: unknown provider `twotcloud-biling`; did you mean `twotcloud-billing`?",
+                    "c.yaml:7:11: routes[1].host: a host pattern has no scheme: write `api.example.com`, not a URL",
+                ],
+            ),
+        ];
+        for (yaml, expected) in cases {
+            assert_eq!(problems(yaml), *expected, "for:\n{yaml}");
+        }
+    }
+
+    #[test]
+    fn overlapping_routes_are_refused() {
+        let yaml = "providers:\n  p:\n    headers: {x-key: k}\nroutes:\n  - host: b.com\n    provider: p\n    path_prefix: /v1\n  - host: B.com\n    provider: p\n    path_prefix: /v1/\n  - host: b.com\n    provider: p\n    path_prefix: /v1/customers\n";
+        assert_eq!(
+            problems(yaml),
+            [
+                "c.yaml:8:11: routes[1].host: routes[0] (`b.com/v1`) already matches the same host and path prefix; merge them or make one more specific"
+            ]
+        );
+    }
+}

@@ -1,0 +1,103 @@
+//! Every error the proxy itself answers with, and the one function that turns it into a response:
+//! JSON `{"error","message","route","provider"}` plus `X-Credproxy-Error: <code>`.
+//! Messages say what failed and where, never a secret.
+
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::body::{Body, full};
+use crate::route::Route;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request itself is malformed; `code` says how.
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error(
+        "no route maps {host} and the config says `unmapped: deny`; add a route for it or set `unmapped: passthrough`"
+    )]
+    Denied { host: String },
+    #[error(
+        "the request already carries `{header}`, and this route is set to `client_auth: reject`; remove the header, the proxy adds the credentials"
+    )]
+    ClientCredentials { header: String },
+    #[error(
+        "`{path}` is outside `{prefix}`, the path prefix of route `{route}` this local endpoint serves"
+    )]
+    NotRouted {
+        path: String,
+        prefix: String,
+        route: String,
+    },
+    #[error("{what} is not supported yet")]
+    NotImplemented { what: &'static str },
+    #[error("cannot connect to {host}: {cause}")]
+    UpstreamConnect { host: String, cause: String },
+    #[error("TLS with {host} failed: {cause}")]
+    UpstreamTls { host: String, cause: String },
+    #[error("{host} did not answer within {}; raise `upstream.{setting}` if it is just slow", humantime::format_duration(*.after))]
+    UpstreamTimeout {
+        host: String,
+        after: Duration,
+        setting: &'static str,
+    },
+    #[error("{host} broke the exchange: {cause}")]
+    Upstream { host: String, cause: String },
+}
+
+impl ProxyError {
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ProxyError {
+        ProxyError::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest { .. } | ProxyError::ClientCredentials { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
+            ProxyError::NotRouted { .. } => StatusCode::NOT_FOUND,
+            ProxyError::NotImplemented { .. } => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::UpstreamConnect { .. }
+            | ProxyError::UpstreamTls { .. }
+            | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest { code, .. } => code,
+            ProxyError::Denied { .. } => "host_denied",
+            ProxyError::ClientCredentials { .. } => "client_credentials_rejected",
+            ProxyError::NotRouted { .. } => "not_routed",
+            ProxyError::NotImplemented { .. } => "not_implemented",
+            ProxyError::UpstreamConnect { .. } => "upstream_unreachable",
+            ProxyError::UpstreamTls { .. } => "upstream_tls",
+            ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::Upstream { .. } => "upstream_error",
+        }
+    }
+
+    pub fn into_response(self, route: Option<&Route>) -> Response<Body> {
+        let body = serde_json::json!({
+            "error": self.code(),
+            "message": self.to_string(),
+            "route": route.map(|r| r.name.as_str()),
+            "provider": route.map(|r| r.provider.name.as_str()),
+        });
+        let mut resp = Response::new(full(body.to_string() + "\n"));
+        *resp.status_mut() = self.status();
+        let headers = resp.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert("x-credproxy-error", HeaderValue::from_static(self.code()));
+        resp
+    }
+}

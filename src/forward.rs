@@ -1,0 +1,353 @@
+//! The request path, in order: work out the target → route → credentials → send upstream →
+//! relay the response. Bodies stream both ways; nothing here collects them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Method, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+
+use crate::body::{self, Body};
+use crate::config::Unmapped;
+use crate::credentials;
+use crate::error::ProxyError;
+use crate::listen::{Entry, State};
+use crate::outbound::DialError;
+use crate::route::{Route, Scheme, normalize_host, path_under};
+
+/// Where a request is going, as the client asked for it.
+struct Target {
+    scheme: Scheme,
+    host: String,
+    /// Explicit in the request, or the scheme's default.
+    port: u16,
+    explicit_port: bool,
+    path_and_query: String,
+}
+
+impl Target {
+    fn path(&self) -> &str {
+        self.path_and_query.split('?').next().unwrap_or("/")
+    }
+}
+
+/// Serves one request and never fails: every error becomes a JSON response.
+pub async fn handle(
+    state: Arc<State>,
+    entry: Entry,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let mut route_name = None;
+    let mut host_for_log = String::new();
+    let mut path_for_log = String::new();
+    let result = async {
+        let target = target(&entry, &req)?;
+        host_for_log = target.host.clone();
+        path_for_log = target.path().to_string();
+        let route = match &entry {
+            Entry::Local(r) => Some(r.clone()),
+            Entry::Proxy => state
+                .config
+                .routes
+                .find(&target.host, target.port, target.path())
+                .cloned(),
+        };
+        route_name = route.as_ref().map(|r| r.name.clone());
+        forward(&state, route.as_deref(), target, req)
+            .await
+            .map_err(|e| (e, route))
+    }
+    .await;
+    let response = match result {
+        Ok(resp) => resp,
+        Err((err, route)) => {
+            tracing::debug!(error = %err, "answered by the proxy");
+            err.into_response(route.as_deref())
+        }
+    };
+    // The path is logged without its query: query strings can carry secrets.
+    tracing::info!(
+        %peer,
+        %method,
+        host = %host_for_log,
+        path = %path_for_log,
+        route = route_name.as_deref().unwrap_or("-"),
+        status = response.status().as_u16(),
+        latency_ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
+    response
+}
+
+fn target(
+    entry: &Entry,
+    req: &Request<Incoming>,
+) -> Result<Target, (ProxyError, Option<Arc<Route>>)> {
+    let uri = req.uri();
+    if req.version() == Version::HTTP_11 && !req.headers().contains_key(header::HOST) {
+        let err = ProxyError::bad_request(
+            "missing_host",
+            "an HTTP/1.1 request must carry a Host header (RFC 9112 §3.2)",
+        );
+        return Err((err, None));
+    }
+    match entry {
+        Entry::Local(route) => {
+            let fail = |e| Err((e, Some(route.clone())));
+            if req.method() == Method::CONNECT || uri.scheme().is_some() {
+                return fail(ProxyError::bad_request(
+                    "not_a_local_request",
+                    format!(
+                        "this is a local endpoint for route `{}`: send plain requests such as `GET /path`, not proxy requests",
+                        route.name
+                    ),
+                ));
+            }
+            let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+            let path = uri.path();
+            if !path_under(path, &route.path_prefix) {
+                return fail(ProxyError::NotRouted {
+                    path: path.to_string(),
+                    prefix: route.path_prefix.clone(),
+                    route: route.name.clone(),
+                });
+            }
+            let host = route.host.exact_host().unwrap_or_default().to_string();
+            let port = route
+                .host
+                .port()
+                .unwrap_or(route.upstream_scheme.default_port());
+            Ok(Target {
+                scheme: route.upstream_scheme,
+                host,
+                port,
+                explicit_port: route.host.port().is_some(),
+                path_and_query,
+            })
+        }
+        Entry::Proxy => {
+            if req.method() == Method::CONNECT {
+                return Err((
+                    ProxyError::NotImplemented {
+                        what: "CONNECT (HTTPS through the proxy)",
+                    },
+                    None,
+                ));
+            }
+            absolute_target(uri).map_err(|e| (e, None))
+        }
+    }
+}
+
+fn absolute_target(uri: &Uri) -> Result<Target, ProxyError> {
+    let scheme = match uri.scheme_str() {
+        None => {
+            return Err(ProxyError::bad_request(
+                "not_absolute_form",
+                "this is a forward proxy: send the full URL (GET http://host/path) or use a local endpoint",
+            ));
+        }
+        Some(s) if s.eq_ignore_ascii_case("http") => Scheme::Http,
+        Some(s) if s.eq_ignore_ascii_case("https") => Scheme::Https,
+        Some(s) => {
+            return Err(ProxyError::bad_request(
+                "unsupported_scheme",
+                format!("scheme `{s}` is not supported: only http and https URLs can be proxied"),
+            ));
+        }
+    };
+    let host = match uri.host() {
+        Some(h) if !h.is_empty() => normalize_host(h),
+        _ => return Err(ProxyError::bad_request("bad_uri", "the URL has no host")),
+    };
+    Ok(Target {
+        scheme,
+        host,
+        port: uri.port_u16().unwrap_or(scheme.default_port()),
+        explicit_port: uri.port().is_some(),
+        path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+    })
+}
+
+async fn forward(
+    state: &State,
+    route: Option<&Route>,
+    target: Target,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
+    let (mut parts, incoming) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::HOST);
+
+    let (scheme, port_in_uri) = match route {
+        Some(route) => {
+            reject_dot_segments(target.path())?;
+            credentials::apply(route, &mut parts.headers)?;
+            // A plain-HTTP client request goes out over the route's scheme: `http://host/x` from a
+            // legacy client becomes `https://host/x`. An explicit port is kept.
+            (
+                route.upstream_scheme,
+                target.explicit_port.then_some(target.port),
+            )
+        }
+        None => {
+            if state.config.unmapped == Unmapped::Deny {
+                return Err(ProxyError::Denied { host: target.host });
+            }
+            (target.scheme, target.explicit_port.then_some(target.port))
+        }
+    };
+    let authority = authority(&target.host, port_in_uri, scheme);
+    parts.uri = Uri::builder()
+        .scheme(scheme.as_str())
+        .authority(authority.as_str())
+        .path_and_query(target.path_and_query.as_str())
+        .build()
+        .map_err(|e| {
+            ProxyError::bad_request("bad_uri", format!("cannot build the upstream URL: {e}"))
+        })?;
+    // The pool picks HTTP/1.1 or HTTP/2 per connection (ALPN); the client's version is not ours.
+    parts.version = Version::HTTP_11;
+
+    let upstream_req = Request::from_parts(parts, body::stream(incoming));
+    let client = state.outbound.client(route.map(|r| r.name.as_str()));
+    let timeout = state.config.upstream.response_timeout;
+    let response = match tokio::time::timeout(timeout, client.request(upstream_req)).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => return Err(upstream_error(&authority, &e)),
+        Err(_) => {
+            return Err(ProxyError::UpstreamTimeout {
+                host: authority,
+                after: timeout,
+                setting: "response_timeout",
+            });
+        }
+    };
+    let (mut parts, incoming) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, body::stream(incoming)))
+}
+
+fn authority(host: &str, port: Option<u16>, scheme: Scheme) -> String {
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    match port {
+        Some(p) if p != scheme.default_port() => format!("{host}:{p}"),
+        _ => host,
+    }
+}
+
+/// `/v1/customers/../../v3/invoices` must not pick the Customers route and reach Billing.
+fn reject_dot_segments(path: &str) -> Result<(), ProxyError> {
+    let dotty = path.split('/').any(|seg| {
+        let s = seg.to_ascii_lowercase().replace("%2e", ".");
+        s == "." || s == ".."
+    });
+    if dotty {
+        return Err(ProxyError::bad_request(
+            "dot_segments",
+            "the path contains `.` or `..` segments; send the normalised path",
+        ));
+    }
+    Ok(())
+}
+
+/// RFC 9110 §7.6.1: these describe one connection, not the message, so they never cross the
+/// proxy. `Proxy-Authorization` is for this proxy only; `Proxy-Authenticate` is about another proxy.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in `Connection` are hop-by-hop too.
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Turns a client error into what the user needs to know: which host, and why.
+fn upstream_error(host: &str, err: &hyper_util::client::legacy::Error) -> ProxyError {
+    let host = host.to_string();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(d) = e.downcast_ref::<DialError>() {
+            return match d {
+                DialError::Timeout { after, .. } => ProxyError::UpstreamTimeout {
+                    host,
+                    after: *after,
+                    setting: "connect_timeout",
+                },
+                d => ProxyError::UpstreamConnect {
+                    host,
+                    cause: d.to_string(),
+                },
+            };
+        }
+        if let Some(tls) = find_rustls_error(e) {
+            return ProxyError::UpstreamTls {
+                cause: describe_tls(tls, &host),
+                host,
+            };
+        }
+        source = e.source();
+    }
+    let cause = std::iter::successors(Some(err as &dyn std::error::Error), |e| e.source())
+        .last()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    if err.is_connect() {
+        ProxyError::UpstreamConnect { host, cause }
+    } else {
+        ProxyError::Upstream { host, cause }
+    }
+}
+
+/// rustls errors arrive wrapped in `io::Error`s, whose `source()` skips the wrapped error itself.
+fn find_rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(r) = e.downcast_ref::<rustls::Error>() {
+        return Some(r);
+    }
+    let io = e.downcast_ref::<std::io::Error>()?;
+    find_rustls_error(io.get_ref()?)
+}
+
+fn describe_tls(e: &rustls::Error, host: &str) -> String {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            format!("certificate not valid for {host}")
+        }
+        rustls::Error::InvalidCertificate(C::UnknownIssuer) => {
+            "certificate signed by an unknown authority; add its CA to upstream.extra_ca_files if you trust it".into()
+        }
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "certificate expired".into(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,173 @@
+//! Listeners: the forward-proxy port and one port per local endpoint. Each connection is served by
+//! hyper (HTTP/1.1 with keep-alive, or HTTP/2) and each request goes to [`forward::handle`].
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::forward;
+use crate::outbound::Outbound;
+use crate::route::Route;
+
+/// What a request arriving on a listener is.
+#[derive(Clone)]
+pub enum Entry {
+    /// The forward proxy: absolute-form requests for any host.
+    Proxy,
+    /// A local endpoint: origin-form requests, all for this route.
+    Local(Arc<Route>),
+}
+
+/// Everything a request needs, built once per config.
+pub struct State {
+    pub config: Config,
+    pub outbound: Outbound,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Tls(String),
+}
+
+/// A started proxy: its bound addresses and a way to stop it.
+pub struct Running {
+    /// The forward-proxy listener's address (the real port when the config said port 0).
+    pub addr: SocketAddr,
+    /// Each local endpoint's route name and bound address, in config order.
+    pub local_endpoints: Vec<(String, SocketAddr)>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish (up to `drain`), then returns.
+    pub async fn shutdown(mut self, drain: Duration) {
+        let _ = self.shutdown.send(true);
+        let all = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(drain, all).await.is_err() {
+            tracing::warn!("in-flight requests still running after {drain:?}; closing them");
+            self.tasks.abort_all();
+        }
+    }
+
+    /// Runs until one of the listeners stops (it does not, short of a shutdown).
+    pub async fn wait(mut self) {
+        self.tasks.join_next().await;
+    }
+}
+
+/// Binds every listener of `config` and starts serving.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let outbound = Outbound::new(&config).map_err(StartError::Tls)?;
+    let mut bound = Vec::new();
+    bound.push((bind(config.listen).await?, Entry::Proxy));
+    for ep in &config.local_endpoints {
+        bound.push((bind(ep.listen).await?, Entry::Local(ep.route.clone())));
+    }
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let state = Arc::new(State { config, outbound });
+    let (shutdown, stop) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let mut addr = None;
+    let mut local_endpoints = Vec::new();
+    for (listener, entry) in bound {
+        let local = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: state.config.listen,
+            source,
+        })?;
+        match &entry {
+            Entry::Proxy => {
+                tracing::info!("forward proxy listening on http://{local}");
+                addr = Some(local);
+            }
+            Entry::Local(route) => {
+                tracing::info!(
+                    "local endpoint for route `{}` listening on http://{local}",
+                    route.name
+                );
+                local_endpoints.push((route.name.clone(), local));
+            }
+        }
+        tasks.spawn(accept_loop(listener, entry, state.clone(), stop.clone()));
+    }
+    Ok(Running {
+        addr: addr.unwrap_or(state.config.listen),
+        local_endpoints,
+        shutdown,
+        tasks,
+    })
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    entry: Entry,
+    state: Arc<State>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut server = auto::Builder::new(TokioExecutor::new());
+    server
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.config.limits.header_read_timeout)
+        .max_buf_size(state.config.limits.max_header_bytes);
+    server
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(state.config.limits.max_header_bytes as u32);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning; the listener stays up.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let entry = entry.clone();
+        let service = service_fn(move |req| {
+            let state = state.clone();
+            let entry = entry.clone();
+            async move { Ok::<_, Infallible>(forward::handle(state, entry, req, peer).await) }
+        });
+        let conn = server.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}

@@ -1,0 +1,355 @@
+//! Request → route: which configured route (and so which provider) a request belongs to.
+//!
+//! Precedence, most specific first: an exact host beats a wildcard (a longer wildcard suffix beats
+//! a shorter one), then a longer path prefix beats a shorter one, then an explicit port beats
+//! "any port". Two routes equal on all three would match the same requests: config rejects them.
+
+use std::sync::Arc;
+
+use crate::providers::Provider;
+
+/// `api.example.com`, `*.api.openvpn.com`, either with an optional `:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostPattern {
+    /// Lower-case host; for a wildcard, the suffix after `*.` (e.g. `api.openvpn.com`).
+    host: String,
+    wildcard: bool,
+    port: Option<u16>,
+}
+
+impl HostPattern {
+    pub fn parse(s: &str) -> Result<HostPattern, String> {
+        if s.contains("://") {
+            return Err("a host pattern has no scheme: write `api.example.com`, not a URL".into());
+        }
+        if s.contains('/') {
+            return Err("a host pattern has no path: put the path in `path_prefix`".into());
+        }
+        let (host, port) = split_host_port(s)?;
+        let (host, wildcard) = match host.strip_prefix("*.") {
+            Some(rest) => (rest, true),
+            None => (host, false),
+        };
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        validate_hostname(&host, wildcard)?;
+        Ok(HostPattern {
+            host,
+            wildcard,
+            port,
+        })
+    }
+
+    pub fn matches(&self, host: &str, port: u16) -> bool {
+        if self.port.is_some_and(|p| p != port) {
+            return false;
+        }
+        if !self.wildcard {
+            return host == self.host;
+        }
+        // A wildcard covers exactly one label, as in TLS certificates: `*.api.openvpn.com`
+        // matches `acme.api.openvpn.com`, not `api.openvpn.com` or `a.b.api.openvpn.com`.
+        match host.strip_suffix(self.host.as_str()) {
+            Some(label) => label
+                .strip_suffix('.')
+                .is_some_and(|l| !l.is_empty() && !l.contains('.')),
+            None => false,
+        }
+    }
+
+    pub fn is_wildcard(&self) -> bool {
+        self.wildcard
+    }
+
+    /// The host for an exact pattern (what a local endpoint forwards to).
+    pub fn exact_host(&self) -> Option<&str> {
+        (!self.wildcard).then_some(self.host.as_str())
+    }
+
+    pub fn port(&self) -> Option<u16> {
+        self.port
+    }
+
+    /// Larger is more specific. Exact hosts rank above every wildcard.
+    fn host_rank(&self) -> usize {
+        if self.wildcard {
+            self.host.len()
+        } else {
+            usize::MAX
+        }
+    }
+}
+
+impl std::fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.wildcard {
+            f.write_str("*.")?;
+        }
+        f.write_str(&self.host)?;
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        Ok(())
+    }
+}
+
+fn split_host_port(s: &str) -> Result<(&str, Option<u16>), String> {
+    // IPv6 literal: [::1] or [::1]:8443
+    if let Some(rest) = s.strip_prefix('[') {
+        let end = rest.find(']').ok_or("unclosed `[` in IPv6 address")?;
+        let host = &s[..end + 2];
+        return match &rest[end + 1..] {
+            "" => Ok((host, None)),
+            p => match p.strip_prefix(':') {
+                Some(p) => Ok((host, Some(parse_port(p)?))),
+                None => Err("unexpected text after `]`".into()),
+            },
+        };
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) => Ok((h, Some(parse_port(p)?))),
+        None => Ok((s, None)),
+    }
+}
+
+fn parse_port(p: &str) -> Result<u16, String> {
+    match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("`{p}` is not a port number (1-65535)")),
+        Ok(n) => Ok(n),
+    }
+}
+
+fn validate_hostname(host: &str, wildcard: bool) -> Result<(), String> {
+    if host.is_empty() {
+        return Err("the host is empty".into());
+    }
+    if host.starts_with('[') {
+        return match host.trim_matches(['[', ']']).parse::<std::net::Ipv6Addr>() {
+            Ok(_) if !wildcard => Ok(()),
+            Ok(_) => Err("a wildcard cannot precede an IP address".into()),
+            Err(_) => Err(format!("`{host}` is not a valid IPv6 address")),
+        };
+    }
+    if host.contains('*') {
+        return Err(
+            "`*` is allowed only as the whole first label, as in `*.api.openvpn.com`".into(),
+        );
+    }
+    for label in host.split('.') {
+        if label.is_empty() {
+            return Err(format!("`{host}` has an empty label"));
+        }
+        if label.len() > 63 {
+            return Err(format!("label `{label}` is longer than 63 characters"));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(format!(
+                "`{host}` has a character that is not allowed in a host name (letters, digits, `-`, `.`)"
+            ));
+        }
+    }
+    if wildcard && !host.contains('.') {
+        return Err(
+            "a wildcard needs at least two labels after `*.`, as in `*.api.openvpn.com`".into(),
+        );
+    }
+    Ok(())
+}
+
+/// How the client's own credential headers are treated on a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// The injected headers replace what the client sent.
+    #[default]
+    Replace,
+    /// A client that sends its own header keeps it; the proxy injects only what is missing.
+    Keep,
+    /// A client that sends one of the injected headers gets 400.
+    Reject,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheme {
+    Http,
+    #[default]
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+
+    pub fn default_port(self) -> u16 {
+        match self {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub host: HostPattern,
+    /// Always starts with `/`; `/` alone matches every path.
+    pub path_prefix: String,
+    pub provider: Arc<Provider>,
+    pub upstream_scheme: Scheme,
+    /// Where the TCP connection goes instead of the request's host (staging, tests, the demo).
+    pub connect_to: Option<(String, u16)>,
+    pub client_auth: ClientAuth,
+}
+
+impl Route {
+    pub fn matches(&self, host: &str, port: u16, path: &str) -> bool {
+        self.host.matches(host, port) && path_under(path, &self.path_prefix)
+    }
+
+    /// The key that orders routes, most specific first; equal keys are ambiguous.
+    pub fn specificity(&self) -> (usize, usize, bool) {
+        (
+            self.host.host_rank(),
+            self.path_prefix.trim_end_matches('/').len(),
+            self.host.port.is_some(),
+        )
+    }
+
+    /// Two routes that match exactly the same requests.
+    pub fn same_match_as(&self, other: &Route) -> bool {
+        self.host == other.host
+            && self.path_prefix.trim_end_matches('/') == other.path_prefix.trim_end_matches('/')
+    }
+}
+
+/// `/v1/customers` is under `/v1/customers` and `/v1/customers/`, and `/v1/customers/7` is too;
+/// `/v1/customersX` is not: prefixes match whole path segments.
+pub fn path_under(path: &str, prefix: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// Routes sorted most specific first, so the first match is the best one.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Arc<Route>>,
+}
+
+impl RouteTable {
+    pub fn new(mut routes: Vec<Arc<Route>>) -> RouteTable {
+        routes.sort_by_key(|r| std::cmp::Reverse(r.specificity()));
+        RouteTable { routes }
+    }
+
+    /// `host` must already be lower-case without a trailing dot (see [`normalize_host`]).
+    pub fn find(&self, host: &str, port: u16, path: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.matches(host, port, path))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.routes.iter()
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+}
+
+/// Hosts compare case-insensitively and `api.example.com.` is `api.example.com`.
+pub fn normalize_host(host: &str) -> String {
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, host: &str, prefix: &str) -> Arc<Route> {
+        Arc::new(Route {
+            name: name.into(),
+            host: HostPattern::parse(host).expect("valid pattern"),
+            path_prefix: prefix.into(),
+            provider: Arc::new(Provider::new(
+                "p",
+                crate::providers::Kind::Static(Vec::new()),
+            )),
+            upstream_scheme: Scheme::Https,
+            connect_to: None,
+            client_auth: ClientAuth::Replace,
+        })
+    }
+
+    #[test]
+    fn wildcard_matches_one_label() {
+        let p = HostPattern::parse("*.API.openvpn.com").expect("valid");
+        assert!(p.matches("acme.api.openvpn.com", 443));
+        assert!(!p.matches("api.openvpn.com", 443));
+        assert!(!p.matches("a.b.api.openvpn.com", 443));
+        assert!(!p.matches("acmeapi.openvpn.com", 443));
+    }
+
+    #[test]
+    fn port_is_optional_but_binding_when_given() {
+        let any = HostPattern::parse("api.example.com").expect("valid");
+        let one = HostPattern::parse("api.example.com:8443").expect("valid");
+        assert!(any.matches("api.example.com", 80));
+        assert!(one.matches("api.example.com", 8443));
+        assert!(!one.matches("api.example.com", 443));
+    }
+
+    #[test]
+    fn bad_patterns_say_why() {
+        for (p, why) in [
+            ("https://api.example.com", "no scheme"),
+            ("api.example.com/v1", "no path"),
+            ("api.*.com", "whole first label"),
+            ("*.com", "two labels"),
+            ("api.example.com:0", "not a port"),
+            ("api..com", "empty label"),
+            ("api example.com", "not allowed"),
+        ] {
+            let e = HostPattern::parse(p).expect_err(p);
+            assert!(e.contains(why), "{p}: {e}");
+        }
+    }
+
+    #[test]
+    fn most_specific_route_wins() {
+        let table = RouteTable::new(vec![
+            route("any-openvpn", "*.api.openvpn.com", "/"),
+            route("billing", "api.cloudnet.services", "/v3"),
+            route("all-2t", "api.cloudnet.services", "/"),
+            route("customers", "api.cloudnet.services", "/v1/customers"),
+            route("acme", "acme.api.openvpn.com", "/"),
+        ]);
+        let name = |h: &str, p: &str| table.find(h, 443, p).map(|r| r.name.clone());
+        assert_eq!(
+            name("api.cloudnet.services", "/v1/customers/9").as_deref(),
+            Some("customers")
+        );
+        assert_eq!(
+            name("api.cloudnet.services", "/v1/customersX").as_deref(),
+            Some("all-2t")
+        );
+        assert_eq!(
+            name("api.cloudnet.services", "/v3/invoices").as_deref(),
+            Some("billing")
+        );
+        assert_eq!(name("acme.api.openvpn.com", "/x").as_deref(), Some("acme"));
+        assert_eq!(
+            name("other.api.openvpn.com", "/x").as_deref(),
+            Some("any-openvpn")
+        );
+        assert_eq!(name("example.com", "/"), None);
+    }
+}
