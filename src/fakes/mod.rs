@@ -111,7 +111,8 @@ where
     FakeServer { addr, log, task }
 }
 
-/// `{"method","uri","headers":{name:[values]},"peer"}` for the request as received.
+/// `{"method","version","authority","uri","headers":{name:[values]},"peer"}` for the request as
+/// received.
 pub fn echo_response(req: &Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let mut headers = serde_json::Map::new();
     for name in req.headers().keys() {
@@ -123,9 +124,19 @@ pub fn echo_response(req: &Request<Incoming>, peer: SocketAddr) -> Response<Body
             .collect();
         headers.insert(name.as_str().to_string(), values.into());
     }
+    // HTTP/2 carries the host in `:authority`, HTTP/1.1 in `Host`: report whichever arrived.
+    let authority = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(String::from)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
     let body = serde_json::json!({
         "method": req.method().as_str(),
-        "uri": req.uri().to_string(),
+        "version": format!("{:?}", req.version()),
+        "authority": authority,
+        // The request target as an origin server sees it, the same for HTTP/1.1 and HTTP/2.
+        "uri": req.uri().path_and_query().map_or("/", |p| p.as_str()),
         "headers": headers,
         "peer": peer.to_string(),
     });

@@ -1,0 +1,441 @@
+//! The forward proxy and local endpoints end to end: real sockets on 127.0.0.1, TLS fakes that
+//! check credentials like the real providers do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+
+
+use credproxy::fakes::{self, echo, stackbill, twotcloud};
+use support::*;
+
+const ACCOUNT: &str = "100234";
+const CUSTOMERS_KEY: &str = "cust-key-AAA111";
+const BILLING_KEY: &str = "bill-key-BBB222";
+
+fn twotcloud_keys() -> Vec<twotcloud::Key> {
+    let key = |k: &str, api| twotcloud::Key {
+        account_id: ACCOUNT.into(),
+        api_key: k.into(),
+        api,
+        bound_ip: None,
+        active: true,
+    };
+    vec![
+        key(CUSTOMERS_KEY, twotcloud::Api::Customers),
+        key(BILLING_KEY, twotcloud::Api::Billing),
+    ]
+}
+
+/// Providers and routes for 2tCloud with one key per API, pointed at `fake`.
+fn twotcloud_yaml(env: &Env, fake: std::net::SocketAddr, unmapped: &str) -> String {
+    let c = env.write("customers.key", &format!("{CUSTOMERS_KEY}\n"));
+    let b = env.write("billing.key", BILLING_KEY);
+    format!(
+        "unmapped: {unmapped}
+providers:
+  customers:
+    basic: {{username: '{ACCOUNT}', password: 'file:{c}'}}
+  billing:
+    basic: {{username: '{ACCOUNT}', password: 'file:{b}'}}
+routes:
+  - name: customers
+    host: api.cloudnet.services
+    path_prefix: /v1/customers
+    provider: customers
+    connect_to: {fake}
+  - name: billing
+    host: api.cloudnet.services
+    path_prefix: /v3
+    provider: billing
+    connect_to: {fake}
+",
+        c = c.display(),
+        b = b.display()
+    )
+}
+
+#[tokio::test]
+async fn basic_credentials_are_chosen_by_path_and_replace_the_clients() {
+    let env = Env::new();
+    let fake = twotcloud::start(listener().await, Some(env.tls.clone()), twotcloud_keys());
+    let proxy = env.proxy(&twotcloud_yaml(&env, fake.addr, "deny")).await;
+    let c = client(proxy.addr);
+
+    // Without the proxy's credentials the fake answers 403, as 2tCloud does.
+    let bad = c
+        .get("http://api.cloudnet.services/v1/customers")
+        .header("authorization", basic(ACCOUNT, BILLING_KEY))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 200, "the client's own (wrong-API) header must be replaced");
+
+    let customers = c
+        .get("http://api.cloudnet.services/v1/customers")
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(customers.status(), 200);
+    assert!(customers.text().await.unwrap().contains("\"CompanyName\""));
+
+    let invoices = c.get("http://api.cloudnet.services/v3/invoices").send().await.unwrap();
+    assert_eq!(invoices.status(), 200);
+    assert!(invoices.text().await.unwrap().starts_with("<ConsolidatedInvoice>"), "XML by default");
+
+    // Exactly the right key arrived for each API, once, and the client's value is gone.
+    let echo = echoed(
+        c.get("http://api.cloudnet.services/v3/__echo")
+            .header("authorization", "Basic c3RvbGVuOmtleQ==")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(header_values(&echo, "authorization"), [basic(ACCOUNT, BILLING_KEY)]);
+    let echo = echoed(c.get("http://api.cloudnet.services/v1/customers/__echo").send().await.unwrap()).await;
+    assert_eq!(header_values(&echo, "authorization"), [basic(ACCOUNT, CUSTOMERS_KEY)]);
+    assert_eq!(echo["authority"], "api.cloudnet.services");
+
+    // A path no route covers on the same host is not given either key.
+    let other = c.get("http://api.cloudnet.services/v2/other").send().await.unwrap();
+    assert_eq!(other.status(), 403);
+    assert_eq!(other.headers()["x-credproxy-error"], "host_denied");
+}
+
+#[tokio::test]
+async fn static_headers_are_injected_and_replace_the_clients() {
+    let env = Env::new();
+    let keys = stackbill::Keys {
+        api_key: "sb-api-key-123".into(),
+        secret_key: "sb-secret-456".into(),
+    };
+    let fake = stackbill::start(listener().await, Some(env.tls.clone()), keys);
+    let sk = env.write("sb-secret", "sb-secret-456\n");
+    let proxy = env
+        .proxy(&format!(
+            "providers:
+  stackbill:
+    headers:
+      apikey: sb-api-key-123
+      secretKey: 'file:{}'
+routes:
+  - host: portal.stackbill.example
+    provider: stackbill
+    connect_to: {}
+",
+            sk.display(),
+            fake.addr
+        ))
+        .await;
+    let c = client(proxy.addr);
+    let r = c
+        .get("http://portal.stackbill.example/restapi/zone/zonelist")
+        .header("apikey", "not-mine")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("listZoneResponse"));
+
+    let echo = echoed(
+        c.get("http://portal.stackbill.example/__echo")
+            .header("APIKEY", "not-mine")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(header_values(&echo, "apikey"), ["sb-api-key-123"]);
+    assert_eq!(header_values(&echo, "secretkey"), ["sb-secret-456"]);
+}
+
+fn echo_route_yaml(fake: std::net::SocketAddr, host: &str, client_auth: &str) -> String {
+    format!(
+        "providers:
+  p:
+    headers: {{x-api-key: injected-value}}
+routes:
+  - host: '{host}'
+    provider: p
+    connect_to: {fake}
+    client_auth: {client_auth}
+unmapped: deny
+"
+    )
+}
+
+#[tokio::test]
+async fn client_auth_keep_and_reject() {
+    let env = Env::new();
+    let fake = echo::start(listener().await, Some(env.tls.clone()));
+
+    let keep = env.proxy(&echo_route_yaml(fake.addr, "api.example.com", "keep")).await;
+    let c = client(keep.addr);
+    let echo = echoed(c.get("http://api.example.com/__echo").header("x-api-key", "mine").send().await.unwrap()).await;
+    assert_eq!(header_values(&echo, "x-api-key"), ["mine"]);
+    let echo = echoed(c.get("http://api.example.com/__echo").send().await.unwrap()).await;
+    assert_eq!(header_values(&echo, "x-api-key"), ["injected-value"]);
+
+    let reject = env.proxy(&echo_route_yaml(fake.addr, "api.example.com", "reject")).await;
+    let c = client(reject.addr);
+    let seen_before = fake.requests().len();
+    let r = c.get("http://api.example.com/__echo").header("x-api-key", "mine").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["x-credproxy-error"], "client_credentials_rejected");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["route"], "api.example.com");
+    assert_eq!(body["provider"], "p");
+    assert_eq!(fake.requests().len(), seen_before, "a rejected request never leaves the proxy");
+}
+
+#[tokio::test]
+async fn wildcard_routes_cover_one_label() {
+    let env = Env::new();
+    let fake = echo::start(listener().await, Some(env.tls.clone()));
+    let proxy = env.proxy(&echo_route_yaml(fake.addr, "*.api.openvpn.com", "replace")).await;
+    let c = client(proxy.addr);
+    for host in ["acme.api.openvpn.com", "OTHER.api.openvpn.com"] {
+        let echo = echoed(c.get(format!("http://{host}/api/v1/networks/__echo")).send().await.unwrap()).await;
+        assert_eq!(header_values(&echo, "x-api-key"), ["injected-value"], "{host}");
+        assert_eq!(echo["authority"], host.to_ascii_lowercase());
+    }
+    for host in ["api.openvpn.com", "a.b.api.openvpn.com"] {
+        let r = c.get(format!("http://{host}/x")).send().await.unwrap();
+        assert_eq!(r.status(), 403, "{host} is not covered by the wildcard");
+    }
+}
+
+#[tokio::test]
+async fn unmapped_hosts_pass_through_without_credentials_or_are_denied() {
+    let env = Env::new();
+    let mapped = echo::start(listener().await, Some(env.tls.clone()));
+    let plain = echo::start(listener().await, None);
+
+    let yaml = echo_route_yaml(mapped.addr, "api.example.com", "replace").replace("unmapped: deny", "unmapped: passthrough");
+    let proxy = env.proxy(&yaml).await;
+    let c = client(proxy.addr);
+    let echo = echoed(c.get(format!("http://{}/__echo?q=1", plain.addr)).send().await.unwrap()).await;
+    assert!(header_values(&echo, "x-api-key").is_empty(), "no credentials for an unmapped host");
+    assert_eq!(echo["uri"], "/__echo?q=1");
+
+    let proxy = env.proxy(&echo_route_yaml(mapped.addr, "api.example.com", "replace")).await;
+    let c = client(proxy.addr);
+    let before = plain.requests().len();
+    let r = c.get(format!("http://{}/__echo", plain.addr)).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.headers()["x-credproxy-error"], "host_denied");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(body["message"].as_str().unwrap().contains("127.0.0.1"), "{body}");
+    assert_eq!(plain.requests().len(), before);
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_and_proxy_authorization_never_cross() {
+    let env = Env::new();
+    // An upstream that sends hop-by-hop headers of its own.
+    let upstream = fakes::serve(listener().await, Some(env.tls.clone()), |_req, _peer| async {
+        let mut r = fakes::respond(http::StatusCode::OK, "text/plain", "ok");
+        let h = r.headers_mut();
+        h.insert("connection", "x-up-hop".parse().unwrap());
+        h.insert("x-up-hop", "1".parse().unwrap());
+        h.insert("proxy-authenticate", "Basic realm=up".parse().unwrap());
+        h.insert("x-up-normal", "kept".parse().unwrap());
+        r
+    });
+    let echo_fake = echo::start(listener().await, Some(env.tls.clone()));
+    let yaml = format!(
+        "providers:
+  p:
+    headers: {{x-api-key: injected-value}}
+routes:
+  - host: api.example.com
+    provider: p
+    connect_to: {}
+  - host: portal.stackbill.example
+    provider: p
+    connect_to: {}
+",
+        echo_fake.addr, upstream.addr
+    );
+    let proxy = env.proxy(&yaml).await;
+
+    let request = b"GET http://api.example.com/__echo HTTP/1.1\r\n\
+Host: api.example.com\r\n\
+Connection: keep-alive, X-Custom-Hop\r\n\
+X-Custom-Hop: secret-ish\r\n\
+Keep-Alive: timeout=5\r\n\
+Proxy-Connection: keep-alive\r\n\
+Proxy-Authorization: Basic cHJveHk6cGFzcw==\r\n\
+TE: trailers\r\n\
+Upgrade: websocket\r\n\
+X-Normal: yes\r\n\r\n";
+    let answer = raw(proxy.addr, request).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = answer.split_once("\r\n\r\n").unwrap().1;
+    let echo: serde_json::Value = serde_json::from_str(body).unwrap();
+    let headers = echo["headers"].as_object().unwrap();
+    for gone in ["x-custom-hop", "keep-alive", "proxy-connection", "proxy-authorization", "te", "upgrade"] {
+        assert!(!headers.contains_key(gone), "{gone} reached the upstream: {echo}");
+    }
+    assert_eq!(header_values(&echo, "x-normal"), ["yes"]);
+    assert_eq!(header_values(&echo, "x-api-key"), ["injected-value"]);
+
+    let r = client(proxy.addr).get("http://portal.stackbill.example/").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-up-hop").is_none());
+    assert!(r.headers().get("proxy-authenticate").is_none());
+    assert_eq!(r.headers()["x-up-normal"], "kept");
+}
+
+#[tokio::test]
+async fn redirects_go_back_to_the_client_and_credentials_stay_home() {
+    let env = Env::new();
+    let mapped = echo::start(listener().await, Some(env.tls.clone()));
+    let elsewhere = echo::start(listener().await, None);
+    let yaml = echo_route_yaml(mapped.addr, "api.example.com", "replace").replace("unmapped: deny", "unmapped: passthrough");
+    let proxy = env.proxy(&yaml).await;
+    let c = client(proxy.addr);
+
+    let landing = format!("http://{}/landing/__echo", elsewhere.addr);
+    let r = c
+        .get(format!("http://api.example.com/redirect?to={landing}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302, "the proxy must not follow redirects");
+    assert_eq!(r.headers()["location"], landing.as_str());
+    assert!(elsewhere.requests().is_empty(), "nothing reached the other host yet");
+
+    // The client follows it through the proxy: the other host is unmapped and gets no credential.
+    let echo = echoed(c.get(&landing).send().await.unwrap()).await;
+    assert!(header_values(&echo, "x-api-key").is_empty());
+    assert!(
+        elsewhere.requests().iter().all(|r| !r.headers.contains_key("x-api-key")),
+        "the other host never saw the credential"
+    );
+    assert_eq!(mapped.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn upstream_failures_are_502_or_504_json_naming_host_and_cause() {
+    let env = Env::new();
+    let port = closed_port().await;
+    // A server whose certificate is for another name, one signed by an unknown CA, one that hangs.
+    let wrong_name = echo::start(listener().await, Some(env.ca.server_config(&["wrong.example"]).unwrap()));
+    let other_ca = credproxy::ca::Ca::generate("someone else", 2).unwrap();
+    let unknown_ca = echo::start(listener().await, Some(other_ca.server_config(&["api.example.com"]).unwrap()));
+    let hang = fakes::serve(listener().await, None, |_req, _peer| async {
+        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        fakes::respond(http::StatusCode::OK, "text/plain", "late")
+    });
+    let yaml = format!(
+        "  response_timeout: 1s
+providers:
+  p:
+    headers: {{x-api-key: v}}
+routes:
+  - {{host: down.example.com, provider: p, connect_to: '127.0.0.1:{port}'}}
+  - {{host: api.example.com, provider: p, connect_to: '{}'}}
+  - {{host: other.example.com, provider: p, connect_to: '{}'}}
+  - {{host: slow.example.com, provider: p, connect_to: '{}', upstream_scheme: http}}
+",
+        wrong_name.addr, unknown_ca.addr, hang.addr
+    );
+    let proxy = env.proxy(&yaml).await;
+    let c = client(proxy.addr);
+    let check = |url: &'static str, status: u16, code: &'static str, words: &'static [&'static str]| {
+        let c = c.clone();
+        async move {
+            let r = c.get(url).send().await.unwrap();
+            assert_eq!(r.status(), status, "{url}");
+            assert_eq!(r.headers()["x-credproxy-error"], code, "{url}");
+            assert_eq!(r.headers()["content-type"], "application/json");
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(body["error"], code);
+            assert_eq!(body["provider"], "p");
+            let msg = body["message"].as_str().unwrap();
+            for w in words {
+                assert!(msg.contains(w), "{url}: `{msg}` should mention `{w}`");
+            }
+        }
+    };
+    check("http://down.example.com/x", 502, "upstream_unreachable", &["down.example.com", "connection refused"]).await;
+    check("http://api.example.com/x", 502, "upstream_tls", &["certificate not valid for api.example.com"]).await;
+    check("http://other.example.com/x", 502, "upstream_tls", &["other.example.com", "unknown authority"]).await;
+    check("http://slow.example.com/x", 504, "upstream_timeout", &["slow.example.com", "response_timeout"]).await;
+}
+
+#[tokio::test]
+async fn malformed_requests_get_precise_4xx() {
+    let env = Env::new();
+    let fake = echo::start(listener().await, Some(env.tls.clone()));
+    let proxy = env.proxy(&echo_route_yaml(fake.addr, "api.example.com", "replace")).await;
+    let cases: [(&[u8], &str, Option<&str>); 6] = [
+        (b"GET http://[oops/ HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 400", None),
+        (b"GET http://api.example.com/__echo HTTP/1.1\r\n\r\n", "HTTP/1.1 400", Some("missing_host")),
+        (b"GET /__echo HTTP/1.1\r\nHost: api.example.com\r\n\r\n", "HTTP/1.1 400", Some("not_absolute_form")),
+        (b"GET ftp://api.example.com/x HTTP/1.1\r\nHost: api.example.com\r\n\r\n", "HTTP/1.1 400", Some("unsupported_scheme")),
+        (b"GET http://api.example.com/a/../b HTTP/1.1\r\nHost: api.example.com\r\n\r\n", "HTTP/1.1 400", Some("dot_segments")),
+        (b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\n\r\n", "HTTP/1.1 501", Some("not_implemented")),
+    ];
+    for (req, status, code) in cases {
+        let answer = raw(proxy.addr, req).await;
+        assert!(answer.starts_with(status), "{}: {answer}", String::from_utf8_lossy(req));
+        if let Some(code) = code {
+            assert!(answer.contains(&format!("x-credproxy-error: {code}")), "{answer}");
+            assert!(answer.contains(&format!("\"error\":\"{code}\"")), "{answer}");
+        }
+    }
+    let mut huge = b"GET http://api.example.com/__echo HTTP/1.1\r\nHost: api.example.com\r\n".to_vec();
+    huge.extend(format!("X-Big: {}\r\n\r\n", "a".repeat(100 * 1024)).as_bytes());
+    let answer = raw(proxy.addr, &huge).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert!(fake.requests().is_empty(), "no malformed request reached the upstream");
+
+    // The proxy is still healthy afterwards.
+    let r = client(proxy.addr).get("http://api.example.com/__echo").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn local_endpoint_forwards_to_its_route_with_host_rewritten() {
+    let env = Env::new();
+    let fake = twotcloud::start(listener().await, Some(env.tls.clone()), twotcloud_keys());
+    let mut yaml = twotcloud_yaml(&env, fake.addr, "deny");
+    yaml.push_str("local_endpoints:\n  - listen: 127.0.0.1:0\n    route: billing\n");
+    let proxy = env.proxy(&yaml).await;
+    let (name, addr) = proxy.local_endpoints[0].clone();
+    assert_eq!(name, "billing");
+    let c = direct_client();
+
+    let r = c.get(format!("http://{addr}/v3/invoices?startDate=20260101")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("<Endpoint>invoices</Endpoint>"));
+
+    let echo = echoed(c.get(format!("http://{addr}/v3/__echo?x=1")).send().await.unwrap()).await;
+    assert_eq!(echo["authority"], "api.cloudnet.services");
+    assert_eq!(header_values(&echo, "authorization"), [basic(ACCOUNT, BILLING_KEY)]);
+    assert_eq!(echo["uri"], "/v3/__echo?x=1");
+
+    let r = c.get(format!("http://{addr}/v1/customers")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["x-credproxy-error"], "not_routed");
+}
+
+#[tokio::test]
+async fn upstream_connections_are_pooled_and_reused() {
+    let env = Env::new();
+    let fake = echo::start(listener().await, Some(env.tls.clone()));
+    let proxy = env.proxy(&echo_route_yaml(fake.addr, "api.example.com", "replace")).await;
+    let c = client(proxy.addr);
+    for _ in 0..5 {
+        let r = c.get("http://api.example.com/__echo").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    let peers: std::collections::HashSet<_> = fake.requests().iter().map(|r| r.peer).collect();
+    assert_eq!(peers.len(), 1, "five sequential requests should share one upstream connection");
+}
+

@@ -1,0 +1,145 @@
+//! Shared test helpers: a test CA with TLS for the fakes, a proxy started from YAML on an
+//! ephemeral port, and clients that go through it. Everything is on 127.0.0.1.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use credproxy::ca::Ca;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Host names the test CA's leaf certificate covers.
+pub const TLS_NAMES: &[&str] = &[
+    "api.cloudnet.services",
+    "portal.stackbill.example",
+    "api.example.com",
+    "acme.api.openvpn.com",
+    "other.api.openvpn.com",
+    "localhost",
+    "127.0.0.1",
+];
+
+pub struct Env {
+    pub ca: Ca,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub dir: tempfile::TempDir,
+    pub ca_path: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let ca = Ca::generate("credproxy tests CA", 2).expect("CA");
+        let tls = ca.server_config(TLS_NAMES).expect("leaf");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, ca.cert_pem()).expect("write CA");
+        Env { ca, tls, dir, ca_path }
+    }
+
+    pub fn write(&self, name: &str, content: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, content).expect("write");
+        p
+    }
+
+    /// The config header every test uses: an ephemeral port and the test CA trusted upstream.
+    pub fn base_yaml(&self) -> String {
+        format!(
+            "listen: 127.0.0.1:0\nupstream:\n  extra_ca_files: [{}]\n",
+            self.ca_path.display()
+        )
+    }
+
+    /// Starts a proxy from `base_yaml() + rest`, loaded through the real config loader.
+    pub async fn proxy(&self, rest: &str) -> credproxy::Running {
+        let yaml = self.base_yaml() + rest;
+        let path = self.write("config.yaml", &yaml);
+        let config = match credproxy::config::load(&path) {
+            Ok(c) => c,
+            Err(e) => panic!("test config rejected:\n{e}\n---\n{yaml}"),
+        };
+        credproxy::start(config).await.expect("proxy starts")
+    }
+}
+
+pub async fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.expect("bind")
+}
+
+/// A port nothing listens on.
+pub async fn closed_port() -> u16 {
+    let l = listener().await;
+    l.local_addr().expect("addr").port()
+}
+
+/// An HTTP client that sends every http:// request through the proxy and follows no redirect.
+pub fn client(proxy: SocketAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{proxy}")).expect("proxy url"))
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// A client that talks to a server directly (local endpoints).
+pub fn direct_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// Sends raw bytes, returns everything the server answered until it closed (or 10 s of silence).
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => {
+                out.extend_from_slice(&buf[..n]);
+                // One response is enough: stop once a complete JSON body or an empty one arrived.
+                let text = String::from_utf8_lossy(&out);
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)));
+                    if len.is_some_and(|n| body.len() >= n) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The JSON body of an echo response: the headers the fake received.
+pub async fn echoed(resp: reqwest::Response) -> serde_json::Value {
+    assert_eq!(resp.status(), 200, "echo should answer 200");
+    resp.json().await.expect("echo JSON")
+}
+
+/// All values of one header as the fake received it.
+pub fn header_values(echo: &serde_json::Value, name: &str) -> Vec<String> {
+    echo["headers"][name]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .unwrap_or_default()
+}
+
+pub fn basic(user: &str, pass: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    )
+}
