@@ -542,13 +542,7 @@ impl Validator<'_> {
                     format!("{host}{path_prefix}")
                 }
             });
-            if !names.insert(name.clone()) {
-                self.problem(
-                    &r.host,
-                    format!("{key}.name"),
-                    format!("another route is already named `{name}`"),
-                );
-            }
+            let unique_name = names.insert(name.clone());
             let route = Arc::new(Route {
                 name,
                 host,
@@ -558,7 +552,12 @@ impl Validator<'_> {
                 connect_to,
                 client_auth: r.client_auth,
             });
-            if let Some((j, other)) = routes.iter().find(|(_, o)| o.same_match_as(&route)) {
+            let overlap = routes.iter().find(|(_, o)| o.same_match_as(&route));
+            if overlap.is_none() && !unique_name {
+                let reason = format!("another route is already named `{}`", route.name);
+                self.problem(&r.host, format!("{key}.name"), reason);
+            }
+            if let Some((j, other)) = overlap {
                 self.problem(
                     &r.host,
                     format!("{key}.host"),

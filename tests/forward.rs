@@ -4,8 +4,6 @@
 
 mod support;
 
-
-
 use credproxy::fakes::{self, echo, stackbill, twotcloud};
 use support::*;
 
@@ -69,7 +67,11 @@ async fn basic_credentials_are_chosen_by_path_and_replace_the_clients() {
         .send()
         .await
         .unwrap();
-    assert_eq!(bad.status(), 200, "the client's own (wrong-API) header must be replaced");
+    assert_eq!(
+        bad.status(),
+        200,
+        "the client's own (wrong-API) header must be replaced"
+    );
 
     let customers = c
         .get("http://api.cloudnet.services/v1/customers")
@@ -80,9 +82,20 @@ async fn basic_credentials_are_chosen_by_path_and_replace_the_clients() {
     assert_eq!(customers.status(), 200);
     assert!(customers.text().await.unwrap().contains("\"CompanyName\""));
 
-    let invoices = c.get("http://api.cloudnet.services/v3/invoices").send().await.unwrap();
+    let invoices = c
+        .get("http://api.cloudnet.services/v3/invoices")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(invoices.status(), 200);
-    assert!(invoices.text().await.unwrap().starts_with("<ConsolidatedInvoice>"), "XML by default");
+    assert!(
+        invoices
+            .text()
+            .await
+            .unwrap()
+            .starts_with("<ConsolidatedInvoice>"),
+        "XML by default"
+    );
 
     // Exactly the right key arrived for each API, once, and the client's value is gone.
     let echo = echoed(
@@ -93,13 +106,29 @@ async fn basic_credentials_are_chosen_by_path_and_replace_the_clients() {
             .unwrap(),
     )
     .await;
-    assert_eq!(header_values(&echo, "authorization"), [basic(ACCOUNT, BILLING_KEY)]);
-    let echo = echoed(c.get("http://api.cloudnet.services/v1/customers/__echo").send().await.unwrap()).await;
-    assert_eq!(header_values(&echo, "authorization"), [basic(ACCOUNT, CUSTOMERS_KEY)]);
+    assert_eq!(
+        header_values(&echo, "authorization"),
+        [basic(ACCOUNT, BILLING_KEY)]
+    );
+    let echo = echoed(
+        c.get("http://api.cloudnet.services/v1/customers/__echo")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        header_values(&echo, "authorization"),
+        [basic(ACCOUNT, CUSTOMERS_KEY)]
+    );
     assert_eq!(echo["authority"], "api.cloudnet.services");
 
     // A path no route covers on the same host is not given either key.
-    let other = c.get("http://api.cloudnet.services/v2/other").send().await.unwrap();
+    let other = c
+        .get("http://api.cloudnet.services/v2/other")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(other.status(), 403);
     assert_eq!(other.headers()["x-credproxy-error"], "host_denied");
 }
@@ -171,34 +200,69 @@ async fn client_auth_keep_and_reject() {
     let env = Env::new();
     let fake = echo::start(listener().await, Some(env.tls.clone()));
 
-    let keep = env.proxy(&echo_route_yaml(fake.addr, "api.example.com", "keep")).await;
+    let keep = env
+        .proxy(&echo_route_yaml(fake.addr, "api.example.com", "keep"))
+        .await;
     let c = client(keep.addr);
-    let echo = echoed(c.get("http://api.example.com/__echo").header("x-api-key", "mine").send().await.unwrap()).await;
+    let echo = echoed(
+        c.get("http://api.example.com/__echo")
+            .header("x-api-key", "mine")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(header_values(&echo, "x-api-key"), ["mine"]);
     let echo = echoed(c.get("http://api.example.com/__echo").send().await.unwrap()).await;
     assert_eq!(header_values(&echo, "x-api-key"), ["injected-value"]);
 
-    let reject = env.proxy(&echo_route_yaml(fake.addr, "api.example.com", "reject")).await;
+    let reject = env
+        .proxy(&echo_route_yaml(fake.addr, "api.example.com", "reject"))
+        .await;
     let c = client(reject.addr);
     let seen_before = fake.requests().len();
-    let r = c.get("http://api.example.com/__echo").header("x-api-key", "mine").send().await.unwrap();
+    let r = c
+        .get("http://api.example.com/__echo")
+        .header("x-api-key", "mine")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
-    assert_eq!(r.headers()["x-credproxy-error"], "client_credentials_rejected");
+    assert_eq!(
+        r.headers()["x-credproxy-error"],
+        "client_credentials_rejected"
+    );
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["route"], "api.example.com");
     assert_eq!(body["provider"], "p");
-    assert_eq!(fake.requests().len(), seen_before, "a rejected request never leaves the proxy");
+    assert_eq!(
+        fake.requests().len(),
+        seen_before,
+        "a rejected request never leaves the proxy"
+    );
 }
 
 #[tokio::test]
 async fn wildcard_routes_cover_one_label() {
     let env = Env::new();
     let fake = echo::start(listener().await, Some(env.tls.clone()));
-    let proxy = env.proxy(&echo_route_yaml(fake.addr, "*.api.openvpn.com", "replace")).await;
+    let proxy = env
+        .proxy(&echo_route_yaml(fake.addr, "*.api.openvpn.com", "replace"))
+        .await;
     let c = client(proxy.addr);
     for host in ["acme.api.openvpn.com", "OTHER.api.openvpn.com"] {
-        let echo = echoed(c.get(format!("http://{host}/api/v1/networks/__echo")).send().await.unwrap()).await;
-        assert_eq!(header_values(&echo, "x-api-key"), ["injected-value"], "{host}");
+        let echo = echoed(
+            c.get(format!("http://{host}/api/v1/networks/__echo"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            header_values(&echo, "x-api-key"),
+            ["injected-value"],
+            "{host}"
+        );
         assert_eq!(echo["authority"], host.to_ascii_lowercase());
     }
     for host in ["api.openvpn.com", "a.b.api.openvpn.com"] {
@@ -213,21 +277,40 @@ async fn unmapped_hosts_pass_through_without_credentials_or_are_denied() {
     let mapped = echo::start(listener().await, Some(env.tls.clone()));
     let plain = echo::start(listener().await, None);
 
-    let yaml = echo_route_yaml(mapped.addr, "api.example.com", "replace").replace("unmapped: deny", "unmapped: passthrough");
+    let yaml = echo_route_yaml(mapped.addr, "api.example.com", "replace")
+        .replace("unmapped: deny", "unmapped: passthrough");
     let proxy = env.proxy(&yaml).await;
     let c = client(proxy.addr);
-    let echo = echoed(c.get(format!("http://{}/__echo?q=1", plain.addr)).send().await.unwrap()).await;
-    assert!(header_values(&echo, "x-api-key").is_empty(), "no credentials for an unmapped host");
+    let echo = echoed(
+        c.get(format!("http://{}/__echo?q=1", plain.addr))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        header_values(&echo, "x-api-key").is_empty(),
+        "no credentials for an unmapped host"
+    );
     assert_eq!(echo["uri"], "/__echo?q=1");
 
-    let proxy = env.proxy(&echo_route_yaml(mapped.addr, "api.example.com", "replace")).await;
+    let proxy = env
+        .proxy(&echo_route_yaml(mapped.addr, "api.example.com", "replace"))
+        .await;
     let c = client(proxy.addr);
     let before = plain.requests().len();
-    let r = c.get(format!("http://{}/__echo", plain.addr)).send().await.unwrap();
+    let r = c
+        .get(format!("http://{}/__echo", plain.addr))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
     assert_eq!(r.headers()["x-credproxy-error"], "host_denied");
     let body: serde_json::Value = r.json().await.unwrap();
-    assert!(body["message"].as_str().unwrap().contains("127.0.0.1"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("127.0.0.1"),
+        "{body}"
+    );
     assert_eq!(plain.requests().len(), before);
 }
 
@@ -235,15 +318,19 @@ async fn unmapped_hosts_pass_through_without_credentials_or_are_denied() {
 async fn hop_by_hop_headers_and_proxy_authorization_never_cross() {
     let env = Env::new();
     // An upstream that sends hop-by-hop headers of its own.
-    let upstream = fakes::serve(listener().await, Some(env.tls.clone()), |_req, _peer| async {
-        let mut r = fakes::respond(http::StatusCode::OK, "text/plain", "ok");
-        let h = r.headers_mut();
-        h.insert("connection", "x-up-hop".parse().unwrap());
-        h.insert("x-up-hop", "1".parse().unwrap());
-        h.insert("proxy-authenticate", "Basic realm=up".parse().unwrap());
-        h.insert("x-up-normal", "kept".parse().unwrap());
-        r
-    });
+    let upstream = fakes::serve(
+        listener().await,
+        Some(env.tls.clone()),
+        |_req, _peer| async {
+            let mut r = fakes::respond(http::StatusCode::OK, "text/plain", "ok");
+            let h = r.headers_mut();
+            h.insert("connection", "x-up-hop".parse().unwrap());
+            h.insert("x-up-hop", "1".parse().unwrap());
+            h.insert("proxy-authenticate", "Basic realm=up".parse().unwrap());
+            h.insert("x-up-normal", "kept".parse().unwrap());
+            r
+        },
+    );
     let echo_fake = echo::start(listener().await, Some(env.tls.clone()));
     let yaml = format!(
         "providers:
@@ -276,13 +363,27 @@ X-Normal: yes\r\n\r\n";
     let body = answer.split_once("\r\n\r\n").unwrap().1;
     let echo: serde_json::Value = serde_json::from_str(body).unwrap();
     let headers = echo["headers"].as_object().unwrap();
-    for gone in ["x-custom-hop", "keep-alive", "proxy-connection", "proxy-authorization", "te", "upgrade"] {
-        assert!(!headers.contains_key(gone), "{gone} reached the upstream: {echo}");
+    for gone in [
+        "x-custom-hop",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "te",
+        "upgrade",
+    ] {
+        assert!(
+            !headers.contains_key(gone),
+            "{gone} reached the upstream: {echo}"
+        );
     }
     assert_eq!(header_values(&echo, "x-normal"), ["yes"]);
     assert_eq!(header_values(&echo, "x-api-key"), ["injected-value"]);
 
-    let r = client(proxy.addr).get("http://portal.stackbill.example/").send().await.unwrap();
+    let r = client(proxy.addr)
+        .get("http://portal.stackbill.example/")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("x-up-hop").is_none());
     assert!(r.headers().get("proxy-authenticate").is_none());
@@ -294,7 +395,8 @@ async fn redirects_go_back_to_the_client_and_credentials_stay_home() {
     let env = Env::new();
     let mapped = echo::start(listener().await, Some(env.tls.clone()));
     let elsewhere = echo::start(listener().await, None);
-    let yaml = echo_route_yaml(mapped.addr, "api.example.com", "replace").replace("unmapped: deny", "unmapped: passthrough");
+    let yaml = echo_route_yaml(mapped.addr, "api.example.com", "replace")
+        .replace("unmapped: deny", "unmapped: passthrough");
     let proxy = env.proxy(&yaml).await;
     let c = client(proxy.addr);
 
@@ -306,13 +408,19 @@ async fn redirects_go_back_to_the_client_and_credentials_stay_home() {
         .unwrap();
     assert_eq!(r.status(), 302, "the proxy must not follow redirects");
     assert_eq!(r.headers()["location"], landing.as_str());
-    assert!(elsewhere.requests().is_empty(), "nothing reached the other host yet");
+    assert!(
+        elsewhere.requests().is_empty(),
+        "nothing reached the other host yet"
+    );
 
     // The client follows it through the proxy: the other host is unmapped and gets no credential.
     let echo = echoed(c.get(&landing).send().await.unwrap()).await;
     assert!(header_values(&echo, "x-api-key").is_empty());
     assert!(
-        elsewhere.requests().iter().all(|r| !r.headers.contains_key("x-api-key")),
+        elsewhere
+            .requests()
+            .iter()
+            .all(|r| !r.headers.contains_key("x-api-key")),
         "the other host never saw the credential"
     );
     assert_eq!(mapped.requests().len(), 1);
@@ -323,9 +431,15 @@ async fn upstream_failures_are_502_or_504_json_naming_host_and_cause() {
     let env = Env::new();
     let port = closed_port().await;
     // A server whose certificate is for another name, one signed by an unknown CA, one that hangs.
-    let wrong_name = echo::start(listener().await, Some(env.ca.server_config(&["wrong.example"]).unwrap()));
+    let wrong_name = echo::start(
+        listener().await,
+        Some(env.ca.server_config(&["wrong.example"]).unwrap()),
+    );
     let other_ca = credproxy::ca::Ca::generate("someone else", 2).unwrap();
-    let unknown_ca = echo::start(listener().await, Some(other_ca.server_config(&["api.example.com"]).unwrap()));
+    let unknown_ca = echo::start(
+        listener().await,
+        Some(other_ca.server_config(&["api.example.com"]).unwrap()),
+    );
     let hang = fakes::serve(listener().await, None, |_req, _peer| async {
         tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
         fakes::respond(http::StatusCode::OK, "text/plain", "late")
@@ -345,57 +459,126 @@ routes:
     );
     let proxy = env.proxy(&yaml).await;
     let c = client(proxy.addr);
-    let check = |url: &'static str, status: u16, code: &'static str, words: &'static [&'static str]| {
-        let c = c.clone();
-        async move {
-            let r = c.get(url).send().await.unwrap();
-            assert_eq!(r.status(), status, "{url}");
-            assert_eq!(r.headers()["x-credproxy-error"], code, "{url}");
-            assert_eq!(r.headers()["content-type"], "application/json");
-            let body: serde_json::Value = r.json().await.unwrap();
-            assert_eq!(body["error"], code);
-            assert_eq!(body["provider"], "p");
-            let msg = body["message"].as_str().unwrap();
-            for w in words {
-                assert!(msg.contains(w), "{url}: `{msg}` should mention `{w}`");
+    let check =
+        |url: &'static str, status: u16, code: &'static str, words: &'static [&'static str]| {
+            let c = c.clone();
+            async move {
+                let r = c.get(url).send().await.unwrap();
+                assert_eq!(r.status(), status, "{url}");
+                assert_eq!(r.headers()["x-credproxy-error"], code, "{url}");
+                assert_eq!(r.headers()["content-type"], "application/json");
+                let body: serde_json::Value = r.json().await.unwrap();
+                assert_eq!(body["error"], code);
+                assert_eq!(body["provider"], "p");
+                let msg = body["message"].as_str().unwrap();
+                for w in words {
+                    assert!(msg.contains(w), "{url}: `{msg}` should mention `{w}`");
+                }
             }
-        }
-    };
-    check("http://down.example.com/x", 502, "upstream_unreachable", &["down.example.com", "connection refused"]).await;
-    check("http://api.example.com/x", 502, "upstream_tls", &["certificate not valid for api.example.com"]).await;
-    check("http://other.example.com/x", 502, "upstream_tls", &["other.example.com", "unknown authority"]).await;
-    check("http://slow.example.com/x", 504, "upstream_timeout", &["slow.example.com", "response_timeout"]).await;
+        };
+    check(
+        "http://down.example.com/x",
+        502,
+        "upstream_unreachable",
+        &["down.example.com", "connection refused"],
+    )
+    .await;
+    check(
+        "http://api.example.com/x",
+        502,
+        "upstream_tls",
+        &["certificate not valid for api.example.com"],
+    )
+    .await;
+    check(
+        "http://other.example.com/x",
+        502,
+        "upstream_tls",
+        &["other.example.com", "unknown authority"],
+    )
+    .await;
+    check(
+        "http://slow.example.com/x",
+        504,
+        "upstream_timeout",
+        &["slow.example.com", "response_timeout"],
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn malformed_requests_get_precise_4xx() {
     let env = Env::new();
     let fake = echo::start(listener().await, Some(env.tls.clone()));
-    let proxy = env.proxy(&echo_route_yaml(fake.addr, "api.example.com", "replace")).await;
+    let proxy = env
+        .proxy(&echo_route_yaml(fake.addr, "api.example.com", "replace"))
+        .await;
     let cases: [(&[u8], &str, Option<&str>); 6] = [
-        (b"GET http://[oops/ HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 400", None),
-        (b"GET http://api.example.com/__echo HTTP/1.1\r\n\r\n", "HTTP/1.1 400", Some("missing_host")),
-        (b"GET /__echo HTTP/1.1\r\nHost: api.example.com\r\n\r\n", "HTTP/1.1 400", Some("not_absolute_form")),
-        (b"GET ftp://api.example.com/x HTTP/1.1\r\nHost: api.example.com\r\n\r\n", "HTTP/1.1 400", Some("unsupported_scheme")),
-        (b"GET http://api.example.com/a/../b HTTP/1.1\r\nHost: api.example.com\r\n\r\n", "HTTP/1.1 400", Some("dot_segments")),
-        (b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\n\r\n", "HTTP/1.1 501", Some("not_implemented")),
+        (
+            b"GET http://[oops/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            "HTTP/1.1 400",
+            None,
+        ),
+        (
+            b"GET http://api.example.com/__echo HTTP/1.1\r\n\r\n",
+            "HTTP/1.1 400",
+            Some("missing_host"),
+        ),
+        (
+            b"GET /__echo HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+            "HTTP/1.1 400",
+            Some("not_absolute_form"),
+        ),
+        (
+            b"GET ftp://api.example.com/x HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+            "HTTP/1.1 400",
+            Some("unsupported_scheme"),
+        ),
+        (
+            b"GET http://api.example.com/a/../b HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+            "HTTP/1.1 400",
+            Some("dot_segments"),
+        ),
+        (
+            b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\n\r\n",
+            "HTTP/1.1 501",
+            Some("not_implemented"),
+        ),
     ];
     for (req, status, code) in cases {
         let answer = raw(proxy.addr, req).await;
-        assert!(answer.starts_with(status), "{}: {answer}", String::from_utf8_lossy(req));
+        assert!(
+            answer.starts_with(status),
+            "{}: {answer}",
+            String::from_utf8_lossy(req)
+        );
         if let Some(code) = code {
-            assert!(answer.contains(&format!("x-credproxy-error: {code}")), "{answer}");
-            assert!(answer.contains(&format!("\"error\":\"{code}\"")), "{answer}");
+            assert!(
+                answer.contains(&format!("x-credproxy-error: {code}")),
+                "{answer}"
+            );
+            assert!(
+                answer.contains(&format!("\"error\":\"{code}\"")),
+                "{answer}"
+            );
         }
     }
-    let mut huge = b"GET http://api.example.com/__echo HTTP/1.1\r\nHost: api.example.com\r\n".to_vec();
+    let mut huge =
+        b"GET http://api.example.com/__echo HTTP/1.1\r\nHost: api.example.com\r\n".to_vec();
     huge.extend(format!("X-Big: {}\r\n\r\n", "a".repeat(100 * 1024)).as_bytes());
     let answer = raw(proxy.addr, &huge).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
-    assert!(fake.requests().is_empty(), "no malformed request reached the upstream");
+    assert!(
+        fake.requests().is_empty(),
+        "no malformed request reached the upstream"
+    );
 
     // The proxy is still healthy afterwards.
-    let r = client(proxy.addr).get("http://api.example.com/__echo").send().await.unwrap();
+    let r = client(proxy.addr)
+        .get("http://api.example.com/__echo")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 }
 
@@ -410,16 +593,38 @@ async fn local_endpoint_forwards_to_its_route_with_host_rewritten() {
     assert_eq!(name, "billing");
     let c = direct_client();
 
-    let r = c.get(format!("http://{addr}/v3/invoices?startDate=20260101")).send().await.unwrap();
+    let r = c
+        .get(format!("http://{addr}/v3/invoices?startDate=20260101"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.text().await.unwrap().contains("<Endpoint>invoices</Endpoint>"));
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains("<Endpoint>invoices</Endpoint>")
+    );
 
-    let echo = echoed(c.get(format!("http://{addr}/v3/__echo?x=1")).send().await.unwrap()).await;
+    let echo = echoed(
+        c.get(format!("http://{addr}/v3/__echo?x=1"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(echo["authority"], "api.cloudnet.services");
-    assert_eq!(header_values(&echo, "authorization"), [basic(ACCOUNT, BILLING_KEY)]);
+    assert_eq!(
+        header_values(&echo, "authorization"),
+        [basic(ACCOUNT, BILLING_KEY)]
+    );
     assert_eq!(echo["uri"], "/v3/__echo?x=1");
 
-    let r = c.get(format!("http://{addr}/v1/customers")).send().await.unwrap();
+    let r = c
+        .get(format!("http://{addr}/v1/customers"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(r.headers()["x-credproxy-error"], "not_routed");
 }
@@ -428,7 +633,9 @@ async fn local_endpoint_forwards_to_its_route_with_host_rewritten() {
 async fn upstream_connections_are_pooled_and_reused() {
     let env = Env::new();
     let fake = echo::start(listener().await, Some(env.tls.clone()));
-    let proxy = env.proxy(&echo_route_yaml(fake.addr, "api.example.com", "replace")).await;
+    let proxy = env
+        .proxy(&echo_route_yaml(fake.addr, "api.example.com", "replace"))
+        .await;
     let c = client(proxy.addr);
     for _ in 0..5 {
         let r = c.get("http://api.example.com/__echo").send().await.unwrap();
@@ -436,6 +643,9 @@ async fn upstream_connections_are_pooled_and_reused() {
         r.bytes().await.unwrap();
     }
     let peers: std::collections::HashSet<_> = fake.requests().iter().map(|r| r.peer).collect();
-    assert_eq!(peers.len(), 1, "five sequential requests should share one upstream connection");
+    assert_eq!(
+        peers.len(),
+        1,
+        "five sequential requests should share one upstream connection"
+    );
 }
-

@@ -36,7 +36,12 @@ impl Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca_path = dir.path().join("ca.pem");
         std::fs::write(&ca_path, ca.cert_pem()).expect("write CA");
-        Env { ca, tls, dir, ca_path }
+        Env {
+            ca,
+            tls,
+            dir,
+            ca_path,
+        }
     }
 
     pub fn write(&self, name: &str, content: &str) -> PathBuf {
@@ -109,9 +114,11 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
                 // One response is enough: stop once a complete JSON body or an empty one arrived.
                 let text = String::from_utf8_lossy(&out);
                 if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                    let len = head
-                        .lines()
-                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)));
+                    let len = head.lines().find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                    });
                     if len.is_some_and(|n| body.len() >= n) {
                         break;
                     }
@@ -132,7 +139,11 @@ pub async fn echoed(resp: reqwest::Response) -> serde_json::Value {
 pub fn header_values(echo: &serde_json::Value, name: &str) -> Vec<String> {
     echo["headers"][name]
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -1,0 +1,183 @@
+//! Bodies stream through the proxy in both directions: a 256 MiB upload and download pass while
+//! the proxy holds only a bounded window of bytes, never the whole body.
+//!
+//! How it is measured: one side counts bytes produced, the other bytes consumed. If the proxy
+//! buffered the body, the producer would get all 256 MiB out before the consumer saw any, so the
+//! gap between them (the bytes "in flight", held by sockets and the proxy) would reach the whole
+//! body. Streaming keeps that gap at a few socket buffers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use credproxy::fakes;
+use futures_util::StreamExt;
+use http_body_util::BodyExt;
+use support::*;
+
+const TOTAL: u64 = 256 * 1024 * 1024;
+const CHUNK: usize = 1024 * 1024;
+/// Far above what sockets and hyper buffer (a few MiB), far below the body.
+const MAX_IN_FLIGHT: u64 = 48 * 1024 * 1024;
+
+fn chunk(i: u64) -> Bytes {
+    Bytes::from(vec![(i % 251) as u8; CHUNK])
+}
+
+/// Gives the other side up to a second to catch up before producing more. A streaming proxy lets
+/// it catch up at once; a buffering one never does, so the wait is not repeated once it failed.
+async fn wait_for_peer(sent: u64, peer_count: &AtomicU64) {
+    static GAVE_UP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if GAVE_UP.load(Ordering::SeqCst) {
+        return;
+    }
+    for _ in 0..200 {
+        if sent.saturating_sub(peer_count.load(Ordering::SeqCst)) < MAX_IN_FLIGHT / 2 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    GAVE_UP.store(true, Ordering::SeqCst);
+}
+
+fn route_yaml(upstream: std::net::SocketAddr) -> String {
+    format!(
+        "providers:
+  p:
+    headers: {{x-api-key: v}}
+routes:
+  - host: bulk.example.com
+    provider: p
+    upstream_scheme: http
+    connect_to: {upstream}
+"
+    )
+}
+
+#[tokio::test]
+async fn a_256_mib_upload_streams_through() {
+    let env = Env::new();
+    let received = Arc::new(AtomicU64::new(0));
+    let bad_bytes = Arc::new(AtomicU64::new(0));
+    let (r, b) = (received.clone(), bad_bytes.clone());
+    let upstream = fakes::serve(listener().await, None, move |req, _peer| {
+        let (received, bad) = (r.clone(), b.clone());
+        async move {
+            assert_eq!(req.headers()["x-api-key"], "v");
+            let mut body = req.into_body();
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else { break };
+                if let Some(data) = frame.data_ref() {
+                    let offset = received.load(Ordering::SeqCst);
+                    // Content check: chunk i is all bytes (i % 251).
+                    for (k, byte) in data.iter().enumerate() {
+                        let i = (offset + k as u64) / CHUNK as u64;
+                        if *byte != (i % 251) as u8 {
+                            bad.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    received.fetch_add(data.len() as u64, Ordering::SeqCst);
+                }
+            }
+            fakes::respond(http::StatusCode::OK, "text/plain", "stored")
+        }
+    });
+    let proxy = env.proxy(&route_yaml(upstream.addr)).await;
+
+    let max_gap = Arc::new(AtomicU64::new(0));
+    let (rc, gap) = (received.clone(), max_gap.clone());
+    let body = futures_util::stream::iter(0..TOTAL / CHUNK as u64).then(move |i| {
+        let (rc, gap) = (rc.clone(), gap.clone());
+        async move {
+            // Let the upstream catch up a little, so a streaming proxy shows a small gap; a
+            // buffering one never lets the upstream see a byte before the end, whatever we wait.
+            let sent = i * CHUNK as u64;
+            wait_for_peer(sent, &rc).await;
+            let sent = i * CHUNK as u64;
+            gap.fetch_max(
+                sent.saturating_sub(rc.load(Ordering::SeqCst)),
+                Ordering::SeqCst,
+            );
+            Ok::<_, std::io::Error>(chunk(i))
+        }
+    });
+    let r = client(proxy.addr)
+        .post("http://bulk.example.com/upload")
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "stored");
+    assert_eq!(received.load(Ordering::SeqCst), TOTAL, "every byte arrived");
+    assert_eq!(
+        bad_bytes.load(Ordering::SeqCst),
+        0,
+        "every byte arrived intact"
+    );
+    let gap = max_gap.load(Ordering::SeqCst);
+    assert!(
+        gap < MAX_IN_FLIGHT,
+        "the upstream lagged the client by {gap} bytes: the proxy is buffering the upload"
+    );
+}
+
+#[tokio::test]
+async fn a_256_mib_download_streams_through() {
+    let env = Env::new();
+    let consumed = Arc::new(AtomicU64::new(0));
+    let max_gap = Arc::new(AtomicU64::new(0));
+    let (c, g) = (consumed.clone(), max_gap.clone());
+    let upstream = fakes::serve(listener().await, None, move |_req, _peer| {
+        let (consumed, gap) = (c.clone(), g.clone());
+        async move {
+            let stream = futures_util::stream::iter(0..TOTAL / CHUNK as u64).then(move |i| {
+                let (consumed, gap) = (consumed.clone(), gap.clone());
+                async move {
+                    wait_for_peer(i * CHUNK as u64, &consumed).await;
+                    let sent = i * CHUNK as u64;
+                    gap.fetch_max(
+                        sent.saturating_sub(consumed.load(Ordering::SeqCst)),
+                        Ordering::SeqCst,
+                    );
+                    Ok::<_, credproxy::body::BoxError>(hyper::body::Frame::data(chunk(i)))
+                }
+            });
+            let mut r = http::Response::new(credproxy::body::stream(
+                http_body_util::StreamBody::new(stream),
+            ));
+            r.headers_mut().insert("content-length", TOTAL.into());
+            r
+        }
+    });
+    let proxy = env.proxy(&route_yaml(upstream.addr)).await;
+    let r = client(proxy.addr)
+        .get("http://bulk.example.com/download")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], TOTAL.to_string().as_str());
+    let mut stream = r.bytes_stream();
+    let mut bad = 0u64;
+    while let Some(data) = stream.next().await {
+        let data = data.unwrap();
+        let offset = consumed.load(Ordering::SeqCst);
+        for (k, byte) in data.iter().enumerate() {
+            if *byte != (((offset + k as u64) / CHUNK as u64) % 251) as u8 {
+                bad += 1;
+            }
+        }
+        consumed.fetch_add(data.len() as u64, Ordering::SeqCst);
+    }
+    assert_eq!(consumed.load(Ordering::SeqCst), TOTAL);
+    assert_eq!(bad, 0, "every byte arrived intact");
+    let gap = max_gap.load(Ordering::SeqCst);
+    assert!(
+        gap < MAX_IN_FLIGHT,
+        "the client lagged the upstream by {gap} bytes: the proxy is buffering the download"
+    );
+}
