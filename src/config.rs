@@ -93,7 +93,7 @@ impl Default for UpstreamFile {
 struct LimitsFile {
     /// Largest request head (request line + headers) accepted; larger gets 431.
     #[serde(default = "default_max_header_bytes")]
-    max_header_bytes: usize,
+    max_header_bytes: Spanned<usize>,
     /// A client must send its request head within this time (slowloris).
     #[serde(default = "d30s", deserialize_with = "duration")]
     header_read_timeout: Duration,
@@ -108,8 +108,12 @@ impl Default for LimitsFile {
     }
 }
 
-fn default_max_header_bytes() -> usize {
-    64 * 1024
+fn default_max_header_bytes() -> Spanned<usize> {
+    Spanned::new(
+        64 * 1024,
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
 }
 fn d10s() -> Duration {
     Duration::from_secs(10)
@@ -270,6 +274,7 @@ pub fn from_yaml(text: &str, file: &str) -> Result<Config, ConfigError> {
         file,
         problems: Vec::new(),
         warnings: Vec::new(),
+        broken_routes: HashSet::new(),
     };
     let config = v.build(raw);
     if v.problems.is_empty() {
@@ -277,6 +282,8 @@ pub fn from_yaml(text: &str, file: &str) -> Result<Config, ConfigError> {
         config.warnings = v.warnings;
         Ok(config)
     } else {
+        // In file order, as an editor would walk them.
+        v.problems.sort_by_key(|p| p.line_col);
         Err(ConfigError {
             problems: v.problems,
         })
@@ -339,6 +346,8 @@ struct Validator<'a> {
     file: &'a str,
     problems: Vec<Problem>,
     warnings: Vec<String>,
+    /// Named routes dropped for a problem already reported, so references to them stay quiet.
+    broken_routes: HashSet<String>,
 }
 
 impl Validator<'_> {
@@ -387,8 +396,9 @@ impl Validator<'_> {
 
     fn build(&mut self, raw: File) -> Config {
         let upstream = self.upstream(raw.upstream);
-        if raw.limits.max_header_bytes < 8192 {
-            self.problem_at_file(
+        if raw.limits.max_header_bytes.value < 8192 {
+            self.problem(
+                &raw.limits.max_header_bytes,
                 "limits.max_header_bytes",
                 "must be at least 8192 (the smallest request-head buffer the HTTP/1 parser accepts)",
             );
@@ -403,7 +413,7 @@ impl Validator<'_> {
             unmapped: raw.unmapped,
             upstream,
             limits: Limits {
-                max_header_bytes: raw.limits.max_header_bytes.max(8192),
+                max_header_bytes: raw.limits.max_header_bytes.value,
                 header_read_timeout: raw.limits.header_read_timeout,
             },
             routes,
@@ -436,7 +446,7 @@ impl Validator<'_> {
         let mut out = BTreeMap::new();
         for (name, p) in raw {
             let key = format!("providers.{name}");
-            let headers = match p {
+            let (kind_name, headers) = match p {
                 ProviderFile::Basic(b) => {
                     let user = self.secret(&b.username, &format!("{key}.basic.username"), false);
                     let pass = self.secret(&b.password, &format!("{key}.basic.password"), true);
@@ -444,7 +454,7 @@ impl Validator<'_> {
                         continue;
                     };
                     match providers::basic::header(&user, &pass) {
-                        Ok(h) => vec![h],
+                        Ok(h) => ("basic", vec![h]),
                         Err(reason) => {
                             self.problem(&b.username, format!("{key}.basic"), reason);
                             continue;
@@ -466,13 +476,14 @@ impl Validator<'_> {
                             Err(reason) => self.problem(value, hkey, reason),
                         }
                     }
-                    headers
+                    ("headers", headers)
                 }
             };
             out.insert(
                 name.clone(),
                 Arc::new(Provider::new(
                     name.clone(),
+                    kind_name,
                     providers::Kind::Static(headers),
                 )),
             );
@@ -533,6 +544,7 @@ impl Validator<'_> {
                 },
             };
             let (Some(host), Some(provider)) = (host, provider) else {
+                self.broken_routes.extend(r.name);
                 continue;
             };
             let name = r.name.unwrap_or_else(|| {
@@ -590,6 +602,9 @@ impl Validator<'_> {
                 );
             }
             let Some(route) = routes.by_name(&e.route.value) else {
+                if self.broken_routes.contains(&e.route.value) {
+                    continue;
+                }
                 let reason = unknown_name(
                     "route",
                     &e.route.value,

@@ -144,15 +144,21 @@ async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {},
-                    _ = term.recv() => {},
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            let _ = ctrl_c.await;
+            return;
+        };
+        tokio::pin!(ctrl_c);
+        loop {
+            tokio::select! {
+                _ = &mut ctrl_c => return,
+                _ = term.recv() => return,
+                // Without a handler SIGHUP would kill the process, and systemd counts that as a
+                // clean exit (no restart). Live reload is not implemented yet: keep running.
+                _ = hup.recv() => tracing::warn!("SIGHUP received: live reload is not supported yet; restart credproxy to apply a new config"),
             }
         }
     }

@@ -281,6 +281,7 @@ mod tests {
             path_prefix: prefix.into(),
             provider: Arc::new(Provider::new(
                 "p",
+                "headers",
                 crate::providers::Kind::Static(Vec::new()),
             )),
             upstream_scheme: Scheme::Https,

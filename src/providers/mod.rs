@@ -12,6 +12,8 @@ use http::{HeaderName, HeaderValue};
 #[derive(Debug)]
 pub struct Provider {
     pub name: String,
+    /// The kind as written in the config file (`basic`, `headers`, …), for logs and status.
+    pub kind_name: &'static str,
     pub kind: Kind,
 }
 
@@ -22,17 +24,11 @@ pub enum Kind {
 }
 
 impl Provider {
-    pub fn new(name: impl Into<String>, kind: Kind) -> Provider {
+    pub fn new(name: impl Into<String>, kind_name: &'static str, kind: Kind) -> Provider {
         Provider {
             name: name.into(),
+            kind_name,
             kind,
-        }
-    }
-
-    /// The kind as written in the config file, for logs and error bodies.
-    pub fn kind_name(&self) -> &'static str {
-        match &self.kind {
-            Kind::Static(_) => "static",
         }
     }
 

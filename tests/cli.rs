@@ -1,0 +1,328 @@
+//! The `credproxy` binary as a user runs it: config checking, logs, and the demo.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use credproxy::fakes::{stackbill, twotcloud};
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_credproxy");
+
+/// Kills the child when the test ends, pass or fail.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn check_config(path: &std::path::Path) -> (i32, String) {
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(path)
+        .env_remove("CREDPROXY_CONFIG")
+        .output()
+        .expect("run credproxy");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_bad_config_exits_2_with_file_line_column_key_and_reason() {
+    let env = Env::new();
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "listen: 127.0.0.1:8080\nlisen: 1\n",
+            &[":2:1: lisen: unknown field `lisen`"],
+        ),
+        (
+            "providers:\n  billing:\n    basic: {username: a, password: b}\nroutes:\n  - host: api.cloudnet.services\n    provider: biling\n",
+            &[":6:15: routes[0].provider: unknown provider `biling`; did you mean `billing`?"],
+        ),
+        (
+            "providers:\n  p:\n    headers: {x-k: v}\nroutes:\n  - host: 'api.*.com'\n    provider: p\n",
+            &[":5:11: routes[0].host: `*` is allowed only as the whole first label"],
+        ),
+        (
+            "providers:\n  p:\n    headers: {x-k: v}\nroutes:\n  - host: a.com\n    provider: p\n  - host: A.com\n    provider: p\n",
+            &[
+                ":7:11: routes[1].host: routes[0] (`a.com`) already matches the same host and path prefix",
+            ],
+        ),
+        (
+            "providers:\n  p:\n    headers:\n      x-k: env:CREDPROXY_TEST_NOT_SET_ANYWHERE\n      x-j: file:/nonexistent/credproxy/key\nroutes:\n  - host: a.com\n    provider: q\n",
+            &[
+                ":4:12: providers.p.headers.x-k: environment variable CREDPROXY_TEST_NOT_SET_ANYWHERE is not set",
+                ":5:12: providers.p.headers.x-j: cannot read file /nonexistent/credproxy/key",
+                ":8:15: routes[0].provider: unknown provider `q`",
+            ],
+        ),
+        ("routes:\n\t- host: a\n", &[":2:"]),
+    ];
+    for (i, (yaml, expected)) in cases.iter().enumerate() {
+        let path = env.write(&format!("bad{i}.yaml"), yaml);
+        let (code, stderr) = check_config(&path);
+        assert_eq!(code, 2, "exit code for:\n{yaml}\nstderr: {stderr}");
+        for e in *expected {
+            let line = format!("{}{e}", path.display());
+            assert!(stderr.contains(&line), "expected `{line}` in:\n{stderr}");
+        }
+        assert_eq!(
+            stderr.lines().count(),
+            expected.len(),
+            "one line per problem, nothing else:\n{stderr}"
+        );
+    }
+
+    // `run` refuses the same file the same way, and says it did not start.
+    let path = env.write("bad-run.yaml", "listen: 127.0.0.1:8080\nlisen: 1\n");
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:2:1: lisen:", path.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("not started"), "{stderr}");
+
+    let (code, stderr) = check_config(std::path::Path::new("/nonexistent/credproxy.yaml"));
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("/nonexistent/credproxy.yaml: cannot read the config file"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_example_config_loads() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.yaml");
+    let text = std::fs::read_to_string(&path).expect("config.example.yaml exists");
+    let mut cmd = Command::new(BIN);
+    cmd.arg("check-config").arg(&path);
+    // Give every `env:NAME` it references a value, as a user would.
+    for part in text.split("env:").skip(1) {
+        let name: String = part
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if !name.is_empty() {
+            cmd.env(name, "example-value");
+        }
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+}
+
+/// Collects a child's output in the background.
+fn capture(stream: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let b = buf.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            let mut b = b.lock().unwrap();
+            b.push_str(&line);
+            b.push('\n');
+        }
+    });
+    buf
+}
+
+fn wait_for(buf: &Arc<Mutex<String>>, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = buf.lock().unwrap().clone();
+        if text.contains(what) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "`{what}` never appeared; output so far:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn secrets_never_reach_the_logs_even_at_trace_level() {
+    let env = Env::new();
+    const KEY: &str = "SECRET-2t-key-do-not-log";
+    const SB_KEY: &str = "SECRET-sb-apikey-do-not-log";
+    const SB_SECRET: &str = "SECRET-sb-secret-do-not-log";
+    const CLIENT_OWN: &str = "SECRET-client-own-do-not-log";
+    let two_t = twotcloud::start(
+        listener().await,
+        Some(env.tls.clone()),
+        vec![twotcloud::Key {
+            account_id: "100234".into(),
+            api_key: KEY.into(),
+            api: twotcloud::Api::Billing,
+            bound_ip: None,
+            active: true,
+        }],
+    );
+    let sb = stackbill::start(
+        listener().await,
+        Some(env.tls.clone()),
+        stackbill::Keys {
+            api_key: SB_KEY.into(),
+            secret_key: SB_SECRET.into(),
+        },
+    );
+    let key_file = env.write("key", KEY);
+    let config = env.write(
+        "config.yaml",
+        &format!(
+            "{}providers:
+  billing:
+    basic: {{username: '100234', password: 'file:{}'}}
+  sb:
+    headers: {{apikey: 'env:CREDPROXY_TEST_SB_KEY', secretKey: '{SB_SECRET}'}}
+routes:
+  - {{host: api.cloudnet.services, path_prefix: /v3, provider: billing, connect_to: '{}'}}
+  - {{host: portal.stackbill.example, provider: sb, connect_to: '{}'}}
+  - {{host: down.example.com, provider: sb, connect_to: '127.0.0.1:{}'}}
+",
+            env.base_yaml(),
+            key_file.display(),
+            two_t.addr,
+            sb.addr,
+            closed_port().await
+        ),
+    );
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "trace")
+        .env("CREDPROXY_TEST_SB_KEY", SB_KEY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = capture(child.stderr.take().unwrap());
+    let stdout = capture(child.stdout.take().unwrap());
+    let guard = Running(child);
+    let text = wait_for(&stderr, "forward proxy listening on http://");
+    let addr: std::net::SocketAddr = text
+        .split("forward proxy listening on http://")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| {
+            s.trim_end_matches(|c: char| !c.is_ascii_digit())
+                .parse()
+                .ok()
+        })
+        .expect("listening address in the log");
+
+    let c = client(addr);
+    let r = c
+        .get("http://api.cloudnet.services/v3/invoices?apikey=query-is-not-logged")
+        .header("authorization", format!("Bearer {CLIENT_OWN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .get("http://portal.stackbill.example/restapi/zone/zonelist")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c.get("http://down.example.com/x").send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    let body = r.text().await.unwrap();
+    wait_for(&stderr, "down.example.com");
+    drop(guard);
+    std::thread::sleep(Duration::from_millis(100));
+
+    let logs = stderr.lock().unwrap().clone() + &stdout.lock().unwrap();
+    assert!(
+        logs.contains("TRACE") || logs.contains("trace"),
+        "the run really logged at trace level"
+    );
+    assert!(logs.len() > 2000, "trace logging produced output");
+    let basic = basic("100234", KEY);
+    let basic_b64 = basic.trim_start_matches("Basic ");
+    for secret in [
+        KEY,
+        SB_KEY,
+        SB_SECRET,
+        CLIENT_OWN,
+        basic_b64,
+        "query-is-not-logged",
+    ] {
+        assert!(!logs.contains(secret), "`{secret}` leaked into the logs");
+        assert!(
+            !body.contains(secret),
+            "`{secret}` leaked into an error body"
+        );
+    }
+}
+
+#[test]
+fn demo_prints_curl_commands_that_work_only_through_the_proxy() {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = capture(child.stdout.take().unwrap());
+    let _stderr = capture(child.stderr.take().unwrap());
+    let _guard = Running(child);
+    let text = wait_for(&stdout, "Press Ctrl-C");
+
+    let checks: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("through credproxy:"))
+        .collect();
+    let compared: Vec<&str> = checks
+        .iter()
+        .copied()
+        .filter(|l| l.contains("no credentials"))
+        .collect();
+    assert!(compared.len() >= 4, "{text}");
+    for line in &checks {
+        assert!(line.contains("through credproxy: HTTP 200 OK"), "{line}");
+    }
+    for line in &compared {
+        assert!(
+            line.contains("no credentials: HTTP 403 Forbidden")
+                || line.contains("no credentials: HTTP 401 Unauthorized"),
+            "{line}"
+        );
+    }
+    let curls: Vec<&str> = text.lines().filter(|l| l.starts_with("curl ")).collect();
+    assert_eq!(curls.len(), checks.len(), "{text}");
+    for cmd in curls {
+        let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+        assert!(
+            out.status.success(),
+            "`{cmd}` failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if cmd.contains("__echo") {
+            let echo: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let auth = echo["headers"]["authorization"][0].as_str().unwrap_or("");
+            assert!(
+                auth.starts_with("Basic "),
+                "the fake saw the injected header: {echo}"
+            );
+        }
+    }
+}
