@@ -5,6 +5,7 @@
 //! prepared `HeaderValue`s.
 
 pub mod basic;
+pub mod cleancloud;
 pub mod headers;
 
 use http::{HeaderName, HeaderValue};
