@@ -39,6 +39,8 @@ struct File {
     #[serde(default)]
     limits: LimitsFile,
     #[serde(default)]
+    tokens: TokensFile,
+    #[serde(default)]
     providers: BTreeMap<String, ProviderFile>,
     #[serde(default)]
     routes: Vec<RouteFile>,
@@ -97,6 +99,10 @@ struct LimitsFile {
     /// A client must send its request head within this time (slowloris).
     #[serde(default = "d30s", deserialize_with = "duration")]
     header_read_timeout: Duration,
+    /// Token providers keep request bodies up to this size to resend them once after a 401;
+    /// larger bodies stream and are not retried.
+    #[serde(default = "default_replay_buffer")]
+    replay_buffer: usize,
 }
 
 impl Default for LimitsFile {
@@ -104,8 +110,57 @@ impl Default for LimitsFile {
         LimitsFile {
             max_header_bytes: default_max_header_bytes(),
             header_read_timeout: d30s(),
+            replay_buffer: default_replay_buffer(),
         }
     }
+}
+
+fn default_replay_buffer() -> usize {
+    1024 * 1024
+}
+
+/// How tokens are fetched and kept (every token provider).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokensFile {
+    /// One whole token request, connect to last byte.
+    #[serde(default = "d10s", deserialize_with = "duration")]
+    timeout: Duration,
+    /// Refresh in the background when this fraction of a token's lifetime has passed.
+    #[serde(default = "default_refresh_at")]
+    refresh_at: f64,
+    /// After a failed token request, wait this long before the next (doubling up to `backoff_max`).
+    #[serde(default = "d1s", deserialize_with = "duration")]
+    backoff_initial: Duration,
+    #[serde(default = "d60s", deserialize_with = "duration")]
+    backoff_max: Duration,
+}
+
+impl Default for TokensFile {
+    fn default() -> Self {
+        TokensFile {
+            timeout: d10s(),
+            refresh_at: default_refresh_at(),
+            backoff_initial: d1s(),
+            backoff_max: d60s(),
+        }
+    }
+}
+
+fn default_refresh_at() -> f64 {
+    0.8
+}
+fn d1s() -> Duration {
+    Duration::from_secs(1)
+}
+fn d30m() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+fn d55m() -> Duration {
+    Duration::from_secs(55 * 60)
+}
+fn d1h() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn default_max_header_bytes() -> Spanned<usize> {
@@ -140,6 +195,118 @@ fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error
 enum ProviderFile {
     Basic(BasicFile),
     Headers(BTreeMap<String, Spanned<String>>),
+    Oauth2(OAuth2File),
+    Cloudneeti(CloudneetiFile),
+    Cleancloud(CleanCloudFile),
+    TokenExchange(ExchangeFile),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OAuth2File {
+    /// May use `{host}`, the host a wildcard route matched: `https://{host}/api/v1/oauth/token`.
+    token_url: Spanned<String>,
+    client_id: Spanned<String>,
+    client_secret: Spanned<String>,
+    /// `basic` (RFC 6749 §2.3.1), `form` or `query`.
+    #[serde(default)]
+    client_auth: providers::oauth2::ClientAuthMethod,
+    scope: Option<String>,
+    #[serde(default)]
+    extra_params: BTreeMap<String, String>,
+    /// Lifetime when the answer has no `expires_in`.
+    #[serde(default = "d1h", deserialize_with = "duration")]
+    default_ttl: Duration,
+    /// Where token-endpoint connections go instead of the URL's host.
+    connect_to: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloudneetiFile {
+    /// `api.cloudneeti.com` or `trialapi.cloudneeti.com`: where tokens come from.
+    #[serde(default = "cloudneeti_host")]
+    api_host: Spanned<String>,
+    license_id: Spanned<String>,
+    app_id: Spanned<String>,
+    app_secret: Spanned<String>,
+    subscription_key: Spanned<String>,
+    #[serde(default)]
+    endpoint: providers::exchange::CloudneetiEndpoint,
+    /// Cloudneeti returns no expiry; its usual is 60 min. A JWT's `exp` wins when present.
+    #[serde(default = "d55m", deserialize_with = "duration")]
+    token_ttl: Duration,
+    connect_to: Option<Spanned<String>>,
+}
+
+fn cloudneeti_host() -> Spanned<String> {
+    Spanned::new(
+        "api.cloudneeti.com".into(),
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CleanCloudFile {
+    #[serde(default = "cleancloud_base")]
+    api_base: Spanned<String>,
+    user_code: Spanned<String>,
+    user_secret: Spanned<String>,
+    #[serde(default = "d30m", deserialize_with = "duration")]
+    token_ttl: Duration,
+    /// Requests are signed over their body, so bodies are read whole: larger ones get 413.
+    #[serde(default = "default_max_signed_body")]
+    max_body: usize,
+    connect_to: Option<Spanned<String>>,
+}
+
+fn cleancloud_base() -> Spanned<String> {
+    Spanned::new(
+        "https://api.cleancloud.io".into(),
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
+}
+
+fn default_max_signed_body() -> usize {
+    10 * 1024 * 1024
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExchangeFile {
+    #[serde(default = "default_method")]
+    method: String,
+    url: Spanned<String>,
+    /// Per-scope tokens, e.g. `{segment: account, url: "https://…/token?accountId={scope}"}`.
+    scoped: Option<ScopedFile>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    json: Option<serde_json::Value>,
+    form: Option<BTreeMap<String, String>>,
+    /// Values for `{name}` placeholders, as secret references.
+    #[serde(default)]
+    secrets: BTreeMap<String, Spanned<String>>,
+    token_path: String,
+    expires_in_path: Option<String>,
+    #[serde(default = "d55m", deserialize_with = "duration")]
+    ttl: Duration,
+    /// Headers on each proxied request: `Authorization: "Bearer {token}"`.
+    send: BTreeMap<String, String>,
+    connect_to: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScopedFile {
+    segment: String,
+    url: String,
+}
+
+fn default_method() -> String {
+    "POST".into()
 }
 
 #[derive(Deserialize)]
@@ -182,6 +349,9 @@ pub struct Config {
     pub limits: Limits,
     pub routes: RouteTable,
     pub local_endpoints: Vec<LocalEndpoint>,
+    /// Every configured provider, by name order.
+    pub providers: Vec<Arc<Provider>>,
+    pub tokens: crate::token::Lifecycle,
     /// Things that work but deserve a word at start (literal secrets in the file).
     pub warnings: Vec<String>,
 }
@@ -198,6 +368,7 @@ pub struct Upstream {
 pub struct Limits {
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
+    pub replay_buffer: usize,
 }
 
 #[derive(Debug)]
@@ -403,6 +574,12 @@ impl Validator<'_> {
                 "must be at least 8192 (the smallest request-head buffer the HTTP/1 parser accepts)",
             );
         }
+        if !(0.1..=0.95).contains(&raw.tokens.refresh_at) {
+            self.problem_at_file(
+                "tokens.refresh_at",
+                "must be between 0.1 and 0.95 (a fraction of the token lifetime)",
+            );
+        }
         let providers = self.providers(&raw.providers);
         let declared: HashSet<&str> = raw.providers.keys().map(String::as_str).collect();
         let routes = self.routes(raw.routes, &providers, &declared);
@@ -415,9 +592,17 @@ impl Validator<'_> {
             limits: Limits {
                 max_header_bytes: raw.limits.max_header_bytes.value,
                 header_read_timeout: raw.limits.header_read_timeout,
+                replay_buffer: raw.limits.replay_buffer,
             },
             routes,
             local_endpoints,
+            providers: providers.values().cloned().collect(),
+            tokens: crate::token::Lifecycle {
+                timeout: raw.tokens.timeout,
+                refresh_at: raw.tokens.refresh_at,
+                backoff_initial: raw.tokens.backoff_initial,
+                backoff_max: raw.tokens.backoff_max,
+            },
             warnings: Vec::new(),
         }
     }
@@ -446,49 +631,264 @@ impl Validator<'_> {
         let mut out = BTreeMap::new();
         for (name, p) in raw {
             let key = format!("providers.{name}");
-            let (kind_name, headers) = match p {
-                ProviderFile::Basic(b) => {
-                    let user = self.secret(&b.username, &format!("{key}.basic.username"), false);
-                    let pass = self.secret(&b.password, &format!("{key}.basic.password"), true);
-                    let (Some(user), Some(pass)) = (user, pass) else {
-                        continue;
-                    };
-                    match providers::basic::header(&user, &pass) {
-                        Ok(h) => ("basic", vec![h]),
-                        Err(reason) => {
-                            self.problem(&b.username, format!("{key}.basic"), reason);
-                            continue;
-                        }
-                    }
-                }
-                ProviderFile::Headers(map) => {
-                    if map.is_empty() {
-                        self.problem_at_file(format!("{key}.headers"), "lists no header");
-                    }
-                    let mut headers = Vec::new();
-                    for (hname, value) in map {
-                        let hkey = format!("{key}.headers.{hname}");
-                        let Some(secret) = self.secret(value, &hkey, true) else {
-                            continue;
-                        };
-                        match providers::headers::header(hname, &secret) {
-                            Ok(h) => headers.push(h),
-                            Err(reason) => self.problem(value, hkey, reason),
-                        }
-                    }
-                    ("headers", headers)
-                }
-            };
-            out.insert(
-                name.clone(),
-                Arc::new(Provider::new(
-                    name.clone(),
-                    kind_name,
-                    providers::Kind::Static(headers),
-                )),
-            );
+            if let Some(provider) = self.provider(name, &key, p) {
+                out.insert(name.clone(), Arc::new(provider));
+            }
         }
         out
+    }
+
+    /// One provider, or `None` after reporting why it cannot be built.
+    fn provider(&mut self, name: &str, key: &str, p: &ProviderFile) -> Option<Provider> {
+        use providers::Kind;
+        let provider = match p {
+            ProviderFile::Basic(b) => {
+                let user = self.secret(&b.username, &format!("{key}.basic.username"), false);
+                let pass = self.secret(&b.password, &format!("{key}.basic.password"), true);
+                let (user, pass) = (user?, pass?);
+                match providers::basic::header(&user, &pass) {
+                    Ok(h) => Provider::new(name, "basic", Kind::Static(vec![h])),
+                    Err(reason) => {
+                        self.problem(&b.username, format!("{key}.basic"), reason);
+                        return None;
+                    }
+                }
+            }
+            ProviderFile::Headers(map) => {
+                if map.is_empty() {
+                    self.problem_at_file(format!("{key}.headers"), "lists no header");
+                }
+                let mut headers = Vec::new();
+                for (hname, value) in map {
+                    let hkey = format!("{key}.headers.{hname}");
+                    let Some(secret) = self.secret(value, &hkey, true) else {
+                        continue;
+                    };
+                    match providers::headers::header(hname, &secret) {
+                        Ok(h) => headers.push(h),
+                        Err(reason) => self.problem(value, hkey, reason),
+                    }
+                }
+                Provider::new(name, "headers", Kind::Static(headers))
+            }
+            ProviderFile::Oauth2(o) => {
+                let k = format!("{key}.oauth2");
+                self.url(&o.token_url, &format!("{k}.token_url"), &["host"]);
+                let id = self.secret(&o.client_id, &format!("{k}.client_id"), false);
+                let secret = self.secret(&o.client_secret, &format!("{k}.client_secret"), true);
+                let mut p = Provider::new(
+                    name,
+                    "oauth2",
+                    Kind::OAuth2(providers::oauth2::Settings {
+                        token_url: o.token_url.value.clone(),
+                        client_id: id?,
+                        client_secret: secret?,
+                        auth: o.client_auth,
+                        scope: o.scope.clone(),
+                        extra_params: o.extra_params.clone().into_iter().collect(),
+                        default_ttl: o.default_ttl,
+                    }),
+                );
+                p.connect_to = self.connect_to(&o.connect_to, &format!("{k}.connect_to"));
+                p
+            }
+            ProviderFile::Cloudneeti(c) => {
+                let k = format!("{key}.cloudneeti");
+                if let Err(reason) = HostPattern::parse(&c.api_host.value).and_then(|h| {
+                    h.exact_host()
+                        .map(|_| ())
+                        .ok_or_else(|| "must be one host, not a wildcard".to_string())
+                }) {
+                    self.problem(&c.api_host, format!("{k}.api_host"), reason);
+                }
+                let app_id = self.secret(&c.app_id, &format!("{k}.app_id"), false);
+                let app_secret = self.secret(&c.app_secret, &format!("{k}.app_secret"), true);
+                let sub = self.secret(&c.subscription_key, &format!("{k}.subscription_key"), true);
+                let recipe = providers::exchange::cloudneeti(
+                    &c.api_host.value,
+                    &c.license_id.value,
+                    c.endpoint,
+                    app_id?,
+                    app_secret?,
+                    sub?,
+                    c.token_ttl,
+                );
+                let mut p = Provider::new(name, "cloudneeti", Kind::Exchange(recipe));
+                p.connect_to = self.connect_to(&c.connect_to, &format!("{k}.connect_to"));
+                p
+            }
+            ProviderFile::Cleancloud(c) => {
+                let k = format!("{key}.cleancloud");
+                self.url(&c.api_base, &format!("{k}.api_base"), &[]);
+                let code = self.secret(&c.user_code, &format!("{k}.user_code"), false);
+                let secret = self.secret(&c.user_secret, &format!("{k}.user_secret"), true);
+                let mut p = Provider::new(
+                    name,
+                    "cleancloud",
+                    Kind::CleanCloud(providers::cleancloud::Settings {
+                        api_base: c.api_base.value.trim_end_matches('/').to_string(),
+                        user_code: code?,
+                        user_secret: secret?,
+                        ttl: c.token_ttl,
+                        max_body: c.max_body,
+                    }),
+                );
+                p.connect_to = self.connect_to(&c.connect_to, &format!("{k}.connect_to"));
+                p
+            }
+            ProviderFile::TokenExchange(e) => {
+                let k = format!("{key}.token_exchange");
+                let recipe = self.exchange(e, &k)?;
+                let mut p = Provider::new(name, "token_exchange", Kind::Exchange(recipe));
+                p.connect_to = self.connect_to(&e.connect_to, &format!("{k}.connect_to"));
+                p
+            }
+        };
+        Some(provider)
+    }
+
+    fn exchange(&mut self, e: &ExchangeFile, k: &str) -> Option<providers::exchange::Recipe> {
+        use providers::exchange::{BodyTemplate, Recipe, Scoped, placeholders};
+        let mut vars = BTreeMap::new();
+        for (var, value) in &e.secrets {
+            if let Some(s) = self.secret(value, &format!("{k}.secrets.{var}"), true) {
+                vars.insert(var.clone(), s);
+            }
+        }
+        let before = self.problems.len();
+        let known = |extra: &[&str], t: &str| -> Vec<String> {
+            placeholders(t)
+                .into_iter()
+                .filter(|p| !e.secrets.contains_key(p) && !extra.contains(&p.as_str()))
+                .collect()
+        };
+        let mut unknown: Vec<(String, String)> = Vec::new();
+        let scoped_extra: &[&str] = if e.scoped.is_some() { &["scope"] } else { &[] };
+        self.url(
+            &e.url,
+            &format!("{k}.url"),
+            &e.secrets.keys().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let mut check = |what: String, t: &str, extra: &[&str]| {
+            for p in known(extra, t) {
+                unknown.push((what.clone(), p));
+            }
+        };
+        check(format!("{k}.url"), &e.url.value, &[]);
+        if let Some(sc) = &e.scoped {
+            check(format!("{k}.scoped.url"), &sc.url, &["scope"]);
+        }
+        for (h, v) in &e.headers {
+            check(format!("{k}.headers.{h}"), v, scoped_extra);
+        }
+        if let Some(form) = &e.form {
+            for (f, v) in form {
+                check(format!("{k}.form.{f}"), v, scoped_extra);
+            }
+        }
+        if let Some(json) = &e.json {
+            check(format!("{k}.json"), &json.to_string(), scoped_extra);
+        }
+        for (h, v) in &e.send {
+            check(format!("{k}.send.{h}"), v, &["token"]);
+        }
+        for (what, p) in unknown {
+            self.problem(
+                &e.url,
+                what,
+                format!("`{{{p}}}` is not defined: add it under `secrets`"),
+            );
+        }
+        if !e.send.values().any(|v| v.contains("{token}")) {
+            self.problem(
+                &e.url,
+                format!("{k}.send"),
+                "no header uses `{token}`, so the token would never be sent",
+            );
+        }
+        if e.json.is_some() && e.form.is_some() {
+            self.problem(&e.url, k.to_string(), "give `json` or `form`, not both");
+        }
+        let method = match http::Method::from_bytes(e.method.to_ascii_uppercase().as_bytes()) {
+            Ok(m) => m,
+            Err(_) => {
+                self.problem(
+                    &e.url,
+                    format!("{k}.method"),
+                    format!("`{}` is not an HTTP method", e.method),
+                );
+                return None;
+            }
+        };
+        let mut headers = Vec::new();
+        for (h, v) in &e.headers {
+            match http::HeaderName::from_bytes(h.as_bytes()) {
+                Ok(n) => headers.push((n, v.clone())),
+                Err(_) => self.problem(
+                    &e.url,
+                    format!("{k}.headers.{h}"),
+                    "not a valid header name",
+                ),
+            }
+        }
+        let mut send = Vec::new();
+        for (h, v) in &e.send {
+            match http::HeaderName::from_bytes(h.as_bytes()) {
+                Ok(n) => send.push((n, v.clone())),
+                Err(_) => self.problem(&e.url, format!("{k}.send.{h}"), "not a valid header name"),
+            }
+        }
+        if self.problems.len() > before || vars.len() < e.secrets.len() {
+            return None;
+        }
+        Some(Recipe {
+            method,
+            url: e.url.value.clone(),
+            scoped: e.scoped.as_ref().map(|s| Scoped {
+                segment: s.segment.clone(),
+                url: s.url.clone(),
+            }),
+            headers,
+            body: match (&e.json, &e.form) {
+                (Some(j), _) => Some(BodyTemplate::Json(j.clone())),
+                (None, Some(f)) => Some(BodyTemplate::Form(f.clone().into_iter().collect())),
+                (None, None) => None,
+            },
+            vars,
+            token_path: e.token_path.clone(),
+            expires_in_path: e.expires_in_path.clone(),
+            ttl: e.ttl,
+            send,
+        })
+    }
+
+    /// An http(s) URL with a host; `{name}` placeholders from `allowed` may stand anywhere.
+    fn url(&mut self, url: &Spanned<String>, key: &str, allowed: &[&str]) {
+        let mut probe = url.value.clone();
+        for a in allowed {
+            probe = probe.replace(&format!("{{{a}}}"), "placeholder");
+        }
+        match probe.parse::<http::Uri>() {
+            Ok(u)
+                if matches!(u.scheme_str(), Some("https") | Some("http")) && u.host().is_some() => {
+            }
+            _ => self.problem(
+                url,
+                key,
+                format!("`{}` is not an http(s) URL with a host", url.value),
+            ),
+        }
+    }
+
+    fn connect_to(&mut self, c: &Option<Spanned<String>>, key: &str) -> Option<(String, u16)> {
+        let c = c.as_ref()?;
+        match parse_host_port(&c.value) {
+            Ok(hp) => Some(hp),
+            Err(reason) => {
+                self.problem(c, key, reason);
+                None
+            }
+        }
     }
 
     fn routes(
@@ -691,7 +1091,7 @@ mod tests {
             (
                 "listen: 127.0.0.1:8080\nbogus: 1\n",
                 &[
-                    "c.yaml:2:1: bogus: unknown field `bogus`, expected one of listen, unmapped, upstream, limits, providers, routes, local_endpoints",
+                    "c.yaml:2:1: bogus: unknown field `bogus`, expected one of listen, unmapped, upstream, limits, tokens, providers, routes, local_endpoints",
                 ],
             ),
             (
@@ -703,7 +1103,7 @@ mod tests {
             (
                 "providers:\n  a:\n    oauth:\n      x: 1\n",
                 &[
-                    "c.yaml:3:5: providers.a: unknown variant `oauth`, expected one of basic, headers",
+                    "c.yaml:3:5: providers.a: unknown variant `oauth`, expected one of basic, headers, oauth2, cloudneeti, cleancloud, token_exchange",
                 ],
             ),
             (

@@ -1,31 +1,109 @@
-//! Credentials onto the request: the provider says which headers, the route's `client_auth` says
-//! what happens to headers of the same name the client sent itself.
+//! Credentials onto the request: the provider says which headers (static ones, or ones made from
+//! a cached token), the route's `client_auth` says what happens to headers of the same name the
+//! client sent itself.
 
-use http::HeaderMap;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 
 use crate::error::ProxyError;
+use crate::listen::State;
+use crate::providers::{Kind, cleancloud, sensitive_value};
 use crate::route::{ClientAuth, Route};
 
-pub fn apply(route: &Route, headers: &mut HeaderMap) -> Result<(), ProxyError> {
-    for (name, value) in route.provider.credentials() {
-        match route.client_auth {
-            ClientAuth::Replace => {
-                headers.insert(name.clone(), value.clone());
-            }
-            ClientAuth::Keep => {
-                if !headers.contains_key(name) {
-                    headers.insert(name.clone(), value.clone());
-                }
-            }
-            ClientAuth::Reject => {
-                if headers.contains_key(name) {
-                    return Err(ProxyError::ClientCredentials {
-                        header: name.to_string(),
-                    });
-                }
-                headers.insert(name.clone(), value.clone());
+/// The token a request was sent with, so a 401 can invalidate exactly that one.
+pub struct TokenUse {
+    pub scope: String,
+    pub generation: u64,
+}
+
+pub struct Request<'a> {
+    pub host: &'a str,
+    pub method: &'a Method,
+    pub path_and_query: &'a str,
+    /// The whole body when it was read first (replay buffer, or CleanCloud signing).
+    pub body: Option<&'a Bytes>,
+}
+
+pub async fn apply(
+    state: &State,
+    route: &Route,
+    req: &Request<'_>,
+    headers: &mut HeaderMap,
+) -> Result<Option<TokenUse>, ProxyError> {
+    let provider = &route.provider;
+    let names = provider.header_names();
+    match route.client_auth {
+        ClientAuth::Reject => {
+            if let Some(n) = names.iter().find(|n| headers.contains_key(*n)) {
+                return Err(ProxyError::ClientCredentials {
+                    header: n.to_string(),
+                });
             }
         }
+        // The client brought everything this provider would add: nothing to do, no token needed.
+        ClientAuth::Keep if names.iter().all(|n| headers.contains_key(n)) => return Ok(None),
+        _ => {}
     }
-    Ok(())
+    if let Kind::Static(list) = &provider.kind {
+        set_all(route.client_auth, headers, list.iter().cloned());
+        return Ok(None);
+    }
+    let token_error = |cause: String| ProxyError::TokenUnavailable {
+        provider: provider.name.clone(),
+        cause,
+    };
+    let tokens = state
+        .tokens
+        .get(&provider.name)
+        .ok_or_else(|| token_error("no token cache for this provider (a bug)".into()))?;
+    let path = req.path_and_query.split('?').next().unwrap_or("/");
+    let scope = provider.scope(req.host, path);
+    let token = tokens
+        .get(&scope)
+        .await
+        .map_err(|e| token_error(e.to_string()))?;
+    let list: Vec<(HeaderName, HeaderValue)> = match &provider.kind {
+        Kind::Static(_) => Vec::new(),
+        Kind::OAuth2(_) => vec![(
+            header::AUTHORIZATION,
+            sensitive_value(&format!("Bearer {}", token.value.expose())).map_err(token_error)?,
+        )],
+        Kind::Exchange(recipe) => recipe.headers_for(&token.value).map_err(token_error)?,
+        Kind::CleanCloud(_) => {
+            let secret = token
+                .signing_secret
+                .as_ref()
+                .ok_or_else(|| token_error("the access code came without its secret".into()))?;
+            let body = req.body.map_or(&[][..], |b| &b[..]);
+            let auth = cleancloud::authorization(
+                token.value.expose(),
+                secret.expose(),
+                req.method.as_str(),
+                req.path_and_query,
+                body,
+            );
+            vec![(
+                header::AUTHORIZATION,
+                sensitive_value(&auth).map_err(token_error)?,
+            )]
+        }
+    };
+    set_all(route.client_auth, headers, list);
+    Ok(Some(TokenUse {
+        scope,
+        generation: token.generation,
+    }))
+}
+
+fn set_all(
+    policy: ClientAuth,
+    headers: &mut HeaderMap,
+    list: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
+) {
+    for (name, value) in list {
+        if policy == ClientAuth::Keep && headers.contains_key(&name) {
+            continue;
+        }
+        headers.insert(name, value);
+    }
 }

@@ -44,6 +44,19 @@ pub enum ProxyError {
     },
     #[error("{host} broke the exchange: {cause}")]
     Upstream { host: String, cause: String },
+    #[error("no token from provider `{provider}`: {cause}")]
+    TokenUnavailable { provider: String, cause: String },
+    #[error(
+        "the request body is larger than {limit} bytes; provider `{provider}` {why}, so the body must be read whole first: raise `{setting}` if this is expected"
+    )]
+    BodyTooLarge {
+        limit: usize,
+        provider: String,
+        why: &'static str,
+        setting: String,
+    },
+    #[error("reading the request body failed: {cause}")]
+    ClientBody { cause: String },
 }
 
 impl ProxyError {
@@ -56,9 +69,11 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadRequest { .. } | ProxyError::ClientCredentials { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            ProxyError::BadRequest { .. }
+            | ProxyError::ClientCredentials { .. }
+            | ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
             ProxyError::NotRouted { .. } => StatusCode::NOT_FOUND,
             ProxyError::NotImplemented { .. } => StatusCode::NOT_IMPLEMENTED,
@@ -80,6 +95,9 @@ impl ProxyError {
             ProxyError::UpstreamTls { .. } => "upstream_tls",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::Upstream { .. } => "upstream_error",
+            ProxyError::TokenUnavailable { .. } => "token_unavailable",
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::ClientBody { .. } => "client_body",
         }
     }
 

@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::StreamExt;
 use http::header::{self, HeaderMap, HeaderName};
-use http::{Method, Request, Response, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::body::{self, Body};
@@ -187,7 +189,6 @@ async fn forward(
     let (scheme, port_in_uri) = match route {
         Some(route) => {
             reject_dot_segments(target.path())?;
-            credentials::apply(route, &mut parts.headers)?;
             // A plain-HTTP client request goes out over the route's scheme: `http://host/x` from a
             // legacy client becomes `https://host/x`. An explicit port is kept.
             (
@@ -203,7 +204,7 @@ async fn forward(
         }
     };
     let authority = authority(&target.host, port_in_uri, scheme);
-    parts.uri = Uri::builder()
+    let uri = Uri::builder()
         .scheme(scheme.as_str())
         .authority(authority.as_str())
         .path_and_query(target.path_and_query.as_str())
@@ -211,18 +212,77 @@ async fn forward(
         .map_err(|e| {
             ProxyError::bad_request("bad_uri", format!("cannot build the upstream URL: {e}"))
         })?;
-    // The pool picks HTTP/1.1 or HTTP/2 per connection (ALPN); the client's version is not ours.
-    parts.version = Version::HTTP_11;
 
-    let upstream_req = Request::from_parts(parts, body::stream(incoming));
+    let mut body = prepare_body(state, route, &parts.headers, incoming).await?;
     let client = state.outbound.client(route.map(|r| r.name.as_str()));
+    let mut retried = false;
+    loop {
+        let mut headers = parts.headers.clone();
+        let token = match route {
+            Some(route) => {
+                let req = credentials::Request {
+                    host: &target.host,
+                    method: &parts.method,
+                    path_and_query: &target.path_and_query,
+                    body: body.bytes(),
+                };
+                credentials::apply(state, route, &req, &mut headers).await?
+            }
+            None => None,
+        };
+        let mut upstream_req = Request::new(body.for_send());
+        *upstream_req.method_mut() = parts.method.clone();
+        *upstream_req.uri_mut() = uri.clone();
+        *upstream_req.headers_mut() = headers;
+        // The pool picks HTTP/1.1 or HTTP/2 per connection (ALPN); the client's version is not ours.
+        *upstream_req.version_mut() = Version::HTTP_11;
+        let mut response = send(state, client, upstream_req, &authority).await?;
+
+        if response.status() == StatusCode::UNAUTHORIZED
+            && let (Some(route), Some(token)) = (route, token)
+        {
+            let provider = &route.provider.name;
+            if retried {
+                tracing::error!(
+                    provider = %provider,
+                    route = %route.name,
+                    "the upstream refused a freshly fetched token too: the provider's credentials themselves look wrong (check the id, secret and permissions)"
+                );
+            } else if body.replayable() {
+                if let Some(tokens) = state.tokens.get(provider) {
+                    tokens.invalidate(&token.scope, token.generation);
+                    tokens
+                        .stats
+                        .retries_after_401
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                tracing::info!(provider = %provider, route = %route.name, "401 with a cached token: fetching a fresh one and retrying once");
+                retried = true;
+                continue;
+            } else {
+                response.headers_mut().insert(
+                    "x-credproxy-retry",
+                    http::HeaderValue::from_static("skipped-body-too-large"),
+                );
+            }
+        }
+        return Ok(response);
+    }
+}
+
+async fn send(
+    state: &State,
+    client: &crate::outbound::Client,
+    req: Request<Body>,
+    authority: &str,
+) -> Result<Response<Body>, ProxyError> {
     let timeout = state.config.upstream.response_timeout;
-    let response = match tokio::time::timeout(timeout, client.request(upstream_req)).await {
+    let response = match tokio::time::timeout(timeout, client.request(req)).await {
         Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => return Err(upstream_error(&authority, &e)),
+        Ok(Err(e)) => return Err(upstream_error(authority, &e)),
         Err(_) => {
             return Err(ProxyError::UpstreamTimeout {
-                host: authority,
+                host: authority.to_string(),
                 after: timeout,
                 setting: "response_timeout",
             });
@@ -231,6 +291,105 @@ async fn forward(
     let (mut parts, incoming) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, body::stream(incoming)))
+}
+
+/// A request body as the proxy holds it: streaming (sent once), or read whole (sendable again
+/// after a 401, and signable).
+enum Prepared {
+    Whole(bytes::Bytes),
+    Streaming(Option<Body>),
+}
+
+impl Prepared {
+    fn bytes(&self) -> Option<&bytes::Bytes> {
+        match self {
+            Prepared::Whole(b) => Some(b),
+            Prepared::Streaming(_) => None,
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, Prepared::Whole(_))
+    }
+
+    fn for_send(&mut self) -> Body {
+        match self {
+            Prepared::Whole(b) => body::full(b.clone()),
+            Prepared::Streaming(b) => b.take().unwrap_or_else(body::empty),
+        }
+    }
+}
+
+/// Static credentials stream the body untouched. Token providers keep bodies up to
+/// `limits.replay_buffer` to resend after a 401; CleanCloud must read the whole body to sign it.
+async fn prepare_body(
+    state: &State,
+    route: Option<&Route>,
+    headers: &http::HeaderMap,
+    incoming: Incoming,
+) -> Result<Prepared, ProxyError> {
+    let Some(route) = route.filter(|r| r.provider.uses_tokens()) else {
+        return Ok(Prepared::Streaming(Some(body::stream(incoming))));
+    };
+    let declared: Option<u64> = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    if let crate::providers::Kind::CleanCloud(settings) = &route.provider.kind {
+        let too_large = || ProxyError::BodyTooLarge {
+            limit: settings.max_body,
+            provider: route.provider.name.clone(),
+            why: "signs every request over its body",
+            setting: format!("providers.{}.cleancloud.max_body", route.provider.name),
+        };
+        if declared.is_some_and(|n| n > settings.max_body as u64) {
+            return Err(too_large());
+        }
+        return match http_body_util::Limited::new(incoming, settings.max_body)
+            .collect()
+            .await
+        {
+            Ok(c) => Ok(Prepared::Whole(c.to_bytes())),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+            Err(e) => Err(ProxyError::ClientBody {
+                cause: e.to_string(),
+            }),
+        };
+    }
+    let limit = state.config.limits.replay_buffer;
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Ok(Prepared::Streaming(Some(body::stream(incoming))));
+    }
+    // Read up to the limit; if the body ends within it, keep it for a replay, else send what was
+    // read followed by the rest, streaming.
+    let mut incoming = incoming;
+    let mut chunks: Vec<bytes::Bytes> = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = incoming.frame().await {
+        let frame = frame.map_err(|e| ProxyError::ClientBody {
+            cause: e.to_string(),
+        })?;
+        if let Ok(data) = frame.into_data() {
+            total += data.len();
+            chunks.push(data);
+            if total > limit {
+                let head = futures_util::stream::iter(
+                    chunks.into_iter().map(|c| Ok(hyper::body::Frame::data(c))),
+                );
+                let tail = http_body_util::BodyStream::new(incoming)
+                    .map(|f| f.map_err(crate::body::BoxError::from));
+                let stream = head.chain(tail);
+                return Ok(Prepared::Streaming(Some(body::stream(
+                    http_body_util::StreamBody::new(stream),
+                ))));
+            }
+        }
+    }
+    let mut whole = bytes::BytesMut::with_capacity(total);
+    for c in chunks {
+        whole.extend_from_slice(&c);
+    }
+    Ok(Prepared::Whole(whole.freeze()))
 }
 
 fn authority(host: &str, port: Option<u16>, scheme: Scheme) -> String {
@@ -326,6 +485,16 @@ fn upstream_error(host: &str, err: &hyper_util::client::legacy::Error) -> ProxyE
         ProxyError::UpstreamConnect { host, cause }
     } else {
         ProxyError::Upstream { host, cause }
+    }
+}
+
+/// What went wrong with a client call, for token-endpoint errors.
+pub fn describe_client_error(host: &str, err: &hyper_util::client::legacy::Error) -> String {
+    match upstream_error(host, err) {
+        ProxyError::UpstreamConnect { cause, .. }
+        | ProxyError::UpstreamTls { cause, .. }
+        | ProxyError::Upstream { cause, .. } => cause,
+        other => other.to_string(),
     }
 }
 

@@ -20,5 +20,6 @@ pub mod outbound;
 pub mod providers;
 pub mod route;
 pub mod secret;
+pub mod token;
 
 pub use listen::{Running, start};

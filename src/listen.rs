@@ -1,6 +1,7 @@
 //! Listeners: the forward-proxy port and one port per local endpoint. Each connection is served by
 //! hyper (HTTP/1.1 with keep-alive, or HTTP/2) and each request goes to [`forward::handle`].
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use crate::config::Config;
 use crate::forward;
 use crate::outbound::Outbound;
 use crate::route::Route;
+use crate::token::Tokens;
 
 /// What a request arriving on a listener is.
 #[derive(Clone)]
@@ -32,6 +34,31 @@ pub enum Entry {
 pub struct State {
     pub config: Config,
     pub outbound: Outbound,
+    /// The token cache of each token provider, by provider name.
+    pub tokens: HashMap<String, Arc<Tokens>>,
+}
+
+impl State {
+    pub fn new(config: Config) -> Result<State, String> {
+        let outbound = Outbound::new(&config)?;
+        let tokens = config
+            .providers
+            .iter()
+            .filter(|p| p.uses_tokens())
+            .map(|p| {
+                let client = outbound.for_provider(&p.name).clone();
+                (
+                    p.name.clone(),
+                    Tokens::new(p.clone(), client, config.tokens.clone()),
+                )
+            })
+            .collect();
+        Ok(State {
+            config,
+            outbound,
+            tokens,
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +78,7 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Each local endpoint's route name and bound address, in config order.
     pub local_endpoints: Vec<(String, SocketAddr)>,
+    state: Arc<State>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -66,6 +94,11 @@ impl Running {
         }
     }
 
+    /// The token cache of a token provider (its counters say how many tokens were fetched).
+    pub fn tokens(&self, provider: &str) -> Option<Arc<Tokens>> {
+        self.state.tokens.get(provider).cloned()
+    }
+
     /// Runs until one of the listeners stops (it does not, short of a shutdown).
     pub async fn wait(mut self) {
         self.tasks.join_next().await;
@@ -74,7 +107,8 @@ impl Running {
 
 /// Binds every listener of `config` and starts serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    let outbound = Outbound::new(&config).map_err(StartError::Tls)?;
+    let state = State::new(config).map_err(StartError::Tls)?;
+    let config = &state.config;
     let mut bound = Vec::new();
     bound.push((bind(config.listen).await?, Entry::Proxy));
     for ep in &config.local_endpoints {
@@ -83,7 +117,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    let state = Arc::new(State { config, outbound });
+    let state = Arc::new(state);
     let (shutdown, stop) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let mut addr = None;
@@ -111,6 +145,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     Ok(Running {
         addr: addr.unwrap_or(state.config.listen),
         local_endpoints,
+        state,
         shutdown,
         tasks,
     })

@@ -63,6 +63,8 @@ pub fn tls_config(
 pub struct Outbound {
     passthrough: Client,
     by_route: HashMap<String, Client>,
+    /// Token-endpoint clients of token providers.
+    by_provider: HashMap<String, Client>,
 }
 
 impl Outbound {
@@ -86,10 +88,24 @@ impl Outbound {
                 .clone();
             by_route.insert(route.name.clone(), client);
         }
+        let mut by_provider = HashMap::new();
+        for p in config.providers.iter().filter(|p| p.uses_tokens()) {
+            let client = shared
+                .entry(p.connect_to.clone())
+                .or_insert_with(|| make(p.connect_to.clone()))
+                .clone();
+            by_provider.insert(p.name.clone(), client);
+        }
         Ok(Outbound {
             passthrough,
             by_route,
+            by_provider,
         })
+    }
+
+    /// The client for a provider's token requests.
+    pub fn for_provider(&self, provider: &str) -> &Client {
+        self.by_provider.get(provider).unwrap_or(&self.passthrough)
     }
 
     /// The client for a route, or for unmapped passthrough traffic when `route` is `None`.

@@ -5,7 +5,11 @@
 //! `/__echo` (under any path prefix, e.g. `/v3/__echo`) with the request it saw as JSON, so a test
 //! can assert exactly which headers arrived.
 
+pub mod cleancloud;
+pub mod cloudneeti;
 pub mod echo;
+pub mod issuer;
+pub mod oauth;
 pub mod stackbill;
 pub mod twotcloud;
 

@@ -3,7 +3,66 @@
 //! access code + secret; every API request is then signed with those, over its method, path and
 //! body. No timestamp is signed, so the proxy must still sign each request: the body changes.
 
+use std::time::Duration;
+
 use aws_lc_rs::{digest, hmac};
+use http::{Method, Request, header};
+
+use crate::body::empty;
+use crate::outbound::Client;
+use crate::secret::Secret;
+use crate::token::{self, Fetched, TokenError};
+
+#[derive(Debug)]
+pub struct Settings {
+    /// `https://api.cleancloud.io`, no trailing slash.
+    pub api_base: String,
+    pub user_code: Secret,
+    pub user_secret: Secret,
+    /// CleanCloud does not say how long an access code lives.
+    pub ttl: Duration,
+    /// The signature covers the body, so it is read whole first; larger bodies get 413.
+    pub max_body: usize,
+}
+
+/// `GET /api_tokens`, signed with the user token, answers `{"accessCode","secretCode"}`.
+pub async fn fetch(
+    s: &Settings,
+    client: &Client,
+    secrets: &[&Secret],
+) -> Result<Fetched, TokenError> {
+    let auth = authorization(
+        s.user_code.expose(),
+        s.user_secret.expose(),
+        "GET",
+        "/api_tokens",
+        b"",
+    );
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri(format!("{}/api_tokens", s.api_base))
+        .header(
+            header::AUTHORIZATION,
+            crate::providers::sensitive_value(&auth).map_err(TokenError::Config)?,
+        )
+        .header(header::ACCEPT, "application/json")
+        .body(empty())
+        .map_err(|e| TokenError::Config(format!("api_base: {e}")))?;
+    let answer = token::call(client, req, secrets).await?;
+    let json = token::parse_json(&answer)?;
+    let field = |name: &str| {
+        json.get(name)
+            .and_then(|v| v.as_str())
+            .filter(|v| !v.is_empty())
+            .map(Secret::new)
+            .ok_or_else(|| token::missing_field(&answer, &json, name))
+    };
+    Ok(Fetched {
+        value: field("accessCode")?,
+        signing_secret: Some(field("secretCode")?),
+        lifetime: s.ttl,
+    })
+}
 
 /// The `Authorization` header value for one request.
 ///

@@ -18,6 +18,8 @@ pub const TLS_NAMES: &[&str] = &[
     "api.example.com",
     "acme.api.openvpn.com",
     "other.api.openvpn.com",
+    "api.cloudneeti.com",
+    "api.cleancloud.io",
     "localhost",
     "127.0.0.1",
 ];

@@ -1,0 +1,547 @@
+//! Token lifecycle, one mechanism for every token provider (oauth2, token_exchange/cloudneeti,
+//! cleancloud): a cache per (provider, scope), single-flight fetches, proactive refresh, a
+//! compare-and-invalidate for 401s, and exponential backoff after failures.
+//!
+//! - Single flight: a request that finds no valid token takes the slot's fetch lock; everyone
+//!   else waits on it and then re-checks, so N cold requests make one token request.
+//! - Proactive refresh: after a fetch, a timer wakes at ~80% of the lifetime (minus jitter) and
+//!   refetches if the token was used meanwhile, so steady traffic never waits on a token; an idle
+//!   scope is not kept warm.
+//! - 401: `invalidate(scope, generation)` drops the token only if it is still the one that was
+//!   refused, so 100 simultaneous 401s cause one refresh.
+//! - Failures are not cached as tokens; they start a backoff during which requests fail fast.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::BodyExt;
+
+use crate::body::Body;
+use crate::outbound::Client;
+use crate::providers::Provider;
+use crate::secret::Secret;
+
+/// A token as the cache holds it.
+#[derive(Debug)]
+pub struct Token {
+    pub value: Secret,
+    /// CleanCloud's signing secret that comes with its access code.
+    pub signing_secret: Option<Secret>,
+    pub expires_at: Instant,
+    /// A little before `expires_at`: a token is not sent after this, so it cannot expire on the
+    /// way (1 s, or a tenth of a short lifetime).
+    pub usable_until: Instant,
+    /// Increases with every fetch of this scope; a 401 names the generation it was refused with.
+    pub generation: u64,
+}
+
+/// What a provider's fetch returns.
+pub struct Fetched {
+    pub value: Secret,
+    pub signing_secret: Option<Secret>,
+    pub lifetime: Duration,
+}
+
+/// Why no token could be had. Messages name the endpoint (without its query, which may hold a
+/// client secret) and the cause; bodies are cut short and stripped of the provider's secrets.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    #[error("the token endpoint {endpoint} answered HTTP {status}{}", excerpt_suffix(.excerpt))]
+    Status {
+        endpoint: String,
+        status: u16,
+        excerpt: String,
+        /// From `Retry-After` or CloudConnexa's `X-RateLimit-Replenish-Time` on a 429.
+        retry_after: Option<Duration>,
+    },
+    #[error("the token endpoint {endpoint} did not answer within {}", humantime::format_duration(*.after))]
+    Timeout { endpoint: String, after: Duration },
+    #[error("cannot reach the token endpoint {endpoint}: {cause}")]
+    Unreachable { endpoint: String, cause: String },
+    #[error("the token endpoint {endpoint} answered 200 but {what}{}", excerpt_suffix(.excerpt))]
+    BadResponse {
+        endpoint: String,
+        what: String,
+        excerpt: String,
+    },
+    #[error("{last} (retrying in {}s)", .retry_in.as_secs().max(1))]
+    BackingOff {
+        last: Box<TokenError>,
+        retry_in: Duration,
+    },
+    #[error("{0}")]
+    Config(String),
+}
+
+fn excerpt_suffix(excerpt: &str) -> String {
+    if excerpt.is_empty() {
+        String::new()
+    } else {
+        format!(": {excerpt}")
+    }
+}
+
+/// Lifecycle knobs (config `tokens:`).
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    /// Whole token request, connect to last byte.
+    pub timeout: Duration,
+    /// Refresh when this fraction of the lifetime has passed.
+    pub refresh_at: f64,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle {
+            timeout: Duration::from_secs(10),
+            refresh_at: 0.8,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Counters for tests, logs and (later) metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub fetches: AtomicU64,
+    pub failures: AtomicU64,
+    pub proactive_refreshes: AtomicU64,
+    pub retries_after_401: AtomicU64,
+}
+
+/// The token cache of one provider.
+pub struct Tokens {
+    pub provider: Arc<Provider>,
+    client: Client,
+    lifecycle: Lifecycle,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    pub stats: Stats,
+}
+
+#[derive(Default)]
+struct Slot {
+    current: Mutex<Option<Arc<Token>>>,
+    /// Held while fetching: the single-flight lock.
+    fetching: tokio::sync::Mutex<()>,
+    failure: Mutex<Option<Failure>>,
+    generation: AtomicU64,
+    /// Set by every use, cleared by the refresh timer: an idle scope is not refreshed.
+    used: AtomicBool,
+}
+
+struct Failure {
+    error: TokenError,
+    retry_at: Instant,
+    attempts: u32,
+}
+
+impl Tokens {
+    pub fn new(provider: Arc<Provider>, client: Client, lifecycle: Lifecycle) -> Arc<Tokens> {
+        Arc::new(Tokens {
+            provider,
+            client,
+            lifecycle,
+            slots: Mutex::new(HashMap::new()),
+            stats: Stats::default(),
+        })
+    }
+
+    fn slot(&self, scope: &str) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.entry(scope.to_string()).or_default().clone()
+    }
+
+    /// A valid token for `scope`, fetching one if needed (once, however many callers wait).
+    pub async fn get(self: &Arc<Self>, scope: &str) -> Result<Arc<Token>, TokenError> {
+        let slot = self.slot(scope);
+        slot.used.store(true, Ordering::Relaxed);
+        if let Some(t) = slot.valid() {
+            return Ok(t);
+        }
+        let _flight = slot.fetching.lock().await;
+        if let Some(t) = slot.valid() {
+            return Ok(t);
+        }
+        if let Some(err) = slot.backing_off() {
+            return Err(err);
+        }
+        self.fetch_into(&slot, scope).await
+    }
+
+    /// The upstream refused `generation`: drop it, unless a newer token already replaced it.
+    pub fn invalidate(&self, scope: &str, generation: u64) {
+        let slot = self.slot(scope);
+        let mut current = slot.current.lock().unwrap_or_else(|e| e.into_inner());
+        if current.as_ref().is_some_and(|t| t.generation == generation) {
+            *current = None;
+            tracing::debug!(provider = %self.provider.name, scope, generation, "token refused upstream; dropped");
+        }
+    }
+
+    async fn fetch_into(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        scope: &str,
+    ) -> Result<Arc<Token>, TokenError> {
+        self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let result = match tokio::time::timeout(
+            self.lifecycle.timeout,
+            crate::providers::fetch_token(
+                &self.provider,
+                &self.client,
+                scope,
+                self.lifecycle.timeout,
+            ),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(TokenError::Timeout {
+                endpoint: crate::providers::token_endpoint(&self.provider, scope),
+                after: self.lifecycle.timeout,
+            }),
+        };
+        match result {
+            Ok(fetched) => {
+                let generation = slot.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                let lifetime = fetched.lifetime.max(Duration::from_secs(1));
+                let token = Arc::new(Token {
+                    value: fetched.value,
+                    signing_secret: fetched.signing_secret,
+                    expires_at: started + lifetime,
+                    usable_until: started + lifetime - (lifetime / 10).min(Duration::from_secs(1)),
+                    generation,
+                });
+                *slot.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
+                *slot.failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                tracing::debug!(
+                    provider = %self.provider.name,
+                    scope,
+                    generation,
+                    lifetime_s = lifetime.as_secs(),
+                    fingerprint = %fingerprint(&token.value),
+                    "token fetched"
+                );
+                self.schedule_refresh(slot, scope, lifetime, started);
+                Ok(token)
+            }
+            Err(error) => {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                let mut failure = slot.failure.lock().unwrap_or_else(|e| e.into_inner());
+                let attempts = failure.as_ref().map_or(0, |f| f.attempts) + 1;
+                let wait = self.backoff(attempts, &error);
+                tracing::warn!(
+                    provider = %self.provider.name,
+                    scope,
+                    attempts,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "token request failed: {error}"
+                );
+                *failure = Some(Failure {
+                    error: error.clone(),
+                    retry_at: Instant::now() + wait,
+                    attempts,
+                });
+                Err(error)
+            }
+        }
+    }
+
+    /// Exponential with jitter, capped; a 429's own wait wins when it is longer.
+    fn backoff(&self, attempts: u32, error: &TokenError) -> Duration {
+        let base = self.lifecycle.backoff_initial.as_secs_f64()
+            * 2f64.powi(attempts.saturating_sub(1).min(30) as i32);
+        let capped = base.min(self.lifecycle.backoff_max.as_secs_f64());
+        let jittered = Duration::from_secs_f64(capped * (0.5 + 0.5 * random_unit()));
+        match error {
+            TokenError::Status {
+                retry_after: Some(ra),
+                ..
+            } => jittered.max(*ra).min(self.lifecycle.backoff_max.max(*ra)),
+            _ => jittered,
+        }
+    }
+
+    fn schedule_refresh(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        scope: &str,
+        lifetime: Duration,
+        fetched_at: Instant,
+    ) {
+        let fraction = self.lifecycle.refresh_at.clamp(0.1, 0.95);
+        // Up to 10% earlier, so many scopes fetched together do not refresh together.
+        let jitter = 1.0 - 0.1 * random_unit();
+        let at = fetched_at + lifetime.mul_f64(fraction * jitter);
+        let tokens: Weak<Tokens> = Arc::downgrade(self);
+        let slot_w: Weak<Slot> = Arc::downgrade(slot);
+        let scope = scope.to_string();
+        slot.used.store(false, Ordering::Relaxed);
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            // A reload or shutdown dropped the cache: nothing to refresh.
+            let (Some(tokens), Some(slot)) = (tokens.upgrade(), slot_w.upgrade()) else {
+                return;
+            };
+            if !slot.used.load(Ordering::Relaxed) {
+                return;
+            }
+            let _flight = slot.fetching.lock().await;
+            // Someone refetched meanwhile (a 401, or expiry): their timer owns the next refresh.
+            let current_gen = slot
+                .current
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|t| t.generation);
+            if current_gen != Some(slot.generation.load(Ordering::Relaxed)) {
+                return;
+            }
+            tokens
+                .stats
+                .proactive_refreshes
+                .fetch_add(1, Ordering::Relaxed);
+            // On failure the current token stays in use until it expires; requests then retry.
+            let _ = tokens.fetch_into(&slot, &scope).await;
+        });
+    }
+}
+
+impl Slot {
+    fn valid(&self) -> Option<Arc<Token>> {
+        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let t = current.as_ref()?;
+        (Instant::now() < t.usable_until).then(|| t.clone())
+    }
+
+    fn backing_off(&self) -> Option<TokenError> {
+        let failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        let f = failure.as_ref()?;
+        let now = Instant::now();
+        (now < f.retry_at).then(|| TokenError::BackingOff {
+            last: Box::new(f.error.clone()),
+            retry_in: f.retry_at - now,
+        })
+    }
+}
+
+/// A few hex characters that tell tokens apart in debug logs without revealing them.
+pub fn fingerprint(secret: &Secret) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret.expose().as_bytes());
+    digest.as_ref()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn random_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+// ---------------------------------------------------------------------------------------------
+// The HTTP side of a token request, shared by every provider kind.
+
+/// Largest token response read; anything bigger is not a token response.
+const MAX_TOKEN_RESPONSE: usize = 256 * 1024;
+
+/// A token endpoint's answer, once it is known to be a 2xx.
+pub struct Answer {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub endpoint: String,
+}
+
+/// Sends a token request through the provider's client. Non-2xx answers become `Status` errors
+/// with a short excerpt of the body, with `secrets` blanked out.
+pub async fn call(
+    client: &Client,
+    req: Request<Body>,
+    secrets: &[&Secret],
+) -> Result<Answer, TokenError> {
+    let endpoint = endpoint_of(req.uri());
+    let resp = client
+        .request(req)
+        .await
+        .map_err(|e| TokenError::Unreachable {
+            endpoint: endpoint.clone(),
+            cause: crate::forward::describe_client_error(uri_host(&endpoint), &e),
+        })?;
+    let status = resp.status();
+    let (parts, body) = resp.into_parts();
+    let body = http_body_util::Limited::new(body, MAX_TOKEN_RESPONSE)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| TokenError::Unreachable {
+            endpoint: endpoint.clone(),
+            cause: format!("reading the answer: {e}"),
+        })?;
+    if !status.is_success() {
+        return Err(TokenError::Status {
+            endpoint,
+            status: status.as_u16(),
+            excerpt: excerpt(&body, secrets),
+            retry_after: (status == StatusCode::TOO_MANY_REQUESTS)
+                .then(|| retry_after(&parts.headers))
+                .flatten(),
+        });
+    }
+    Ok(Answer {
+        headers: parts.headers,
+        body,
+        endpoint,
+    })
+}
+
+fn uri_host(endpoint: &str) -> &str {
+    endpoint
+        .split("://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or(endpoint)
+}
+
+/// `scheme://host/path` without the query, which may carry a client secret.
+pub fn endpoint_of(uri: &http::Uri) -> String {
+    format!(
+        "{}://{}{}",
+        uri.scheme_str().unwrap_or("https"),
+        uri.authority().map_or("", |a| a.as_str()),
+        uri.path()
+    )
+}
+
+/// The first 200 characters of a body, one line, with every secret replaced.
+pub fn excerpt(body: &[u8], secrets: &[&Secret]) -> String {
+    let mut text: String = String::from_utf8_lossy(body)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    for s in secrets {
+        if !s.expose().is_empty() {
+            text = text.replace(s.expose(), "[redacted]");
+        }
+    }
+    let text = text.trim();
+    match text.char_indices().nth(200) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
+/// `Retry-After: N` (seconds), or CloudConnexa's `X-RateLimit-Replenish-Time: N`.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    ["retry-after", "x-ratelimit-replenish-time"]
+        .iter()
+        .find_map(|h| headers.get(*h)?.to_str().ok()?.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+/// The body of a 2xx token answer as JSON. A body that is not JSON is quoted (cut short, secrets
+/// blanked): it is an error page, not a token.
+pub fn parse_json(answer: &Answer) -> Result<serde_json::Value, TokenError> {
+    serde_json::from_slice(&answer.body).map_err(|_| TokenError::BadResponse {
+        endpoint: answer.endpoint.clone(),
+        what: "the body is not JSON".into(),
+        excerpt: excerpt(&answer.body, &[]),
+    })
+}
+
+/// A JSON answer without the token: name the keys it has, never their values (a token under an
+/// unexpected name must not reach a log).
+pub fn missing_field(answer: &Answer, json: &serde_json::Value, path: &str) -> TokenError {
+    let keys = json
+        .as_object()
+        .map(|o| o.keys().map(String::as_str).collect::<Vec<_>>().join(", "))
+        .unwrap_or_default();
+    TokenError::BadResponse {
+        endpoint: answer.endpoint.clone(),
+        what: format!("its JSON has no `{path}` (top-level keys: {keys})"),
+        excerpt: String::new(),
+    }
+}
+
+/// Follows a dotted path (`result.token`) through JSON objects.
+pub fn json_path<'a>(v: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
+    path.split('.').try_fold(v, |v, key| v.get(key))
+}
+
+/// Seconds as a JSON number or numeric string.
+pub fn json_seconds(v: &serde_json::Value) -> Option<Duration> {
+    let secs = v.as_f64().or_else(|| v.as_str()?.trim().parse().ok())?;
+    (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+/// The time left until a JWT's `exp`, if the token is a JWT that has one.
+pub fn jwt_lifetime(token: &str) -> Option<Duration> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = claims.get("exp")?.as_u64()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    exp.checked_sub(now)
+        .filter(|s| *s > 0)
+        .map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpt_blanks_secrets_and_is_short() {
+        let s = Secret::new("s3cr3t");
+        let e = excerpt(
+            format!("bad client s3cr3t\n{}", "x".repeat(500)).as_bytes(),
+            &[&s],
+        );
+        assert!(e.starts_with("bad client [redacted] xxx"));
+        assert!(!e.contains("s3cr3t"));
+        assert!(e.chars().count() <= 201);
+    }
+
+    #[test]
+    fn json_helpers() {
+        let v: serde_json::Value = serde_json::json!({"result": {"token": "t", "ttl": "30"}});
+        assert_eq!(
+            json_path(&v, "result.token").and_then(|t| t.as_str()),
+            Some("t")
+        );
+        assert_eq!(
+            json_path(&v, "result.ttl").and_then(json_seconds),
+            Some(Duration::from_secs(30))
+        );
+        assert!(json_path(&v, "result.missing").is_none());
+    }
+
+    #[test]
+    fn jwt_exp_is_read() {
+        use base64::Engine;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!(r#"{{"exp":{}}}"#, now + 600));
+        let life = jwt_lifetime(&format!("eyJhbGciOiJIUzI1NiJ9.{claims}.sig")).expect("a JWT");
+        assert!(life <= Duration::from_secs(600) && life >= Duration::from_secs(590));
+        assert!(jwt_lifetime("opaque-token").is_none());
+    }
+}
