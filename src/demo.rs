@@ -1,22 +1,42 @@
 //! `credproxy demo`: the proxy plus fake providers on loopback, with routes for the real host
 //! names pointed at the fakes by `connect_to`. Everything goes through the same config file
-//! loader and request path as a real run; only the upstreams are fakes.
+//! loader and request path as a real run; only the upstreams are fakes (the same ones the tests
+//! use, see [`crate::fakes`]).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 
 use crate::ca::Ca;
-use crate::fakes::{FakeServer, stackbill, twotcloud};
+use crate::fakes::issuer::Issuer;
+use crate::fakes::{FakeServer, cleancloud, cloudneeti, oauth, stackbill, twotcloud};
 
 const ACCOUNT: &str = "100234";
 const CUSTOMERS_KEY: &str = "demo-customers-key-3f9a";
 const BILLING_KEY: &str = "demo-billing-key-77c1";
 const STACKBILL_API_KEY: &str = "demo-stackbill-apikey-1b2c";
 const STACKBILL_SECRET: &str = "demo-stackbill-secret-9d8e";
+const LICENSE: &str = "9085e05b-demo-4e21-8c6f-5a1d2b3c4d5e";
+const NEETI_ACCOUNT: &str = "7b227c87-demo-4f0a-9b1c-2d3e4f5a6b7c";
+const NEETI_SUB_KEY: &str = "demo-apim-subscription-key-4e5f";
+const NEETI_APP_ID: &str = "demo-app-id-8a9b";
+const NEETI_APP_SECRET: &str = "demo-app-secret-0c1d";
+const CONNEXA_CLIENT_ID: &str = "0123456789abcdef0123456789abcdef.acme";
+const CONNEXA_SECRET: &str = "demo-connexa-secret-2e3f";
+const CLEANCLOUD_CODE: &str = "DEMOUSERCODE";
+const CLEANCLOUD_SECRET: &str = "demo-cleancloud-user-secret-4a5b";
+
+const FAKE_HOSTS: &[&str] = &[
+    "api.cloudnet.services",
+    "portal.stackbill.example",
+    "api.cloudneeti.com",
+    "acme.api.openvpn.com",
+    "api.cleancloud.io",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -41,17 +61,30 @@ pub struct Example {
 
 struct Request {
     url: String,
-    local_endpoint: bool,
+    /// Through the forward proxy (else sent as is: a local endpoint or a fake).
+    proxied: bool,
     accept_json: bool,
+    /// Direct requests: the real host name, resolved to the fake.
+    resolve: Option<(&'static str, SocketAddr)>,
+    /// A JSON body to POST (otherwise a GET).
+    post: Option<&'static str>,
+}
+
+/// The fakes the demo runs, by name.
+struct Fakes {
+    two_t: FakeServer,
+    stack: FakeServer,
+    neeti: FakeServer,
+    connexa: FakeServer,
+    clean: FakeServer,
 }
 
 pub struct Demo {
     pub proxy: crate::Running,
     pub examples: Vec<Example>,
     pub dir: tempfile::TempDir,
-    fake_addrs: Vec<(&'static str, SocketAddr)>,
-    ca_pem_path: std::path::PathBuf,
-    _fakes: Vec<FakeServer>,
+    ca_pem_path: PathBuf,
+    fakes: Fakes,
 }
 
 pub async fn start(port: u16) -> Result<Demo, DemoError> {
@@ -61,18 +94,55 @@ pub async fn start(port: u16) -> Result<Demo, DemoError> {
         .tempdir()
         .map_err(|e| setup(&format!("cannot create a temporary directory: {e}")))?;
     let ca = Ca::generate("credproxy demo fake providers CA", 30).map_err(|e| setup(&e))?;
-    let tls = ca
-        .server_config(&[
-            "api.cloudnet.services",
-            "portal.stackbill.example",
-            "localhost",
-            "127.0.0.1",
-        ])
-        .map_err(|e| setup(&e))?;
+    let mut names = FAKE_HOSTS.to_vec();
+    names.extend(["localhost", "127.0.0.1"]);
+    let tls = ca.server_config(&names).map_err(|e| setup(&e))?;
+    let fakes = start_fakes(tls).await?;
 
-    let loopback = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+    // Secrets go to files, as they would with systemd credentials: the config holds references.
+    let write = |name: &str, content: &str| {
+        std::fs::write(dir.path().join(name), content)
+            .map_err(|e| DemoError::Setup(format!("cannot write {name}: {e}")))
+    };
+    write("fakes-ca.pem", ca.cert_pem())?;
+    for (file, value) in [
+        ("twotcloud-customers.key", CUSTOMERS_KEY),
+        ("twotcloud-billing.key", BILLING_KEY),
+        ("stackbill-apikey", STACKBILL_API_KEY),
+        ("stackbill-secretkey", STACKBILL_SECRET),
+        ("cloudneeti-subscription-key", NEETI_SUB_KEY),
+        ("cloudneeti-app-secret", NEETI_APP_SECRET),
+        ("connexa-client-secret", CONNEXA_SECRET),
+        ("cleancloud-user-secret", CLEANCLOUD_SECRET),
+    ] {
+        write(file, &format!("{value}\n"))?;
+    }
+    let local_port = if port == 0 { 0 } else { port.saturating_add(1) };
+    write(
+        "config.yaml",
+        &config_yaml(dir.path(), port, local_port, &fakes),
+    )?;
+
+    let config = crate::config::load(&dir.path().join("config.yaml"))?;
+    let proxy = crate::start(config).await?;
+    let local = proxy
+        .local_endpoints
+        .first()
+        .map(|(_, a)| *a)
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], local_port)));
+    let examples = examples(proxy.addr, local, &fakes);
+    Ok(Demo {
+        proxy,
+        examples,
+        ca_pem_path: dir.path().join("fakes-ca.pem"),
+        dir,
+        fakes,
+    })
+}
+
+async fn start_fakes(tls: Arc<rustls::ServerConfig>) -> Result<Fakes, DemoError> {
     let listener = || async {
-        TcpListener::bind(loopback(0))
+        TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
             .map_err(|e| DemoError::Setup(format!("cannot bind a fake provider: {e}")))
     };
@@ -83,65 +153,68 @@ pub async fn start(port: u16) -> Result<Demo, DemoError> {
         bound_ip: None,
         active: true,
     };
-    let two_t = twotcloud::start(
-        listener().await?,
-        Some(tls.clone()),
-        vec![
-            key(CUSTOMERS_KEY, twotcloud::Api::Customers),
-            key(BILLING_KEY, twotcloud::Api::Billing),
-        ],
-    );
-    let stack = stackbill::start(
-        listener().await?,
-        Some(tls),
-        stackbill::Keys {
-            api_key: STACKBILL_API_KEY.into(),
-            secret_key: STACKBILL_SECRET.into(),
-        },
-    );
-
-    // Secrets go to files, as they would with systemd credentials: the config holds references.
-    let write = |name: &str, content: &str| {
-        std::fs::write(dir.path().join(name), content)
-            .map_err(|e| DemoError::Setup(format!("cannot write {name}: {e}")))
-    };
-    write("fakes-ca.pem", ca.cert_pem())?;
-    write("twotcloud-customers.key", &format!("{CUSTOMERS_KEY}\n"))?;
-    write("twotcloud-billing.key", &format!("{BILLING_KEY}\n"))?;
-    write("stackbill-apikey", STACKBILL_API_KEY)?;
-    write("stackbill-secretkey", STACKBILL_SECRET)?;
-    let local_port = if port == 0 { 0 } else { port.saturating_add(1) };
-    write(
-        "config.yaml",
-        &config_yaml(dir.path(), port, local_port, two_t.addr, stack.addr),
-    )?;
-
-    let config = crate::config::load(&dir.path().join("config.yaml"))?;
-    let proxy = crate::start(config).await?;
-    let local = proxy
-        .local_endpoints
-        .first()
-        .map(|(_, a)| *a)
-        .unwrap_or(loopback(local_port));
-    let examples = examples(proxy.addr, local, two_t.addr, stack.addr);
-    Ok(Demo {
-        proxy,
-        examples,
-        fake_addrs: vec![("2tCloud", two_t.addr), ("StackBill", stack.addr)],
-        ca_pem_path: dir.path().join("fakes-ca.pem"),
-        dir,
-        _fakes: vec![two_t, stack],
+    let tls = Some(tls);
+    // Short token lifetimes, so a few minutes of playing show refreshes in the log (debug level).
+    let ttl = Duration::from_secs(300);
+    Ok(Fakes {
+        two_t: twotcloud::start(
+            listener().await?,
+            tls.clone(),
+            vec![
+                key(CUSTOMERS_KEY, twotcloud::Api::Customers),
+                key(BILLING_KEY, twotcloud::Api::Billing),
+            ],
+        ),
+        stack: stackbill::start(
+            listener().await?,
+            tls.clone(),
+            stackbill::Keys {
+                api_key: STACKBILL_API_KEY.into(),
+                secret_key: STACKBILL_SECRET.into(),
+            },
+        ),
+        neeti: cloudneeti::start(
+            listener().await?,
+            tls.clone(),
+            cloudneeti::Settings {
+                subscription_key: NEETI_SUB_KEY.into(),
+                app_id: NEETI_APP_ID.into(),
+                app_secret: NEETI_APP_SECRET.into(),
+                license_id: LICENSE.into(),
+                accounts: vec![NEETI_ACCOUNT.into()],
+            },
+            Issuer::new(ttl),
+        ),
+        connexa: oauth::start(
+            listener().await?,
+            tls.clone(),
+            oauth::Settings {
+                client_id: CONNEXA_CLIENT_ID.into(),
+                client_secret: CONNEXA_SECRET.into(),
+            },
+            Issuer::new(ttl),
+        ),
+        clean: cleancloud::start(
+            listener().await?,
+            tls,
+            cleancloud::Settings {
+                user_code: CLEANCLOUD_CODE.into(),
+                user_secret: CLEANCLOUD_SECRET.into(),
+            },
+            Issuer::new(ttl),
+        ),
     })
 }
 
-fn config_yaml(
-    dir: &Path,
-    port: u16,
-    local_port: u16,
-    two_t: SocketAddr,
-    stack: SocketAddr,
-) -> String {
+fn config_yaml(dir: &Path, port: u16, local_port: u16, f: &Fakes) -> String {
     let d = dir.display();
+    let (two_t, stack, neeti, connexa, clean) = (
+        f.two_t.addr,
+        f.stack.addr,
+        f.neeti.addr,
+        f.connexa.addr,
+        f.clean.addr,
+    );
     format!(
         r#"# Generated by `credproxy demo`. The routes use the real host names; `connect_to` sends the
 # connections to local fakes instead, which check credentials like the real services do.
@@ -158,6 +231,24 @@ providers:
     headers:
       apikey: "file:{d}/stackbill-apikey"
       secretKey: "file:{d}/stackbill-secretkey"
+  cloudneeti:
+    cloudneeti:
+      license_id: "{LICENSE}"
+      app_id: "{NEETI_APP_ID}"
+      app_secret: "file:{d}/cloudneeti-app-secret"
+      subscription_key: "file:{d}/cloudneeti-subscription-key"
+      connect_to: {neeti}
+  cloudconnexa:
+    oauth2:
+      token_url: "https://{{host}}/api/v1/oauth/token"
+      client_id: "{CONNEXA_CLIENT_ID}"
+      client_secret: "file:{d}/connexa-client-secret"
+      connect_to: {connexa}
+  cleancloud:
+    cleancloud:
+      user_code: "{CLEANCLOUD_CODE}"
+      user_secret: "file:{d}/cleancloud-user-secret"
+      connect_to: {clean}
 routes:
   - name: twotcloud-customers
     host: api.cloudnet.services
@@ -174,6 +265,18 @@ routes:
     path_prefix: /restapi
     provider: stackbill
     connect_to: {stack}
+  - name: cloudneeti
+    host: api.cloudneeti.com
+    provider: cloudneeti
+    connect_to: {neeti}
+  - name: cloudconnexa
+    host: "*.api.openvpn.com"
+    provider: cloudconnexa
+    connect_to: {connexa}
+  - name: cleancloud
+    host: api.cleancloud.io
+    provider: cleancloud
+    connect_to: {clean}
 local_endpoints:
   - listen: 127.0.0.1:{local_port}
     route: twotcloud-billing
@@ -181,77 +284,111 @@ local_endpoints:
     )
 }
 
-fn examples(
-    proxy: SocketAddr,
-    local: SocketAddr,
-    two_t: SocketAddr,
-    stack: SocketAddr,
-) -> Vec<Example> {
-    let direct = |fake: SocketAddr, host: &str, path: &str| Request {
-        url: format!("https://{host}:{}{path}", fake.port()),
-        local_endpoint: false,
-        accept_json: false,
+fn examples(proxy: SocketAddr, local: SocketAddr, f: &Fakes) -> Vec<Example> {
+    let via = |url: &str, accept_json: bool| Request {
+        url: url.to_string(),
+        proxied: true,
+        accept_json,
+        resolve: None,
+        post: None,
     };
+    let direct = |fake: &FakeServer, host: &'static str, path: &str, accept_json: bool| {
+        Some(Request {
+            url: format!("https://{host}:{}{path}", fake.addr.port()),
+            proxied: false,
+            accept_json,
+            resolve: Some((host, fake.addr)),
+            post: None,
+        })
+    };
+    let x = format!("curl -fsS -x http://{proxy}");
+    let neeti_license = format!("/onboarding/license/{LICENSE}/licenseAccounts");
+    let neeti_account = format!("/audit/license/{LICENSE}/account/{NEETI_ACCOUNT}/healthstatus");
     vec![
         Example {
             what: "2tCloud Customers API (Basic auth with the Customers key), as JSON",
             curl: format!(
-                "curl -fsS -x http://{proxy} -H 'Accept: application/json' http://api.cloudnet.services/v1/customers"
+                "{x} -H 'Accept: application/json' http://api.cloudnet.services/v1/customers"
             ),
-            via_proxy: Request {
-                url: "http://api.cloudnet.services/v1/customers".into(),
-                local_endpoint: false,
-                accept_json: true,
-            },
-            direct: Some(Request {
-                accept_json: true,
-                ..direct(two_t, "api.cloudnet.services", "/v1/customers")
-            }),
+            via_proxy: via("http://api.cloudnet.services/v1/customers", true),
+            direct: direct(&f.two_t, "api.cloudnet.services", "/v1/customers", true),
         },
         Example {
             what: "2tCloud Billing API (another key on the same host, chosen by path), XML by default",
-            curl: format!("curl -fsS -x http://{proxy} http://api.cloudnet.services/v3/invoices"),
-            via_proxy: Request {
-                url: "http://api.cloudnet.services/v3/invoices".into(),
-                local_endpoint: false,
-                accept_json: false,
-            },
-            direct: Some(direct(two_t, "api.cloudnet.services", "/v3/invoices")),
+            curl: format!("{x} http://api.cloudnet.services/v3/invoices"),
+            via_proxy: via("http://api.cloudnet.services/v3/invoices", false),
+            direct: direct(&f.two_t, "api.cloudnet.services", "/v3/invoices", false),
         },
         Example {
             what: "the same Billing call through the local endpoint, for apps that only take a base URL",
             curl: format!("curl -fsS http://{local}/v3/invoices"),
             via_proxy: Request {
                 url: format!("http://{local}/v3/invoices"),
-                local_endpoint: true,
+                proxied: false,
                 accept_json: false,
+                resolve: None,
+                post: None,
             },
-            direct: Some(direct(two_t, "api.cloudnet.services", "/v3/invoices")),
+            direct: direct(&f.two_t, "api.cloudnet.services", "/v3/invoices", false),
         },
         Example {
             what: "StackBill-style portal (static `apikey` + `secretKey` headers)",
-            curl: format!(
-                "curl -fsS -x http://{proxy} http://portal.stackbill.example/restapi/zone/zonelist"
+            curl: format!("{x} http://portal.stackbill.example/restapi/zone/zonelist"),
+            via_proxy: via(
+                "http://portal.stackbill.example/restapi/zone/zonelist",
+                false,
             ),
-            via_proxy: Request {
-                url: "http://portal.stackbill.example/restapi/zone/zonelist".into(),
-                local_endpoint: false,
-                accept_json: false,
-            },
-            direct: Some(direct(
-                stack,
+            direct: direct(
+                &f.stack,
                 "portal.stackbill.example",
                 "/restapi/zone/zonelist",
-            )),
+                false,
+            ),
+        },
+        Example {
+            what: "Cloudneeti license API (subscription key + license token, fetched and cached)",
+            curl: format!("{x} http://api.cloudneeti.com{neeti_license}"),
+            via_proxy: via(&format!("http://api.cloudneeti.com{neeti_license}"), false),
+            direct: direct(&f.neeti, "api.cloudneeti.com", &neeti_license, false),
+        },
+        Example {
+            what: "Cloudneeti account API (the account token for that account, chosen by path)",
+            curl: format!("{x} http://api.cloudneeti.com{neeti_account}"),
+            via_proxy: via(&format!("http://api.cloudneeti.com{neeti_account}"), false),
+            direct: direct(&f.neeti, "api.cloudneeti.com", &neeti_account, false),
+        },
+        Example {
+            what: "CloudConnexa (OAuth 2.0 client_credentials, a token per cloud id host)",
+            curl: format!("{x} http://acme.api.openvpn.com/api/v1/networks"),
+            via_proxy: via("http://acme.api.openvpn.com/api/v1/networks", false),
+            direct: direct(
+                &f.connexa,
+                "acme.api.openvpn.com",
+                "/api/v1/networks",
+                false,
+            ),
+        },
+        Example {
+            what: "CleanCloud (every request HMAC-signed over method, path and body)",
+            curl: format!("{x} http://api.cleancloud.io/clouds"),
+            via_proxy: via("http://api.cleancloud.io/clouds", false),
+            direct: direct(&f.clean, "api.cleancloud.io", "/clouds", false),
+        },
+        Example {
+            what: "a signed POST: the signature covers this body",
+            curl: format!(
+                "{x} -H 'Content-Type: application/json' -d '{{\"name\":\"demo\"}}' http://api.cleancloud.io/clouds"
+            ),
+            via_proxy: Request {
+                post: Some(r#"{"name":"demo"}"#),
+                ..via("http://api.cleancloud.io/clouds", false)
+            },
+            direct: None,
         },
         Example {
             what: "what the fake 2tCloud received: the Authorization header the proxy added",
-            curl: format!("curl -fsS -x http://{proxy} http://api.cloudnet.services/v3/__echo"),
-            via_proxy: Request {
-                url: "http://api.cloudnet.services/v3/__echo".into(),
-                local_endpoint: false,
-                accept_json: false,
-            },
+            curl: format!("{x} http://api.cloudnet.services/v3/__echo"),
+            via_proxy: via("http://api.cloudnet.services/v3/__echo", false),
             direct: None,
         },
     ]
@@ -269,13 +406,17 @@ impl Demo {
         for (route, addr) in &self.proxy.local_endpoints {
             let _ = writeln!(out, "local endpoint for route `{route}` on http://{addr}");
         }
-        for (name, addr) in &self.fake_addrs {
-            let _ = writeln!(
-                out,
-                "fake {name} on https://{addr} (TLS, its CA is {})",
-                self.ca_pem_path.display()
-            );
+        let f = &self.fakes;
+        for (name, fake) in [
+            ("2tCloud", &f.two_t),
+            ("StackBill", &f.stack),
+            ("Cloudneeti", &f.neeti),
+            ("CloudConnexa", &f.connexa),
+            ("CleanCloud", &f.clean),
+        ] {
+            let _ = writeln!(out, "fake {name} on https://{}", fake.addr);
         }
+        let _ = writeln!(out, "the fakes' TLS CA: {}", self.ca_pem_path.display());
         let _ = writeln!(
             out,
             "config: {}",
@@ -317,25 +458,26 @@ impl Demo {
         if let Some(ca) = ca {
             builder = builder.add_root_certificate(ca);
         }
-        if !req.local_endpoint && req.url.starts_with("http://") {
+        if req.proxied {
             match reqwest::Proxy::http(format!("http://{}", self.proxy.addr)) {
                 Ok(p) => builder = builder.proxy(p),
                 Err(e) => return format!("error: {e}"),
             }
         }
-        // Direct requests use the real host name (for TLS) resolved to the fake.
-        for (_, addr) in &self.fake_addrs {
-            if req.url.contains(&format!(":{}/", addr.port())) {
-                for host in ["api.cloudnet.services", "portal.stackbill.example"] {
-                    builder = builder.resolve(host, *addr);
-                }
-            }
+        if let Some((host, addr)) = req.resolve {
+            builder = builder.resolve(host, addr);
         }
         let client = match builder.build() {
             Ok(c) => c,
             Err(e) => return format!("error: {e}"),
         };
-        let mut r = client.get(&req.url);
+        let mut r = match req.post {
+            Some(body) => client
+                .post(&req.url)
+                .header("content-type", "application/json")
+                .body(body),
+            None => client.get(&req.url),
+        };
         if req.accept_json {
             r = r.header("accept", "application/json");
         }

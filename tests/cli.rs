@@ -8,7 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use credproxy::fakes::{stackbill, twotcloud};
+use credproxy::fakes::issuer::Issuer;
+use credproxy::fakes::{oauth, stackbill, twotcloud};
 use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_credproxy");
@@ -183,6 +184,17 @@ async fn secrets_never_reach_the_logs_even_at_trace_level() {
             secret_key: SB_SECRET.into(),
         },
     );
+    const OAUTH_SECRET: &str = "SECRET-oauth-client-secret-do-not-log";
+    let issuer = Issuer::new(Duration::from_secs(3600));
+    let connexa = oauth::start(
+        listener().await,
+        Some(env.tls.clone()),
+        oauth::Settings {
+            client_id: "client.acme".into(),
+            client_secret: OAUTH_SECRET.into(),
+        },
+        issuer.clone(),
+    );
     let key_file = env.write("key", KEY);
     let config = env.write(
         "config.yaml",
@@ -192,16 +204,25 @@ async fn secrets_never_reach_the_logs_even_at_trace_level() {
     basic: {{username: '100234', password: 'file:{}'}}
   sb:
     headers: {{apikey: 'env:CREDPROXY_TEST_SB_KEY', secretKey: '{SB_SECRET}'}}
+  connexa:
+    oauth2:
+      token_url: 'https://{{host}}/api/v1/oauth/token'
+      client_id: client.acme
+      client_secret: 'env:CREDPROXY_TEST_OAUTH_SECRET'
+      client_auth: query
+      connect_to: '{connexa}'
 routes:
   - {{host: api.cloudnet.services, path_prefix: /v3, provider: billing, connect_to: '{}'}}
   - {{host: portal.stackbill.example, provider: sb, connect_to: '{}'}}
   - {{host: down.example.com, provider: sb, connect_to: '127.0.0.1:{}'}}
+  - {{host: '*.api.openvpn.com', provider: connexa, connect_to: '{connexa}'}}
 ",
             env.base_yaml(),
             key_file.display(),
             two_t.addr,
             sb.addr,
-            closed_port().await
+            closed_port().await,
+            connexa = connexa.addr,
         ),
     );
     let mut child = Command::new(BIN)
@@ -209,6 +230,7 @@ routes:
         .arg(&config)
         .env("RUST_LOG", "trace")
         .env("CREDPROXY_TEST_SB_KEY", SB_KEY)
+        .env("CREDPROXY_TEST_OAUTH_SECRET", OAUTH_SECRET)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -242,6 +264,22 @@ routes:
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    let r = c
+        .get("http://acme.api.openvpn.com/api/v1/networks")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let echo = echoed(
+        c.get("http://acme.api.openvpn.com/__echo")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let bearer = header_values(&echo, "authorization")[0].clone();
+    let access_token = bearer.trim_start_matches("Bearer ").to_string();
+    assert!(access_token.len() > 20, "{bearer}");
     let r = c.get("http://down.example.com/x").send().await.unwrap();
     assert_eq!(r.status(), 502);
     let body = r.text().await.unwrap();
@@ -295,9 +333,13 @@ fn demo_prints_curl_commands_that_work_only_through_the_proxy() {
         .copied()
         .filter(|l| l.contains("no credentials"))
         .collect();
-    assert!(compared.len() >= 4, "{text}");
+    assert!(compared.len() >= 8, "{text}");
     for line in &checks {
-        assert!(line.contains("through credproxy: HTTP 200 OK"), "{line}");
+        assert!(
+            line.contains("through credproxy: HTTP 200 OK")
+                || line.contains("through credproxy: HTTP 201 Created"),
+            "{line}"
+        );
     }
     for line in &compared {
         assert!(

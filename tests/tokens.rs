@@ -618,3 +618,85 @@ routes:
     assert_eq!(r.status(), 201);
     assert_eq!(issuer.token_requests(), 2);
 }
+
+#[tokio::test]
+async fn cloudneeti_is_expressible_as_a_generic_token_exchange() {
+    let env = Env::new();
+    let (fake, issuer) = cloudneeti_fake(&env).await;
+    let secret_file = env.write("app-secret", &format!("{APP_SECRET}\n"));
+    let proxy = env
+        .proxy(&format!(
+            "providers:
+  generic:
+    token_exchange:
+      method: POST
+      url: 'https://api.cloudneeti.com/authorize/license/{LICENSE}/token'
+      scoped:
+        segment: account
+        url: 'https://api.cloudneeti.com/authorize/license/{LICENSE}/token?accountId={{scope}}'
+      headers:
+        Ocp-Apim-Subscription-Key: '{{key}}'
+      json:
+        APIApplicationId: '{{app}}'
+        Secret: '{{secret}}'
+      secrets:
+        key: '{SUB_KEY}'
+        app: '{APP_ID}'
+        secret: 'file:{}'
+      token_path: result.token
+      ttl: 55m
+      send:
+        Authorization: 'Bearer {{token}}'
+        Ocp-Apim-Subscription-Key: '{{key}}'
+      connect_to: '{}'
+routes:
+  - host: api.cloudneeti.com
+    provider: generic
+    connect_to: '{}'
+",
+            secret_file.display(),
+            fake.addr,
+            fake.addr
+        ))
+        .await;
+    let c = client(proxy.addr);
+    for path in [
+        format!("/onboarding/license/{LICENSE}/licenseAccounts"),
+        format!("/audit/license/{LICENSE}/account/acc-1/healthstatus"),
+    ] {
+        let r = c
+            .get(format!("http://api.cloudneeti.com{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}: {}", r.text().await.unwrap());
+    }
+    assert_eq!(issuer.token_requests(), 2);
+}
+
+#[test]
+fn token_exchange_templates_are_checked_at_load() {
+    let env = Env::new();
+    let yaml = env.base_yaml()
+        + "providers:
+  g:
+    token_exchange:
+      url: 'https://portal.example.com/token'
+      json: {key: '{api_key}'}
+      secrets: {}
+      token_path: token
+      send:
+        Authorization: 'Bearer {tok}'
+";
+    let err = credproxy::config::from_yaml(&yaml, "t.yaml").expect_err("invalid");
+    let text = err.to_string();
+    assert!(
+        text.contains("providers.g.token_exchange.json: `{api_key}` is not defined"),
+        "{text}"
+    );
+    assert!(
+        text.contains("providers.g.token_exchange.send.Authorization: `{tok}` is not defined"),
+        "{text}"
+    );
+    assert!(text.contains("no header uses `{token}`"), "{text}");
+}

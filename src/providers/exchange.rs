@@ -74,8 +74,11 @@ pub fn placeholders(template: &str) -> Vec<String> {
                 let name = &after[..end];
                 if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                     out.push(name.to_string());
+                    rest = &after[end + 1..];
+                } else {
+                    // Not a placeholder (JSON punctuation, say): look again from the next `{`.
+                    rest = after;
                 }
-                rest = &after[end + 1..];
             }
             None => break,
         }
