@@ -700,3 +700,27 @@ fn token_exchange_templates_are_checked_at_load() {
     );
     assert!(text.contains("no header uses `{token}`"), "{text}");
 }
+
+#[tokio::test]
+async fn a_hundred_simultaneous_401s_cause_one_refresh() {
+    let env = Env::new();
+    let (fake, issuer) = oauth_fake(&env, Duration::from_secs(3600)).await;
+    let proxy = env.proxy(&oauth_yaml(fake.addr, "basic", "")).await;
+    let c = client(proxy.addr);
+    let url = "http://acme.api.openvpn.com/api/v1/networks";
+    assert_eq!(c.get(url).send().await.unwrap().status(), 200);
+    issuer.revoke_all();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let c = c.clone();
+        tasks.spawn(async move { c.get(url).send().await.map(|r| r.status()) });
+    }
+    while let Some(r) = tasks.join_next().await {
+        assert_eq!(r.unwrap().unwrap(), 200);
+    }
+    assert_eq!(
+        issuer.token_requests(),
+        2,
+        "the first token and a single refresh"
+    );
+}
