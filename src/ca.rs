@@ -1,12 +1,15 @@
-//! Certificate authorities made with rcgen: the fakes' test CA today, the interception CA later.
-//! Each leaf gets its own key: the CA key signs, it is never reused as a leaf key.
+//! Certificate authorities made with rcgen: the local CA that HTTPS interception mints leaf
+//! certificates with (persisted in the state directory, so a client imports it once), and the
+//! fakes' test CA. Each leaf gets its own key: the CA key only signs.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
 };
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::{Duration, OffsetDateTime};
 
@@ -24,6 +27,8 @@ pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     cert: CertificateDer<'static>,
     cert_pem: String,
+    /// DNS subtrees of the CA's nameConstraints; `None` when unconstrained.
+    permitted: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -35,6 +40,16 @@ impl std::fmt::Debug for Ca {
 impl Ca {
     /// A new ECDSA P-256 CA, valid from yesterday (clock skew) for `days`.
     pub fn generate(common_name: &str, days: i64) -> Result<Ca, CaError> {
+        Ca::generate_constrained(common_name, days, None)
+    }
+
+    /// A new CA that, with `permitted`, is valid only for those DNS names and their subdomains
+    /// (X.509 nameConstraints): a stolen key cannot impersonate any other site.
+    pub fn generate_constrained(
+        common_name: &str,
+        days: i64,
+        permitted: Option<Vec<String>>,
+    ) -> Result<Ca, CaError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -46,6 +61,15 @@ impl Ca {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::days(1);
         params.not_after = now + Duration::days(days);
+        if let Some(names) = &permitted {
+            params.name_constraints = Some(rcgen::NameConstraints {
+                permitted_subtrees: names
+                    .iter()
+                    .map(|n| rcgen::GeneralSubtree::DnsName(n.clone()))
+                    .collect(),
+                excluded_subtrees: Vec::new(),
+            });
+        }
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
         let cert = cert.der().clone();
@@ -53,7 +77,43 @@ impl Ca {
             issuer: Issuer::new(params, key),
             cert,
             cert_pem,
+            permitted,
         })
+    }
+
+    /// A CA from its PEM certificate and key (a persisted or user-supplied one).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, CaError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| CaError(format!("the CA key: {e}")))?;
+        let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| CaError(format!("the CA certificate is not PEM: {e}")))?;
+        let permitted = permitted_names(&cert)?;
+        let issuer = Issuer::from_ca_cert_der(&cert, key)
+            .map_err(|e| CaError(format!("the CA certificate: {e}")))?;
+        Ok(Ca {
+            issuer,
+            cert,
+            cert_pem: cert_pem.to_string(),
+            permitted,
+        })
+    }
+
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// Whether the CA may issue for `host` (always, without name constraints).
+    pub fn covers(&self, host: &str) -> bool {
+        match &self.permitted {
+            None => true,
+            Some(names) => names.iter().any(|n| {
+                let n = n.trim_start_matches('.');
+                host == n || host.ends_with(&format!(".{n}"))
+            }),
+        }
+    }
+
+    pub fn permitted(&self) -> Option<&[String]> {
+        self.permitted.as_deref()
     }
 
     pub fn cert_der(&self) -> CertificateDer<'static> {
@@ -64,12 +124,18 @@ impl Ca {
         &self.cert_pem
     }
 
-    /// A leaf for `names` (DNS names or IP addresses) with its own fresh key.
+    /// A leaf for `names` (DNS names or IP addresses) with its own fresh key. Refused for a name
+    /// the CA's constraints do not cover: clients would reject it anyway.
     pub fn mint_leaf(
         &self,
         names: &[&str],
         days: i64,
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+        if let Some(bad) = names.iter().find(|n| !self.covers(n)) {
+            return Err(CaError(format!(
+                "the CA's name constraints do not cover {bad}; make a new CA with `credproxy ca rotate` after adding the route"
+            )));
+        }
         let key = KeyPair::generate()?;
         let owned: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut params = CertificateParams::new(owned)?;
@@ -92,7 +158,16 @@ impl Ca {
 
     /// A TLS server config for `names`, offering HTTP/2 and HTTP/1.1.
     pub fn server_config(&self, names: &[&str]) -> Result<Arc<rustls::ServerConfig>, CaError> {
-        let (chain, key) = self.mint_leaf(names, 30)?;
+        self.server_config_days(names, 30)
+    }
+
+    /// The same with a leaf valid for `days`; TLS 1.3 tickets let returning clients resume.
+    pub fn server_config_days(
+        &self,
+        names: &[&str],
+        days: i64,
+    ) -> Result<Arc<rustls::ServerConfig>, CaError> {
+        let (chain, key) = self.mint_leaf(names, days)?;
         let mut config =
             rustls::ServerConfig::builder_with_provider(crate::outbound::crypto_provider())
                 .with_safe_default_protocol_versions()
@@ -101,6 +176,149 @@ impl Ca {
                 .with_single_cert(chain, key)
                 .map_err(|e| CaError(e.to_string()))?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.ticketer =
+            rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| CaError(e.to_string()))?;
         Ok(Arc::new(config))
     }
+}
+
+/// The DNS names of a certificate's nameConstraints extension, if it has one.
+fn permitted_names(cert: &CertificateDer<'_>) -> Result<Option<Vec<String>>, CaError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| CaError(format!("the CA certificate cannot be parsed: {e}")))?;
+    let nc = parsed
+        .name_constraints()
+        .map_err(|e| CaError(format!("the CA's name constraints: {e}")))?;
+    Ok(nc.and_then(|ext| {
+        ext.value.permitted_subtrees.as_ref().map(|subtrees| {
+            subtrees
+                .iter()
+                .filter_map(|s| match &s.base {
+                    x509_parser::extensions::GeneralName::DNSName(n) => Some(n.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+    }))
+}
+
+/// Where the local CA lives, and how to make one.
+#[derive(Debug, Clone)]
+pub struct CaFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Supplied by the user (`ca.cert`/`ca.key`): never generated or rotated by credproxy.
+    pub user_supplied: bool,
+    /// Hosts to constrain a newly generated CA to (`ca.name_constraints: true`).
+    pub constrain_to: Option<Vec<String>>,
+}
+
+/// Loads the local CA, creating it on first start. The key must not be readable by group or
+/// others: it can impersonate every host the CA covers.
+pub fn load_or_create(files: &CaFiles) -> Result<Ca, CaError> {
+    if files.cert.exists() || files.user_supplied {
+        check_key_mode(&files.key)?;
+        let cert = std::fs::read_to_string(&files.cert)
+            .map_err(|e| CaError(format!("cannot read {}: {e}", files.cert.display())))?;
+        let key = std::fs::read_to_string(&files.key)
+            .map_err(|e| CaError(format!("cannot read {}: {e}", files.key.display())))?;
+        return Ca::from_pem(&cert, &key)
+            .map_err(|e| CaError(format!("{}: {}", files.cert.display(), e.0)));
+    }
+    let ca = new_local_ca(files)?;
+    write_ca(&ca, &files.cert, &files.key)?;
+    tracing::info!(
+        "created the local CA {}; import it into your clients (credproxy ca export)",
+        files.cert.display()
+    );
+    Ok(ca)
+}
+
+fn new_local_ca(files: &CaFiles) -> Result<Ca, CaError> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    Ca::generate_constrained(
+        &format!("credproxy local CA ({host})"),
+        5 * 365,
+        files.constrain_to.clone(),
+    )
+}
+
+/// Replaces the CA with a new one; the old files are kept with a `.bak-<unix time>` suffix.
+/// Returns the backup paths.
+pub fn rotate(files: &CaFiles) -> Result<(PathBuf, PathBuf), CaError> {
+    if files.user_supplied {
+        return Err(CaError(
+            "the CA is supplied in the config (ca.cert/ca.key): replace those files yourself"
+                .into(),
+        ));
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let backup = |p: &Path| PathBuf::from(format!("{}.bak-{stamp}", p.display()));
+    let (cert_bak, key_bak) = (backup(&files.cert), backup(&files.key));
+    let ca = new_local_ca(files)?;
+    if files.cert.exists() {
+        std::fs::rename(&files.cert, &cert_bak)
+            .map_err(|e| CaError(format!("cannot back up {}: {e}", files.cert.display())))?;
+    }
+    if files.key.exists() {
+        std::fs::rename(&files.key, &key_bak)
+            .map_err(|e| CaError(format!("cannot back up {}: {e}", files.key.display())))?;
+    }
+    write_ca(&ca, &files.cert, &files.key)?;
+    Ok((cert_bak, key_bak))
+}
+
+fn write_ca(ca: &Ca, cert: &Path, key: &Path) -> Result<(), CaError> {
+    if let Some(dir) = cert.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| CaError(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    write_private(key, ca.key_pem().as_bytes())?;
+    std::fs::write(cert, ca.cert_pem())
+        .map_err(|e| CaError(format!("cannot write {}: {e}", cert.display())))
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, data: &[u8]) -> Result<(), CaError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| CaError(format!("cannot create {}: {e}", path.display())))?;
+    f.write_all(data)
+        .map_err(|e| CaError(format!("cannot write {}: {e}", path.display())))
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, data: &[u8]) -> Result<(), CaError> {
+    std::fs::write(path, data).map_err(|e| CaError(format!("cannot write {}: {e}", path.display())))
+}
+
+#[cfg(unix)]
+fn check_key_mode(path: &Path) -> Result<(), CaError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| CaError(format!("cannot read {}: {e}", path.display())))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(CaError(format!(
+            "{} has mode {mode:04o}: the CA key must not be readable by group or others; run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_key_mode(_path: &Path) -> Result<(), CaError> {
+    Ok(())
 }

@@ -40,6 +40,11 @@ struct File {
     limits: LimitsFile,
     #[serde(default)]
     tokens: TokensFile,
+    /// Where credproxy keeps its local CA. Default: `$STATE_DIRECTORY` (systemd), else
+    /// `~/.local/state/credproxy`, else `./credproxy-state`.
+    state_dir: Option<String>,
+    #[serde(default)]
+    ca: CaFile,
     #[serde(default)]
     providers: BTreeMap<String, ProviderFile>,
     #[serde(default)]
@@ -117,6 +122,43 @@ impl Default for LimitsFile {
 
 fn default_replay_buffer() -> usize {
     1024 * 1024
+}
+
+/// The local CA for HTTPS interception.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaFile {
+    /// A CA of your own (PEM certificate and key); otherwise one is made in `state_dir`.
+    cert: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
+    /// Make the generated CA valid only for the configured route hosts.
+    #[serde(default)]
+    name_constraints: bool,
+    /// Lifetime of minted leaf certificates.
+    #[serde(default = "default_leaf_days")]
+    leaf_days: u32,
+    /// How many hosts' leaf certificates are kept in memory.
+    #[serde(default = "default_leaf_cache")]
+    leaf_cache: usize,
+}
+
+impl Default for CaFile {
+    fn default() -> Self {
+        CaFile {
+            cert: None,
+            key: None,
+            name_constraints: false,
+            leaf_days: default_leaf_days(),
+            leaf_cache: default_leaf_cache(),
+        }
+    }
+}
+
+fn default_leaf_days() -> u32 {
+    7
+}
+fn default_leaf_cache() -> usize {
+    1000
 }
 
 /// How tokens are fetched and kept (every token provider).
@@ -352,6 +394,7 @@ pub struct Config {
     /// Every configured provider, by name order.
     pub providers: Vec<Arc<Provider>>,
     pub tokens: crate::token::Lifecycle,
+    pub ca: CaSettings,
     /// Things that work but deserve a word at start (literal secrets in the file).
     pub warnings: Vec<String>,
 }
@@ -369,6 +412,13 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
     pub replay_buffer: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct CaSettings {
+    pub files: crate::ca::CaFiles,
+    pub leaf_days: u32,
+    pub leaf_cache: usize,
 }
 
 #[derive(Debug)]
@@ -585,6 +635,7 @@ impl Validator<'_> {
         let routes = self.routes(raw.routes, &providers, &declared);
         let routes = RouteTable::new(routes);
         let local_endpoints = self.local_endpoints(raw.local_endpoints, &routes, raw.listen);
+        let ca = self.ca(&raw.ca, raw.state_dir.as_deref(), &routes);
         Config {
             listen: raw.listen,
             unmapped: raw.unmapped,
@@ -603,7 +654,52 @@ impl Validator<'_> {
                 backoff_initial: raw.tokens.backoff_initial,
                 backoff_max: raw.tokens.backoff_max,
             },
+            ca,
             warnings: Vec::new(),
+        }
+    }
+
+    fn ca(&mut self, raw: &CaFile, state_dir: Option<&str>, routes: &RouteTable) -> CaSettings {
+        let dir = state_dir_path(state_dir);
+        let (cert, key, user_supplied) = match (&raw.cert, &raw.key) {
+            (Some(c), Some(k)) => (
+                std::path::PathBuf::from(&c.value),
+                std::path::PathBuf::from(&k.value),
+                true,
+            ),
+            (None, None) => (dir.join("ca.pem"), dir.join("ca-key.pem"), false),
+            (Some(c), None) => {
+                self.problem(
+                    c,
+                    "ca.key",
+                    "give the CA key too, or neither (credproxy then makes a CA)",
+                );
+                (dir.join("ca.pem"), dir.join("ca-key.pem"), false)
+            }
+            (None, Some(k)) => {
+                self.problem(k, "ca.cert", "give the CA certificate too, or neither");
+                (dir.join("ca.pem"), dir.join("ca-key.pem"), false)
+            }
+        };
+        if raw.leaf_days == 0 || raw.leaf_cache == 0 {
+            self.problem_at_file("ca", "leaf_days and leaf_cache must be at least 1");
+        }
+        let constrain_to = raw.name_constraints.then(|| {
+            let mut hosts: Vec<String> =
+                routes.iter().map(|r| r.host.suffix().to_string()).collect();
+            hosts.sort();
+            hosts.dedup();
+            hosts
+        });
+        CaSettings {
+            files: crate::ca::CaFiles {
+                cert,
+                key,
+                user_supplied,
+                constrain_to,
+            },
+            leaf_days: raw.leaf_days.max(1),
+            leaf_cache: raw.leaf_cache.max(1),
         }
     }
 
@@ -1030,6 +1126,27 @@ impl Validator<'_> {
     }
 }
 
+/// `state_dir`, or systemd's `$STATE_DIRECTORY`, or `~/.local/state/credproxy`, or `./credproxy-state`.
+pub fn state_dir_path(configured: Option<&str>) -> std::path::PathBuf {
+    if let Some(d) = configured {
+        return d.into();
+    }
+    if let Some(d) = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
+        // systemd may list several, separated by `:`; the first is ours.
+        let d = d
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        return d.into();
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(home) => std::path::Path::new(&home).join(".local/state/credproxy"),
+        None => "credproxy-state".into(),
+    }
+}
+
 /// "unknown provider `x`", with "did you mean `y`?" when one name is close.
 fn unknown_name<'a>(what: &str, name: &str, known: impl Iterator<Item = &'a str>) -> String {
     let known: Vec<&str> = known.collect();
@@ -1091,7 +1208,7 @@ mod tests {
             (
                 "listen: 127.0.0.1:8080\nbogus: 1\n",
                 &[
-                    "c.yaml:2:1: bogus: unknown field `bogus`, expected one of listen, unmapped, upstream, limits, tokens, providers, routes, local_endpoints",
+                    "c.yaml:2:1: bogus: unknown field `bogus`, expected one of listen, unmapped, upstream, limits, tokens, state_dir, ca, providers, routes, local_endpoints",
                 ],
             ),
             (

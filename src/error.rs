@@ -57,6 +57,8 @@ pub enum ProxyError {
     },
     #[error("reading the request body failed: {cause}")]
     ClientBody { cause: String },
+    #[error("HTTPS to {host} cannot be intercepted: {cause}")]
+    InterceptRefused { host: String, cause: String },
 }
 
 impl ProxyError {
@@ -73,6 +75,7 @@ impl ProxyError {
             | ProxyError::ClientCredentials { .. }
             | ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::InterceptRefused { .. } => StatusCode::FORBIDDEN,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
             ProxyError::NotRouted { .. } => StatusCode::NOT_FOUND,
@@ -98,6 +101,7 @@ impl ProxyError {
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::ClientBody { .. } => "client_body",
+            ProxyError::InterceptRefused { .. } => "intercept_refused",
         }
     }
 

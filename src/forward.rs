@@ -36,7 +36,19 @@ impl Target {
 }
 
 /// Serves one request and never fails: every error becomes a JSON response.
-pub async fn handle(
+///
+/// Boxed because it recurses through CONNECT: an intercepted tunnel serves its requests with
+/// this same function.
+pub fn handle(
+    state: Arc<State>,
+    entry: Entry,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> {
+    Box::pin(serve(state, entry, req, peer))
+}
+
+async fn serve(
     state: Arc<State>,
     entry: Entry,
     req: Request<Incoming>,
@@ -47,13 +59,22 @@ pub async fn handle(
     let mut route_name = None;
     let mut host_for_log = String::new();
     let mut path_for_log = String::new();
+    if req.method() == Method::CONNECT && matches!(entry, Entry::Proxy) {
+        let authority = req.uri().to_string();
+        let response = match crate::connect::handle(state, req, peer).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(None),
+        };
+        tracing::info!(%peer, method = "CONNECT", host = %authority, status = response.status().as_u16(), "request");
+        return response;
+    }
     let result = async {
         let target = target(&entry, &req)?;
         host_for_log = target.host.clone();
         path_for_log = target.path().to_string();
         let route = match &entry {
             Entry::Local(r) => Some(r.clone()),
-            Entry::Proxy => state
+            Entry::Proxy | Entry::Intercepted(_) => state
                 .config
                 .routes
                 .find(&target.host, target.port, target.path())
@@ -132,16 +153,46 @@ fn target(
                 path_and_query,
             })
         }
-        Entry::Proxy => {
-            if req.method() == Method::CONNECT {
+        Entry::Proxy => absolute_target(uri).map_err(|e| (e, None)),
+        Entry::Intercepted(dest) => {
+            let (host, port) = (dest.0.as_str(), dest.1);
+            // The tunnel was opened (and its certificate minted) for one host: a request inside it
+            // for another host must not borrow that host's credentials.
+            let asked = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| uri.authority().map(|a| a.as_str()))
+                .map(|a| {
+                    normalize_host(a.rsplit_once(':').map_or(a, |(h, p)| {
+                        if p.chars().all(|c| c.is_ascii_digit()) {
+                            h
+                        } else {
+                            a
+                        }
+                    }))
+                });
+            if asked
+                .as_deref()
+                .is_some_and(|a| a.trim_matches(['[', ']']) != host)
+            {
                 return Err((
-                    ProxyError::NotImplemented {
-                        what: "CONNECT (HTTPS through the proxy)",
-                    },
+                    ProxyError::bad_request(
+                        "host_mismatch",
+                        format!(
+                            "this tunnel was opened for {host}; the request names another host"
+                        ),
+                    ),
                     None,
                 ));
             }
-            absolute_target(uri).map_err(|e| (e, None))
+            Ok(Target {
+                scheme: Scheme::Https,
+                host: host.to_string(),
+                port,
+                explicit_port: port != 443,
+                path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+            })
         }
     }
 }

@@ -10,12 +10,14 @@
 pub mod body;
 pub mod ca;
 pub mod config;
+pub mod connect;
 pub mod credentials;
 pub mod demo;
 pub mod error;
 pub mod fakes;
 pub mod forward;
 pub mod listen;
+pub mod mitm;
 pub mod outbound;
 pub mod providers;
 pub mod route;

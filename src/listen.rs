@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::forward;
+use crate::mitm::Leaves;
 use crate::outbound::Outbound;
 use crate::route::Route;
 use crate::token::Tokens;
@@ -28,6 +29,8 @@ pub enum Entry {
     Proxy,
     /// A local endpoint: origin-form requests, all for this route.
     Local(Arc<Route>),
+    /// Decrypted requests inside an intercepted CONNECT tunnel to (host, port).
+    Intercepted(Arc<(String, u16)>),
 }
 
 /// Everything a request needs, built once per config.
@@ -36,6 +39,10 @@ pub struct State {
     pub outbound: Outbound,
     /// The token cache of each token provider, by provider name.
     pub tokens: HashMap<String, Arc<Tokens>>,
+    /// Leaf certificates for HTTPS interception; `None` when no route needs one.
+    pub leaves: Option<Arc<Leaves>>,
+    /// (client address, host) pairs already warned about an untrusted CA.
+    pub warned_untrusted: std::sync::Mutex<std::collections::HashSet<(std::net::IpAddr, String)>>,
 }
 
 impl State {
@@ -53,10 +60,22 @@ impl State {
                 )
             })
             .collect();
+        let leaves = if config.routes.iter().next().is_some() {
+            let ca = crate::ca::load_or_create(&config.ca.files).map_err(|e| e.to_string())?;
+            Some(Arc::new(Leaves::new(
+                ca,
+                config.ca.leaf_days,
+                config.ca.leaf_cache,
+            )))
+        } else {
+            None
+        };
         Ok(State {
             config,
             outbound,
             tokens,
+            leaves,
+            warned_untrusted: Default::default(),
         })
     }
 }
@@ -68,6 +87,7 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// TLS roots or the local CA could not be set up.
     #[error("{0}")]
     Tls(String),
 }
@@ -92,6 +112,14 @@ impl Running {
             tracing::warn!("in-flight requests still running after {drain:?}; closing them");
             self.tasks.abort_all();
         }
+    }
+
+    /// Leaves minted for interception so far.
+    pub fn leaf_mints(&self) -> u64 {
+        self.state
+            .leaves
+            .as_ref()
+            .map_or(0, |l| l.mints.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The token cache of a token provider (its counters say how many tokens were fetched).
@@ -139,6 +167,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 );
                 local_endpoints.push((route.name.clone(), local));
             }
+            Entry::Intercepted(_) => {}
         }
         tasks.spawn(accept_loop(listener, entry, state.clone(), stop.clone()));
     }
@@ -157,22 +186,28 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
+/// The HTTP/1.1 + HTTP/2 server settings every listener (and intercepted tunnel) uses.
+pub fn http_server(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut server = auto::Builder::new(TokioExecutor::new());
+    server
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.limits.header_read_timeout)
+        .max_buf_size(config.limits.max_header_bytes);
+    server
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(config.limits.max_header_bytes as u32);
+    server
+}
+
 async fn accept_loop(
     listener: TcpListener,
     entry: Entry,
     state: Arc<State>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut server = auto::Builder::new(TokioExecutor::new());
-    server
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(state.config.limits.header_read_timeout)
-        .max_buf_size(state.config.limits.max_header_bytes);
-    server
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(state.config.limits.max_header_bytes as u32);
+    let server = http_server(&state.config);
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {

@@ -193,19 +193,23 @@ impl tower_service::Service<Uri> for Dialer {
         let timeout = self.connect_timeout;
         Box::pin(async move {
             let (host, port) = target.ok_or(DialError::NoHost)?;
-            let addr = format!("{host}:{port}");
-            match tokio::time::timeout(timeout, dial(&host, port)).await {
-                Ok(r) => r.map(TokioIo::new),
-                Err(_) => Err(DialError::Timeout {
-                    addr,
-                    after: timeout,
-                }),
-            }
+            dial(&host, port, timeout).await.map(TokioIo::new)
         })
     }
 }
 
-async fn dial(host: &str, port: u16) -> Result<TcpStream, DialError> {
+/// A TCP connection to `host:port` within `timeout` (CONNECT tunnels use it directly).
+pub async fn dial(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, DialError> {
+    match tokio::time::timeout(timeout, dial_now(host, port)).await {
+        Ok(r) => r,
+        Err(_) => Err(DialError::Timeout {
+            addr: format!("{host}:{port}"),
+            after: timeout,
+        }),
+    }
+}
+
+async fn dial_now(host: &str, port: u16) -> Result<TcpStream, DialError> {
     let addrs: Vec<_> = tokio::net::lookup_host((host, port))
         .await
         .map_err(|source| DialError::Resolve {

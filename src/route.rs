@@ -69,6 +69,18 @@ impl HostPattern {
         self.port
     }
 
+    /// The host, or for a wildcard the domain it covers (`api.openvpn.com` for
+    /// `*.api.openvpn.com`): what a name constraint must permit.
+    pub fn suffix(&self) -> &str {
+        &self.host
+    }
+
+    /// For CONNECT: a pattern without a port covers only 443, the HTTPS port; one with a port
+    /// covers exactly that port.
+    pub fn matches_connect(&self, host: &str, port: u16) -> bool {
+        self.matches(host, port) && self.port.unwrap_or(443) == port
+    }
+
     /// Larger is more specific. Exact hosts rank above every wildcard.
     fn host_rank(&self) -> usize {
         if self.wildcard {
@@ -258,6 +270,13 @@ impl RouteTable {
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
         self.routes.iter()
+    }
+
+    /// Whether any route covers `host:port` as a CONNECT target (whatever its path prefix).
+    pub fn intercepts(&self, host: &str, port: u16) -> bool {
+        self.routes
+            .iter()
+            .any(|r| r.host.matches_connect(host, port))
     }
 
     pub fn by_name(&self, name: &str) -> Option<&Arc<Route>> {

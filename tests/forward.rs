@@ -540,9 +540,9 @@ async fn malformed_requests_get_precise_4xx() {
             Some("dot_segments"),
         ),
         (
-            b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\n\r\n",
-            "HTTP/1.1 501",
-            Some("not_implemented"),
+            b"CONNECT other.example.com:443 HTTP/1.1\r\nHost: other.example.com:443\r\n\r\n",
+            "HTTP/1.1 403",
+            Some("host_denied"),
         ),
     ];
     for (req, status, code) in cases {

@@ -46,6 +46,40 @@ impl Env {
         }
     }
 
+    /// Where the proxies of this test keep their local CA.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The proxy's local CA certificate (after a proxy with routes has started).
+    pub fn proxy_ca(&self) -> reqwest::Certificate {
+        let pem = std::fs::read(self.state_dir().join("ca.pem")).expect("the proxy made its CA");
+        reqwest::Certificate::from_pem(&pem).expect("PEM")
+    }
+
+    /// A client for `https://` URLs through the proxy (CONNECT) that trusts only `roots`.
+    pub fn https_client(
+        &self,
+        proxy: SocketAddr,
+        roots: Vec<reqwest::Certificate>,
+        h2: bool,
+    ) -> reqwest::Client {
+        let mut b = reqwest::Client::builder()
+            .proxy(reqwest::Proxy::https(format!("http://{proxy}")).expect("proxy url"))
+            .tls_certs_only(roots)
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(30));
+        if !h2 {
+            b = b.http1_only();
+        }
+        b.build().expect("client")
+    }
+
+    /// The fakes' test CA, as a reqwest root.
+    pub fn test_ca(&self) -> reqwest::Certificate {
+        reqwest::Certificate::from_pem(self.ca.cert_pem().as_bytes()).expect("PEM")
+    }
+
     pub fn write(&self, name: &str, content: &str) -> PathBuf {
         let p = self.dir.path().join(name);
         std::fs::write(&p, content).expect("write");
@@ -55,7 +89,8 @@ impl Env {
     /// The config header every test uses: an ephemeral port and the test CA trusted upstream.
     pub fn base_yaml(&self) -> String {
         format!(
-            "listen: 127.0.0.1:0\nupstream:\n  extra_ca_files: [{}]\n",
+            "listen: 127.0.0.1:0\nstate_dir: {}\nupstream:\n  extra_ca_files: [{}]\n",
+            self.state_dir().display(),
             self.ca_path.display()
         )
     }

@@ -1,0 +1,164 @@
+//! CONNECT (HTTPS through the proxy). For a host some route covers: answer 200, terminate the
+//! client's TLS with a leaf from the local CA, and serve the decrypted requests through the same
+//! route → credentials → forward path as plain requests. For any other host: a blind tunnel
+//! (after the upstream connection is up, so an unreachable host gets a 502, not a dead 200), or
+//! 403 with `unmapped: deny`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+use crate::body::{Body, empty};
+use crate::config::Unmapped;
+use crate::error::ProxyError;
+use crate::forward;
+use crate::listen::{Entry, State};
+use crate::route::normalize_host;
+
+pub async fn handle(
+    state: Arc<State>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, ProxyError> {
+    let authority = req.uri().authority().ok_or_else(|| {
+        ProxyError::bad_request("bad_connect", "CONNECT needs a host:port target")
+    })?;
+    let host = normalize_host(authority.host().trim_matches(['[', ']']));
+    let port = authority.port_u16().unwrap_or(443);
+    if host.is_empty() {
+        return Err(ProxyError::bad_request(
+            "bad_connect",
+            "CONNECT needs a host:port target",
+        ));
+    }
+    let upgrade = hyper::upgrade::on(&mut req);
+
+    if state.config.routes.intercepts(&host, port) {
+        let leaves = state
+            .leaves
+            .as_ref()
+            .ok_or_else(|| ProxyError::InterceptRefused {
+                host: host.clone(),
+                cause: "no local CA is loaded".into(),
+            })?;
+        if !leaves.ca.covers(&host) {
+            return Err(ProxyError::InterceptRefused {
+                host,
+                cause: "the local CA's name constraints do not cover it; run `credproxy ca rotate` after adding its route, and import the new CA".into(),
+            });
+        }
+        tokio::spawn(intercept(state, upgrade, host, port, peer));
+        return Ok(Response::new(empty()));
+    }
+
+    if state.config.unmapped == Unmapped::Deny {
+        return Err(ProxyError::Denied { host });
+    }
+    let target = format!("{host}:{port}");
+    let upstream = crate::outbound::dial(&host, port, state.config.upstream.connect_timeout)
+        .await
+        .map_err(|e| match e {
+            crate::outbound::DialError::Timeout { after, .. } => ProxyError::UpstreamTimeout {
+                host: target.clone(),
+                after,
+                setting: "connect_timeout",
+            },
+            e => ProxyError::UpstreamConnect {
+                host: target.clone(),
+                cause: e.to_string(),
+            },
+        })?;
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut client = TokioIo::new(upgraded);
+        let mut upstream = upstream;
+        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            Ok((up, down)) => tracing::debug!(%peer, target, up, down, "tunnel closed"),
+            Err(e) => tracing::debug!(%peer, target, "tunnel ended: {e}"),
+        }
+    });
+    Ok(Response::new(empty()))
+}
+
+async fn intercept(
+    state: Arc<State>,
+    upgrade: hyper::upgrade::OnUpgrade,
+    host: String,
+    port: u16,
+    peer: SocketAddr,
+) {
+    let upgraded = match upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(%peer, host, "CONNECT upgrade failed: {e}");
+            return;
+        }
+    };
+    let Some(leaves) = state.leaves.as_ref() else {
+        return;
+    };
+    let config = match leaves.server_config(&host).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%peer, host, "cannot intercept: {e}");
+            return;
+        }
+    };
+    let tls = match tokio_rustls::TlsAcceptor::from(config)
+        .accept(TokioIo::new(upgraded))
+        .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            handshake_failed(&state, peer, &host, &e);
+            return;
+        }
+    };
+    let entry = Entry::Intercepted(Arc::new((host.clone(), port)));
+    let server = crate::listen::http_server(&state.config);
+    let state2 = state.clone();
+    let service = service_fn(move |req| {
+        let (state, entry) = (state2.clone(), entry.clone());
+        async move { Ok::<_, std::convert::Infallible>(forward::handle(state, entry, req, peer).await) }
+    });
+    if let Err(e) = server.serve_connection(TokioIo::new(tls), service).await {
+        tracing::debug!(%peer, host, "intercepted connection ended: {e}");
+    }
+}
+
+/// A client that rejects our certificate says so with an alert: tell the user what to do, once
+/// per client address and host. Anything else (a scanner, a client closing early) is routine.
+fn handshake_failed(state: &State, peer: SocketAddr, host: &str, e: &std::io::Error) {
+    use rustls::AlertDescription as A;
+    let rejected = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| {
+            matches!(
+                r,
+                rustls::Error::AlertReceived(
+                    A::UnknownCA | A::BadCertificate | A::CertificateUnknown | A::DecryptError
+                )
+            )
+        });
+    if !rejected {
+        tracing::info!(%peer, host, "TLS handshake with the client failed: {e}");
+        return;
+    }
+    let first = state
+        .warned_untrusted
+        .lock()
+        .map(|mut w| w.insert((peer.ip(), host.to_string())))
+        .unwrap_or(true);
+    if first {
+        tracing::warn!(
+            %peer,
+            host,
+            "the client does not trust the credproxy CA: import it (credproxy ca export), see README"
+        );
+    }
+}
