@@ -38,12 +38,38 @@ enum Command {
         #[arg(env = "CREDPROXY_CONFIG", default_value = "config.yaml")]
         file: PathBuf,
     },
+    /// The local CA that HTTPS interception uses: export it for your clients, find it, rotate it.
+    Ca {
+        #[command(subcommand)]
+        action: CaAction,
+        #[arg(
+            long,
+            short,
+            env = "CREDPROXY_CONFIG",
+            default_value = "config.yaml",
+            global = true
+        )]
+        config: PathBuf,
+    },
     /// Run the proxy with built-in fake providers on loopback, and print commands to try.
     Demo {
         /// Port of the forward proxy; the local endpoint takes the next one. 0 picks free ports.
         #[arg(long, default_value_t = 8080)]
         port: u16,
     },
+}
+
+#[derive(Subcommand)]
+enum CaAction {
+    /// Print the CA certificate (PEM, or DER with --der) to stdout; creates the CA if needed.
+    Export {
+        #[arg(long)]
+        der: bool,
+    },
+    /// Print where the CA certificate and key are.
+    Path,
+    /// Make a new CA; the old files are kept as backups.
+    Rotate,
 }
 
 const EXIT_CONFIG: u8 = 2;
@@ -63,6 +89,7 @@ fn main() -> ExitCode {
             Command::Run { config } => run(config).await,
             Command::CheckConfig { file } => check_config(file),
             Command::Demo { port } => demo(port).await,
+            Command::Ca { action, config } => ca(action, config),
         }
     })
 }
@@ -95,6 +122,57 @@ fn check_config(file: PathBuf) -> ExitCode {
         Err(e) => {
             eprintln!("{e}");
             ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn ca(action: CaAction, file: PathBuf) -> ExitCode {
+    let config = match credproxy::config::load(&file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let files = &config.ca.files;
+    let result = match action {
+        CaAction::Path => {
+            println!("{}", files.cert.display());
+            println!("{}", files.key.display());
+            Ok(())
+        }
+        CaAction::Export { der } => credproxy::ca::load_or_create(files).map(|ca| {
+            use std::io::Write;
+            let mut out = std::io::stdout();
+            let written = if der {
+                out.write_all(ca.cert_der().as_ref())
+            } else {
+                out.write_all(ca.cert_pem().as_bytes())
+            };
+            if let Err(e) = written.and_then(|_| out.flush()) {
+                eprintln!("credproxy: writing the certificate: {e}");
+            }
+        }),
+        CaAction::Rotate => credproxy::ca::rotate(files).map(|(cert_bak, key_bak)| {
+            println!(
+                "A new CA is in {} (key {}).",
+                files.cert.display(),
+                files.key.display()
+            );
+            println!(
+                "The old one is kept as {} and {}.",
+                cert_bak.display(),
+                key_bak.display()
+            );
+            println!("Next: restart credproxy, then import the new CA into your clients");
+            println!("(credproxy ca export > credproxy-ca.pem) and remove the old one from them.");
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("credproxy: {e}");
+            ExitCode::FAILURE
         }
     }
 }

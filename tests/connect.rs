@@ -1,0 +1,561 @@
+//! HTTPS through the proxy: CONNECT with TLS interception for routed hosts (the client trusts
+//! only credproxy's local CA), blind tunnels for the rest, the CA's life cycle, and bad clients.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use credproxy::fakes::issuer::Issuer;
+use credproxy::fakes::{echo, oauth, twotcloud};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const KEY: &str = "billing-key-over-tls";
+
+fn yaml(two_t: SocketAddr, connexa: SocketAddr, echo: SocketAddr, extra: &str) -> String {
+    format!(
+        "{extra}providers:
+  billing:
+    basic: {{username: '100234', password: '{KEY}'}}
+  connexa:
+    oauth2:
+      token_url: 'https://{{host}}/api/v1/oauth/token'
+      client_id: cid
+      client_secret: csecret
+      connect_to: '{connexa}'
+  static:
+    headers: {{x-api-key: static-value}}
+routes:
+  - {{host: api.cloudnet.services, path_prefix: /v3, provider: billing, connect_to: '{two_t}'}}
+  - {{host: '*.api.openvpn.com', provider: connexa, connect_to: '{connexa}'}}
+  - {{host: api.example.com, provider: static, connect_to: '{echo}'}}
+"
+    )
+}
+
+struct Setup {
+    env: Env,
+    two_t: credproxy::fakes::FakeServer,
+    connexa: credproxy::fakes::FakeServer,
+    issuer: Arc<Issuer>,
+    echo: credproxy::fakes::FakeServer,
+}
+
+async fn setup() -> Setup {
+    let env = Env::new();
+    let two_t = twotcloud::start(
+        listener().await,
+        Some(env.tls.clone()),
+        vec![twotcloud::Key {
+            account_id: "100234".into(),
+            api_key: KEY.into(),
+            api: twotcloud::Api::Billing,
+            bound_ip: None,
+            active: true,
+        }],
+    );
+    let issuer = Issuer::new(Duration::from_secs(3600));
+    let connexa = oauth::start(
+        listener().await,
+        Some(env.tls.clone()),
+        oauth::Settings {
+            client_id: "cid".into(),
+            client_secret: "csecret".into(),
+        },
+        issuer.clone(),
+    );
+    let echo = echo::start(listener().await, Some(env.tls.clone()));
+    Setup {
+        env,
+        two_t,
+        connexa,
+        issuer,
+        echo,
+    }
+}
+
+impl Setup {
+    fn yaml(&self, extra: &str) -> String {
+        yaml(self.two_t.addr, self.connexa.addr, self.echo.addr, extra)
+    }
+}
+
+#[tokio::test]
+async fn static_and_token_credentials_over_intercepted_http1_and_http2() {
+    for h2 in [false, true] {
+        let s = setup().await;
+        let proxy = s.env.proxy(&s.yaml("")).await;
+        // The client trusts credproxy's CA and nothing else.
+        let c = s.env.https_client(proxy.addr, vec![s.env.proxy_ca()], h2);
+        let want = if h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
+
+        let r = c
+            .get("https://api.cloudnet.services/v3/invoices")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.version(), want);
+        assert!(r.text().await.unwrap().starts_with("<ConsolidatedInvoice>"));
+        let echo = echoed(
+            c.get("https://api.cloudnet.services/v3/__echo")
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            header_values(&echo, "authorization"),
+            [basic("100234", KEY)]
+        );
+
+        let r = c
+            .get("https://acme.api.openvpn.com/api/v1/networks")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        // The 401 → fresh token → replay path, inside the intercepted connection.
+        s.issuer.revoke_all();
+        let body = r#"{"name":"over-tls"}"#;
+        let r = c
+            .post("https://acme.api.openvpn.com/api/v1/networks")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let answer: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(answer["received"]["name"], "over-tls");
+        assert_eq!(s.issuer.token_requests(), 2);
+        assert_eq!(proxy.leaf_mints(), 2, "one leaf per intercepted host");
+    }
+}
+
+#[tokio::test]
+async fn unmapped_hosts_are_tunnelled_untouched() {
+    let s = setup().await;
+    let proxy = s.env.proxy(&s.yaml("")).await;
+    // Trusting only the fake's own CA proves the TLS session is the fake's, not credproxy's.
+    let c = s.env.https_client(proxy.addr, vec![s.env.test_ca()], true);
+    let plain = echo::start(listener().await, Some(s.env.tls.clone()));
+    let echo = echoed(
+        c.get(format!("https://localhost:{}/__echo", plain.addr.port()))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(header_values(&echo, "x-api-key").is_empty());
+    assert!(header_values(&echo, "authorization").is_empty());
+    assert_eq!(proxy.leaf_mints(), 0, "nothing was intercepted");
+
+    // A tunnel to a port nobody listens on: 502 before any 200.
+    let port = closed_port().await;
+    let answer = raw(
+        proxy.addr,
+        format!("CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    assert!(answer.contains("connection refused"), "{answer}");
+}
+
+/// Opens CONNECT to `host` and completes TLS trusting `roots`; returns the leaf certificate.
+async fn handshake(proxy: SocketAddr, host: &str, roots: &rustls::RootCertStore) -> Vec<u8> {
+    let mut tcp = TcpStream::connect(proxy).await.unwrap();
+    tcp.write_all(format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = tcp.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let config =
+        rustls::ClientConfig::builder_with_provider(credproxy::outbound::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0]
+        .as_ref()
+        .to_vec()
+}
+
+fn proxy_roots(env: &Env) -> rustls::RootCertStore {
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(env.state_dir().join("ca.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap())
+        .unwrap();
+    roots
+}
+
+#[tokio::test]
+async fn leaves_name_the_host_chain_to_the_ca_and_are_minted_once() {
+    let s = setup().await;
+    let proxy = s.env.proxy(&s.yaml("")).await;
+    let roots = proxy_roots(&s.env);
+    let leaf = handshake(proxy.addr, "api.example.com", &roots).await;
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    let names: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(names, ["DNSName(api.example.com)"]);
+    assert!(
+        cert.issuer().to_string().contains("credproxy local CA"),
+        "{}",
+        cert.issuer()
+    );
+    let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+    assert!(
+        lifetime <= 9 * 86_400,
+        "a short-lived leaf, not {lifetime} s"
+    );
+    assert_eq!(proxy.leaf_mints(), 1);
+
+    handshake(proxy.addr, "api.example.com", &roots).await;
+    assert_eq!(
+        proxy.leaf_mints(),
+        1,
+        "the second connection reuses the cached leaf"
+    );
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let roots = roots.clone();
+        let addr = proxy.addr;
+        tasks.spawn(async move { handshake(addr, "acme.api.openvpn.com", &roots).await });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    assert_eq!(
+        proxy.leaf_mints(),
+        2,
+        "50 concurrent first handshakes to one host mint once"
+    );
+}
+
+#[tokio::test]
+async fn the_ca_persists_and_its_key_must_be_private() {
+    let s = setup().await;
+    let first = s.env.proxy(&s.yaml("")).await;
+    let pem = std::fs::read_to_string(s.env.state_dir().join("ca.pem")).unwrap();
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+    first.shutdown(Duration::from_secs(1)).await;
+
+    let second = s.env.proxy(&s.yaml("")).await;
+    assert_eq!(
+        std::fs::read_to_string(s.env.state_dir().join("ca.pem")).unwrap(),
+        pem,
+        "same CA after a restart"
+    );
+    let c = s
+        .env
+        .https_client(second.addr, vec![s.env.proxy_ca()], true);
+    assert_eq!(
+        c.get("https://api.cloudnet.services/v3/invoices")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    second.shutdown(Duration::from_secs(1)).await;
+
+    use std::os::unix::fs::PermissionsExt;
+    let key = s.env.state_dir().join("ca-key.pem");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let path = s
+        .env
+        .write("config.yaml", &(s.env.base_yaml() + &s.yaml("")));
+    let config = credproxy::config::load(&path).unwrap();
+    let err = credproxy::start(config)
+        .await
+        .err()
+        .expect("refuses a readable key")
+        .to_string();
+    assert!(
+        err.contains(&key.display().to_string()) && err.contains("0644"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn name_constraints_limit_the_ca_to_the_configured_hosts() {
+    let s = setup().await;
+    let proxy = s
+        .env
+        .proxy(&s.yaml("ca:\n  name_constraints: true\n"))
+        .await;
+    let pem = std::fs::read(s.env.state_dir().join("ca.pem")).unwrap();
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+    let nc = cert
+        .name_constraints()
+        .unwrap()
+        .expect("nameConstraints present");
+    let mut permitted: Vec<String> = nc
+        .value
+        .permitted_subtrees
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|s| s.base.to_string())
+        .collect();
+    permitted.sort();
+    assert_eq!(
+        permitted,
+        [
+            "DNSName(api.cloudnet.services)",
+            "DNSName(api.example.com)",
+            "DNSName(api.openvpn.com)"
+        ]
+    );
+    // A real verifier accepts the constrained CA's leaves for a listed host.
+    let c = s
+        .env
+        .https_client(proxy.addr, vec![s.env.proxy_ca()], false);
+    assert_eq!(
+        c.get("https://acme.api.openvpn.com/api/v1/networks")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    proxy.shutdown(Duration::from_secs(1)).await;
+
+    // Later a route for a host the CA does not cover: interception is refused, with the fix.
+    let extra = format!(
+        "  - {{host: portal.stackbill.example, provider: static, connect_to: '{}'}}\n",
+        s.echo.addr
+    );
+    let proxy = s
+        .env
+        .proxy(&(s.yaml("ca:\n  name_constraints: true\n") + &extra))
+        .await;
+    let answer = raw(proxy.addr, b"CONNECT portal.stackbill.example:443 HTTP/1.1\r\nHost: portal.stackbill.example:443\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(
+        answer.contains("intercept_refused") && answer.contains("credproxy ca rotate"),
+        "{answer}"
+    );
+    assert_eq!(proxy.leaf_mints(), 0);
+}
+
+#[tokio::test]
+async fn garbage_and_broken_handshakes_leave_the_proxy_serving() {
+    let s = setup().await;
+    let proxy = s.env.proxy(&s.yaml("")).await;
+    // Plain text where TLS should start, inside an intercepted tunnel.
+    let mut a = TcpStream::connect(proxy.addr).await.unwrap();
+    a.write_all(b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Half a ClientHello, then gone.
+    let mut b = TcpStream::connect(proxy.addr).await.unwrap();
+    b.write_all(b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\n\r\n\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        .await
+        .unwrap();
+    drop(b);
+    // A TLS client on the plain port.
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    c.write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert!(n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 400"));
+    let n = tokio::time::timeout(Duration::from_secs(10), a.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+    let client = s.env.https_client(proxy.addr, vec![s.env.proxy_ca()], true);
+    for _ in 0..3 {
+        let r = client
+            .get("https://api.example.com/__echo")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let echo: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(header_values(&echo, "x-api-key"), ["static-value"]);
+    }
+}
+
+#[tokio::test]
+async fn a_request_for_another_host_inside_a_tunnel_is_refused() {
+    let s = setup().await;
+    let proxy = s.env.proxy(&s.yaml("")).await;
+    let roots = proxy_roots(&s.env);
+    let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let _ = tcp.read(&mut buf).await.unwrap();
+    let config =
+        rustls::ClientConfig::builder_with_provider(credproxy::outbound::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.write_all(
+        b"GET /__echo HTTP/1.1\r\nHost: api.cloudnet.services\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.starts_with("HTTP/1.1 400") && text.contains("host_mismatch"),
+        "{text}"
+    );
+    assert!(s.echo.requests().is_empty());
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_credproxy");
+
+#[tokio::test]
+async fn a_client_that_rejects_the_ca_is_warned_about_once_and_the_ca_cli_works() {
+    let s = setup().await;
+    let config = s
+        .env
+        .write("config.yaml", &(s.env.base_yaml() + &s.yaml("")));
+
+    // `ca export` makes the CA on first use and prints it; `--der` prints the DER bytes.
+    let out = Command::new(BIN)
+        .args(["ca", "export", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pem = std::fs::read_to_string(s.env.state_dir().join("ca.pem")).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), pem);
+    let der = Command::new(BIN)
+        .args(["ca", "export", "--der", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    use rustls::pki_types::pem::PemObject;
+    assert_eq!(
+        der.stdout,
+        rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .as_ref()
+    );
+    let path = Command::new(BIN)
+        .args(["ca", "path", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&path.stdout).contains("ca.pem"));
+
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(std::sync::Mutex::new(String::new()));
+    let l = log.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            l.lock().unwrap().push_str(&(line + "\n"));
+        }
+    });
+    let addr: SocketAddr = loop {
+        let text = log.lock().unwrap().clone();
+        if let Some(rest) = text.split("forward proxy listening on http://").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_end_matches(|c: char| !c.is_ascii_digit())
+                .parse()
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // A client that knows only the fakes' CA, not credproxy's.
+    let c = s.env.https_client(addr, vec![s.env.test_ca()], false);
+    for _ in 0..3 {
+        assert!(c.get("https://api.example.com/x").send().await.is_err());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = log.lock().unwrap().clone();
+    let warnings = text
+        .matches("the client does not trust the credproxy CA")
+        .count();
+    assert_eq!(warnings, 1, "warned once per client and host:\n{text}");
+
+    // `ca rotate` makes a new CA and keeps the old one.
+    let out = Command::new(BIN)
+        .args(["ca", "rotate", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_pem = std::fs::read_to_string(s.env.state_dir().join("ca.pem")).unwrap();
+    assert_ne!(new_pem, pem);
+    let backups: Vec<_> = std::fs::read_dir(s.env.state_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ca.pem.bak-"))
+        .collect();
+    assert_eq!(backups.len(), 1);
+    assert_eq!(std::fs::read_to_string(backups[0].path()).unwrap(), pem);
+}
