@@ -40,6 +40,13 @@ struct File {
     limits: LimitsFile,
     #[serde(default)]
     tokens: TokensFile,
+    /// How traffic leaves this host (source address, upstream proxy); routes and providers may
+    /// override it.
+    #[serde(default)]
+    egress: EgressFile,
+    /// What `credproxy egress-check` asks for the source address it sees.
+    #[serde(default = "default_check_url")]
+    egress_check_url: String,
     /// Where credproxy keeps its local CA. Default: `$STATE_DIRECTORY` (systemd), else
     /// `~/.local/state/credproxy`, else `./credproxy-state`.
     state_dir: Option<String>,
@@ -122,6 +129,22 @@ impl Default for LimitsFile {
 
 fn default_replay_buffer() -> usize {
     1024 * 1024
+}
+
+fn default_check_url() -> String {
+    "https://api.ipify.org".into()
+}
+
+/// `egress:` globally, on a provider, or on a route; each field inherits from the level above.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EgressFile {
+    /// A local IP address every connection of this scope leaves from (2tCloud binds keys to one).
+    bind: Option<Spanned<String>>,
+    /// `http://host:port` of an upstream proxy, or `none` to turn an inherited one off.
+    proxy: Option<Spanned<String>>,
+    proxy_username: Option<Spanned<String>>,
+    proxy_password: Option<Spanned<String>>,
 }
 
 /// The local CA for HTTPS interception.
@@ -261,6 +284,8 @@ struct OAuth2File {
     default_ttl: Duration,
     /// Where token-endpoint connections go instead of the URL's host.
     connect_to: Option<Spanned<String>>,
+    /// Egress for this provider's routes and token requests.
+    egress: Option<EgressFile>,
 }
 
 #[derive(Deserialize)]
@@ -279,6 +304,8 @@ struct CloudneetiFile {
     #[serde(default = "d55m", deserialize_with = "duration")]
     token_ttl: Duration,
     connect_to: Option<Spanned<String>>,
+    /// Egress for this provider's routes and token requests.
+    egress: Option<EgressFile>,
 }
 
 fn cloudneeti_host() -> Spanned<String> {
@@ -302,6 +329,8 @@ struct CleanCloudFile {
     #[serde(default = "default_max_signed_body")]
     max_body: usize,
     connect_to: Option<Spanned<String>>,
+    /// Egress for this provider's routes and token requests.
+    egress: Option<EgressFile>,
 }
 
 fn cleancloud_base() -> Spanned<String> {
@@ -338,6 +367,8 @@ struct ExchangeFile {
     /// Headers on each proxied request: `Authorization: "Bearer {token}"`.
     send: BTreeMap<String, String>,
     connect_to: Option<Spanned<String>>,
+    /// Egress for this provider's routes and token requests.
+    egress: Option<EgressFile>,
 }
 
 #[derive(Deserialize)]
@@ -356,6 +387,8 @@ fn default_method() -> String {
 struct BasicFile {
     username: Spanned<String>,
     password: Spanned<String>,
+    /// Egress for this provider's routes and token requests.
+    egress: Option<EgressFile>,
 }
 
 #[derive(Deserialize)]
@@ -371,6 +404,10 @@ struct RouteFile {
     connect_to: Option<Spanned<String>>,
     #[serde(default)]
     client_auth: ClientAuth,
+    egress: Option<EgressFile>,
+    /// The API binds keys to a source address (2tCloud): a 403 gets a hint naming the address used.
+    #[serde(default)]
+    ip_bound: bool,
 }
 
 #[derive(Deserialize)]
@@ -395,6 +432,9 @@ pub struct Config {
     pub providers: Vec<Arc<Provider>>,
     pub tokens: crate::token::Lifecycle,
     pub ca: CaSettings,
+    /// How unmapped traffic and CONNECT tunnels leave (routes and providers have their own).
+    pub egress: crate::outbound::Egress,
+    pub egress_check_url: String,
     /// Things that work but deserve a word at start (literal secrets in the file).
     pub warnings: Vec<String>,
 }
@@ -496,6 +536,7 @@ pub fn from_yaml(text: &str, file: &str) -> Result<Config, ConfigError> {
         problems: Vec::new(),
         warnings: Vec::new(),
         broken_routes: HashSet::new(),
+        global_egress: Default::default(),
     };
     let config = v.build(raw);
     if v.problems.is_empty() {
@@ -569,6 +610,8 @@ struct Validator<'a> {
     warnings: Vec<String>,
     /// Named routes dropped for a problem already reported, so references to them stay quiet.
     broken_routes: HashSet<String>,
+    /// The top-level egress, which providers inherit.
+    global_egress: crate::outbound::Egress,
 }
 
 impl Validator<'_> {
@@ -630,6 +673,8 @@ impl Validator<'_> {
                 "must be between 0.1 and 0.95 (a fraction of the token lifetime)",
             );
         }
+        let egress = self.egress(&raw.egress, "egress", &crate::outbound::Egress::default());
+        self.global_egress = egress.clone();
         let providers = self.providers(&raw.providers);
         let declared: HashSet<&str> = raw.providers.keys().map(String::as_str).collect();
         let routes = self.routes(raw.routes, &providers, &declared);
@@ -655,6 +700,8 @@ impl Validator<'_> {
                 backoff_max: raw.tokens.backoff_max,
             },
             ca,
+            egress,
+            egress_check_url: raw.egress_check_url,
             warnings: Vec::new(),
         }
     }
@@ -840,7 +887,155 @@ impl Validator<'_> {
                 p
             }
         };
+        let mut provider = provider;
+        let raw_egress = match p {
+            ProviderFile::Basic(b) => b.egress.as_ref(),
+            ProviderFile::Headers(_) => None,
+            ProviderFile::Oauth2(o) => o.egress.as_ref(),
+            ProviderFile::Cloudneeti(c) => c.egress.as_ref(),
+            ProviderFile::Cleancloud(c) => c.egress.as_ref(),
+            ProviderFile::TokenExchange(e) => e.egress.as_ref(),
+        };
+        let global = self.global_egress.clone();
+        provider.egress = match raw_egress {
+            Some(e) => self.egress(e, &format!("{key}.{}.egress", provider.kind_name), &global),
+            None => global,
+        };
         Some(provider)
+    }
+
+    /// One `egress:` block over its parent's settings. Bind addresses must exist on this host.
+    fn egress(
+        &mut self,
+        raw: &EgressFile,
+        key: &str,
+        parent: &crate::outbound::Egress,
+    ) -> crate::outbound::Egress {
+        let mut out = parent.clone();
+        if let Some(b) = &raw.bind {
+            match b.value.parse::<std::net::IpAddr>() {
+                Err(_) => self.problem(
+                    b,
+                    format!("{key}.bind"),
+                    format!("`{}` is not an IP address", b.value),
+                ),
+                Ok(ip) => match std::net::TcpListener::bind((ip, 0)) {
+                    Ok(_) => out.bind = Some(ip),
+                    Err(_) => {
+                        let addresses = if_addrs::get_if_addrs()
+                            .map(|list| {
+                                list.iter()
+                                    .map(|i| i.ip().to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            })
+                            .unwrap_or_default();
+                        self.problem(
+                            b,
+                            format!("{key}.bind"),
+                            format!("{ip} is not an address of this host (addresses: {addresses})"),
+                        );
+                    }
+                },
+            }
+        }
+        if let Some(p) = &raw.proxy {
+            if p.value == "none" {
+                out.proxy = None;
+            } else {
+                match self.upstream_proxy(raw, p, key) {
+                    Some(proxy) => out.proxy = Some(Arc::new(proxy)),
+                    None => out.proxy = None,
+                }
+            }
+        } else if raw.proxy_username.is_some() || raw.proxy_password.is_some() {
+            let at = raw.proxy_username.as_ref().or(raw.proxy_password.as_ref());
+            if let Some(at) = at {
+                self.problem(
+                    at,
+                    format!("{key}.proxy"),
+                    "proxy credentials without `proxy`",
+                );
+            }
+        }
+        out
+    }
+
+    fn upstream_proxy(
+        &mut self,
+        raw: &EgressFile,
+        p: &Spanned<String>,
+        key: &str,
+    ) -> Option<crate::outbound::UpstreamProxy> {
+        let bad = |v: &mut Self, why: &str| {
+            v.problem(
+                p,
+                format!("{key}.proxy"),
+                format!("`{}` {why}", p.value.split('@').next_back().unwrap_or("")),
+            );
+        };
+        let Some(rest) = p.value.strip_prefix("http://") else {
+            bad(self, "is not an http:// proxy URL (or `none`)");
+            return None;
+        };
+        let rest = rest.trim_end_matches('/');
+        let (userinfo, hostport) = match rest.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, rest),
+        };
+        let Ok((host, port)) = parse_host_port(
+            if hostport.contains(':') {
+                hostport.to_string()
+            } else {
+                format!("{hostport}:3128")
+            }
+            .as_str(),
+        ) else {
+            bad(self, "has no valid host:port");
+            return None;
+        };
+        let mut user = userinfo.map(|u| u.split_once(':').map_or(u, |(u, _)| u).to_string());
+        let mut pass = userinfo.and_then(|u| {
+            u.split_once(':')
+                .map(|(_, p)| crate::secret::Secret::new(p))
+        });
+        if userinfo.is_some() {
+            self.warnings.push(format!("{}: {key}.proxy: the proxy password is written in the URL; prefer `proxy_password: env:NAME`", self.file));
+        }
+        if let Some(u) = &raw.proxy_username {
+            user = self
+                .secret(u, &format!("{key}.proxy_username"), false)
+                .map(|s| s.expose().to_string());
+        }
+        if let Some(pw) = &raw.proxy_password {
+            pass = self.secret(pw, &format!("{key}.proxy_password"), true);
+        }
+        let authorization = match (user, pass) {
+            (Some(u), Some(pw)) => {
+                use base64::Engine;
+                let v = format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD
+                        .encode(format!("{u}:{}", pw.expose()))
+                );
+                providers::sensitive_value(&v).ok()
+            }
+            _ => None,
+        };
+        let auth_fingerprint = authorization
+            .as_ref()
+            .map(|a| {
+                crate::token::fingerprint(&crate::secret::Secret::new(
+                    a.to_str().unwrap_or_default(),
+                ))
+            })
+            .unwrap_or_default();
+        Some(crate::outbound::UpstreamProxy {
+            host,
+            port,
+            authorization,
+            auth_fingerprint,
+        })
     }
 
     fn exchange(&mut self, e: &ExchangeFile, k: &str) -> Option<providers::exchange::Recipe> {
@@ -1051,6 +1246,10 @@ impl Validator<'_> {
                 }
             });
             let unique_name = names.insert(name.clone());
+            let egress = match &r.egress {
+                Some(e) => self.egress(e, &format!("{key}.egress"), &provider.egress),
+                None => provider.egress.clone(),
+            };
             let route = Arc::new(Route {
                 name,
                 host,
@@ -1059,6 +1258,8 @@ impl Validator<'_> {
                 upstream_scheme: r.upstream_scheme,
                 connect_to,
                 client_auth: r.client_auth,
+                egress,
+                ip_bound: r.ip_bound,
             });
             let overlap = routes.iter().find(|(_, o)| o.same_match_as(&route));
             if overlap.is_none() && !unique_name {
@@ -1208,13 +1409,13 @@ mod tests {
             (
                 "listen: 127.0.0.1:8080\nbogus: 1\n",
                 &[
-                    "c.yaml:2:1: bogus: unknown field `bogus`, expected one of listen, unmapped, upstream, limits, tokens, state_dir, ca, providers, routes, local_endpoints",
+                    "c.yaml:2:1: bogus: unknown field `bogus`, expected one of listen, unmapped, upstream, limits, tokens, egress, egress_check_url, state_dir, ca, providers, routes, local_endpoints",
                 ],
             ),
             (
                 "providers:\n  a:\n    basic:\n      username: u\n      pasword: p\n",
                 &[
-                    "c.yaml:5:7: providers.a.basic.pasword: unknown field `pasword`, expected one of username, password",
+                    "c.yaml:5:7: providers.a.basic.pasword: unknown field `pasword`, expected one of username, password, egress",
                 ],
             ),
             (

@@ -59,7 +59,9 @@ pub async fn handle(
         return Err(ProxyError::Denied { host });
     }
     let target = format!("{host}:{port}");
-    let upstream = crate::outbound::dial(&host, port, state.config.upstream.connect_timeout)
+    let upstream = state
+        .outbound
+        .tunnel(&host, port)
         .await
         .map_err(|e| match e {
             crate::outbound::DialError::Timeout { after, .. } => ProxyError::UpstreamTimeout {

@@ -1,8 +1,9 @@
 //! How traffic leaves this host: the one place that builds upstream connections and clients
-//! (TLS roots, `connect_to`, timeouts, connection pools).
+//! (TLS roots, `connect_to`, source address, upstream proxy, timeouts, connection pools). Proxied
+//! requests, CONNECT tunnels and token requests all leave through here, so they agree.
 //!
-//! Each distinct way of dialling (today: a route's `connect_to`) gets its own pooled client, so a
-//! connection opened for one destination is never reused for another.
+//! Each distinct way of dialling (`connect_to` × egress) gets its own pooled client, so a
+//! connection opened from one source address or through one proxy is never reused for another.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -11,16 +12,71 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::HeaderValue;
 use http::Uri;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::body::Body;
 use crate::config::{Config, Upstream};
 
 pub type Client = HyperClient<HttpsConnector<Dialer>, Body>;
+
+/// Where traffic leaves from: a source address, an upstream proxy, both or neither.
+#[derive(Debug, Clone, Default)]
+pub struct Egress {
+    pub bind: Option<std::net::IpAddr>,
+    pub proxy: Option<Arc<UpstreamProxy>>,
+}
+
+/// An HTTP proxy between credproxy and the internet (`egress.proxy`).
+#[derive(Debug)]
+pub struct UpstreamProxy {
+    pub host: String,
+    pub port: u16,
+    /// `Basic …`, sent to this proxy only (CONNECT, or absolute-form requests through it).
+    pub authorization: Option<HeaderValue>,
+    /// A short fingerprint of the credentials, so two routes with different ones never share
+    /// a pooled connection.
+    pub auth_fingerprint: String,
+}
+
+impl UpstreamProxy {
+    /// `http://host:port`, without credentials: what messages show.
+    pub fn display(&self) -> String {
+        format!("http://{}:{}", self.host, self.port)
+    }
+}
+
+impl Egress {
+    fn key(&self) -> String {
+        format!(
+            "{:?}|{}",
+            self.bind,
+            self.proxy
+                .as_ref()
+                .map(|p| format!("{}#{}", p.display(), p.auth_fingerprint))
+                .unwrap_or_default()
+        )
+    }
+
+    pub fn describe(&self) -> String {
+        match (&self.bind, &self.proxy) {
+            (None, None) => "direct".into(),
+            (Some(b), None) => format!("from {b}"),
+            (None, Some(p)) => format!("via {}", p.display()),
+            (Some(b), Some(p)) => format!("from {b} via {}", p.display()),
+        }
+    }
+}
+
+/// The local address a response came over (set by the dialer, read for `ip_bound` hints).
+#[derive(Debug, Clone, Copy)]
+pub struct LocalAddr(pub std::net::SocketAddr);
 
 /// The crypto provider used everywhere: one place to change if aws-lc-rs ever has to go.
 pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -65,41 +121,46 @@ pub struct Outbound {
     by_route: HashMap<String, Client>,
     /// Token-endpoint clients of token providers.
     by_provider: HashMap<String, Client>,
+    /// How unmapped traffic and tunnels leave.
+    pub default_egress: Egress,
+    connect_timeout: Duration,
 }
 
 impl Outbound {
     pub fn new(config: &Config) -> Result<Outbound, String> {
         let tls = tls_config(&config.upstream.extra_roots)?;
-        let make = |connect_to: Option<(String, u16)>| {
-            let dialer = Dialer {
-                connect_to: connect_to.map(Arc::new),
-                connect_timeout: config.upstream.connect_timeout,
-            };
-            build_client(dialer, tls.clone(), &config.upstream)
+        let mut shared: HashMap<(Option<(String, u16)>, String), Client> = HashMap::new();
+        let mut client_for = |connect_to: &Option<(String, u16)>, egress: &Egress| {
+            shared
+                .entry((connect_to.clone(), egress.key()))
+                .or_insert_with(|| {
+                    let dialer = Dialer {
+                        connect_to: connect_to.clone().map(Arc::new),
+                        connect_timeout: config.upstream.connect_timeout,
+                        egress: egress.clone(),
+                    };
+                    build_client(dialer, tls.clone(), &config.upstream)
+                })
+                .clone()
         };
-        let passthrough = make(None);
-        let mut shared: HashMap<Option<(String, u16)>, Client> = HashMap::new();
-        shared.insert(None, passthrough.clone());
-        let mut by_route = HashMap::new();
-        for route in config.routes.iter() {
-            let client = shared
-                .entry(route.connect_to.clone())
-                .or_insert_with(|| make(route.connect_to.clone()))
-                .clone();
-            by_route.insert(route.name.clone(), client);
-        }
-        let mut by_provider = HashMap::new();
-        for p in config.providers.iter().filter(|p| p.uses_tokens()) {
-            let client = shared
-                .entry(p.connect_to.clone())
-                .or_insert_with(|| make(p.connect_to.clone()))
-                .clone();
-            by_provider.insert(p.name.clone(), client);
-        }
+        let passthrough = client_for(&None, &config.egress);
+        let by_route = config
+            .routes
+            .iter()
+            .map(|r| (r.name.clone(), client_for(&r.connect_to, &r.egress)))
+            .collect();
+        let by_provider = config
+            .providers
+            .iter()
+            .filter(|p| p.uses_tokens())
+            .map(|p| (p.name.clone(), client_for(&p.connect_to, &p.egress)))
+            .collect();
         Ok(Outbound {
             passthrough,
             by_route,
             by_provider,
+            default_egress: config.egress.clone(),
+            connect_timeout: config.upstream.connect_timeout,
         })
     }
 
@@ -113,6 +174,13 @@ impl Outbound {
         route
             .and_then(|r| self.by_route.get(r))
             .unwrap_or(&self.passthrough)
+    }
+
+    /// A raw connection to `host:port` for a blind CONNECT tunnel, leaving like unmapped traffic.
+    pub async fn tunnel(&self, host: &str, port: u16) -> Result<TcpStream, DialError> {
+        open(&self.default_egress, host, port, true, self.connect_timeout)
+            .await
+            .map(|(s, _)| s)
     }
 }
 
@@ -131,11 +199,13 @@ fn build_client(dialer: Dialer, tls: rustls::ClientConfig, settings: &Upstream) 
 }
 
 /// Opens TCP connections: to the URI's host, or to `connect_to` when the route sets one (the
-/// request keeps its real Host and TLS SNI either way).
+/// request keeps its real Host and TLS SNI either way), from the egress source address and
+/// through the egress proxy when set.
 #[derive(Clone)]
 pub struct Dialer {
     connect_to: Option<Arc<(String, u16)>>,
     connect_timeout: Duration,
+    egress: Egress,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,8 +222,21 @@ pub enum DialError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("cannot use source address {bind}: {source}")]
+    Bind {
+        bind: std::net::IpAddr,
+        source: std::io::Error,
+    },
     #[error("no connection to {addr} within {}; raise `upstream.connect_timeout` if the network is just slow", humantime::format_duration(*.after))]
     Timeout { addr: String, after: Duration },
+    #[error("the upstream proxy {proxy} refused CONNECT {target}: {status}{}", if *.status == 407 { " (proxy authentication failed: check egress.proxy_username/proxy_password)" } else { "" })]
+    ProxyRefused {
+        proxy: String,
+        target: String,
+        status: u16,
+    },
+    #[error("the upstream proxy {proxy} broke the CONNECT exchange: {cause}")]
+    ProxyProtocol { proxy: String, cause: String },
     #[error("the URL has no host")]
     NoHost,
 }
@@ -166,8 +249,62 @@ fn describe_io(e: &std::io::Error) -> String {
     }
 }
 
+/// A TCP connection as the pool sees it: whether it goes to a proxy in absolute form, and its
+/// local address (so a 403 from an IP-bound API can say which address was used).
+pub struct Conn {
+    io: TokioIo<TcpStream>,
+    absolute_form: bool,
+    local: Option<std::net::SocketAddr>,
+}
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        let c = Connected::new().proxy(self.absolute_form);
+        match self.local {
+            Some(a) => c.extra(LocalAddr(a)),
+            None => c,
+        }
+    }
+}
+
+impl hyper::rt::Read for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
 impl tower_service::Service<Uri> for Dialer {
-    type Response = TokioIo<TcpStream>;
+    type Response = Conn;
     type Error = DialError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, DialError>> + Send>>;
 
@@ -176,14 +313,11 @@ impl tower_service::Service<Uri> for Dialer {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
+        let https = uri.scheme_str() == Some("https");
         let target = match &self.connect_to {
             Some(c) => Some((c.0.clone(), c.1)),
             None => uri.host().map(|h| {
-                let default = if uri.scheme_str() == Some("https") {
-                    443
-                } else {
-                    80
-                };
+                let default = if https { 443 } else { 80 };
                 (
                     h.trim_matches(['[', ']']).to_string(),
                     uri.port_u16().unwrap_or(default),
@@ -191,16 +325,44 @@ impl tower_service::Service<Uri> for Dialer {
             }),
         };
         let timeout = self.connect_timeout;
+        let egress = self.egress.clone();
         Box::pin(async move {
             let (host, port) = target.ok_or(DialError::NoHost)?;
-            dial(&host, port, timeout).await.map(TokioIo::new)
+            // Through a proxy: HTTPS upstreams get a CONNECT tunnel; plain HTTP goes to the
+            // proxy itself in absolute form.
+            let (stream, local) = open(&egress, &host, port, https, timeout).await?;
+            Ok(Conn {
+                io: TokioIo::new(stream),
+                absolute_form: egress.proxy.is_some() && !https,
+                local,
+            })
         })
     }
 }
 
-/// A TCP connection to `host:port` within `timeout` (CONNECT tunnels use it directly).
-pub async fn dial(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, DialError> {
-    match tokio::time::timeout(timeout, dial_now(host, port)).await {
+/// A connection towards `host:port` as `egress` says: from its source address, and through its
+/// proxy (a CONNECT tunnel when `tunnel`, else a plain connection to the proxy).
+async fn open(
+    egress: &Egress,
+    host: &str,
+    port: u16,
+    tunnel: bool,
+    timeout: Duration,
+) -> Result<(TcpStream, Option<std::net::SocketAddr>), DialError> {
+    let work = async {
+        let Some(proxy) = &egress.proxy else {
+            let s = dial_now(host, port, egress.bind).await?;
+            let local = s.local_addr().ok();
+            return Ok((s, local));
+        };
+        let mut s = dial_now(&proxy.host, proxy.port, egress.bind).await?;
+        let local = s.local_addr().ok();
+        if tunnel {
+            proxy_connect(&mut s, proxy, host, port).await?;
+        }
+        Ok((s, local))
+    };
+    match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
         Err(_) => Err(DialError::Timeout {
             addr: format!("{host}:{port}"),
@@ -209,17 +371,98 @@ pub async fn dial(host: &str, port: u16, timeout: Duration) -> Result<TcpStream,
     }
 }
 
-async fn dial_now(host: &str, port: u16) -> Result<TcpStream, DialError> {
+/// `CONNECT host:port` through an upstream proxy, with its credentials.
+async fn proxy_connect(
+    s: &mut TcpStream,
+    proxy: &UpstreamProxy,
+    host: &str,
+    port: u16,
+) -> Result<(), DialError> {
+    let target = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let broken = |cause: String| DialError::ProxyProtocol {
+        proxy: proxy.display(),
+        cause,
+    };
+    let mut head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n").into_bytes();
+    if let Some(auth) = &proxy.authorization {
+        head.extend_from_slice(b"Proxy-Authorization: ");
+        head.extend_from_slice(auth.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    s.write_all(&head)
+        .await
+        .map_err(|e| broken(e.to_string()))?;
+    // Read the answer's head byte by byte: nothing of the tunnel after it may be consumed.
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"\r\n\r\n") {
+        if answer.len() > 16 * 1024 {
+            return Err(broken("the answer's head is too long".into()));
+        }
+        let b = s
+            .read_u8()
+            .await
+            .map_err(|e| broken(format!("closed before answering ({e})")))?;
+        answer.push(b);
+    }
+    let status = String::from_utf8_lossy(&answer)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| broken("the answer is not HTTP".into()))?;
+    if (200..300).contains(&status) {
+        Ok(())
+    } else {
+        Err(DialError::ProxyRefused {
+            proxy: proxy.display(),
+            target,
+            status,
+        })
+    }
+}
+
+/// A TCP connection to `host:port` within `timeout` (no proxy).
+pub async fn dial(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, DialError> {
+    open(&Egress::default(), host, port, true, timeout)
+        .await
+        .map(|(s, _)| s)
+}
+
+async fn dial_now(
+    host: &str,
+    port: u16,
+    bind: Option<std::net::IpAddr>,
+) -> Result<TcpStream, DialError> {
     let addrs: Vec<_> = tokio::net::lookup_host((host, port))
         .await
         .map_err(|source| DialError::Resolve {
             host: host.to_string(),
             source,
         })?
+        // A source address can only reach destinations of its own family.
+        .filter(|a| bind.is_none_or(|b| b.is_ipv4() == a.is_ipv4()))
         .collect();
     let mut last = None;
     for addr in &addrs {
-        match TcpStream::connect(addr).await {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        };
+        let socket = socket.map_err(|source| DialError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+        if let Some(ip) = bind {
+            socket
+                .bind(std::net::SocketAddr::new(ip, 0))
+                .map_err(|source| DialError::Bind { bind: ip, source })?;
+        }
+        match socket.connect(*addr).await {
             Ok(s) => {
                 // Small API calls: don't let Nagle hold a request head back.
                 let _ = s.set_nodelay(true);

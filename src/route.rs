@@ -218,6 +218,10 @@ pub struct Route {
     /// Where the TCP connection goes instead of the request's host (staging, tests, the demo).
     pub connect_to: Option<(String, u16)>,
     pub client_auth: ClientAuth,
+    /// Where this route's connections leave from (route > provider > global).
+    pub egress: crate::outbound::Egress,
+    /// The API answers 403 for keys used from another source address (2tCloud).
+    pub ip_bound: bool,
 }
 
 impl Route {
@@ -306,6 +310,8 @@ mod tests {
             upstream_scheme: Scheme::Https,
             connect_to: None,
             client_auth: ClientAuth::Replace,
+            egress: Default::default(),
+            ip_bound: false,
         })
     }
 

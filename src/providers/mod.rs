@@ -27,6 +27,8 @@ pub struct Provider {
     pub kind: Kind,
     /// Token kinds: where token-endpoint connections go instead of the URL's host.
     pub connect_to: Option<(String, u16)>,
+    /// Where token requests (and, by default, this provider's routes) leave from.
+    pub egress: crate::outbound::Egress,
 }
 
 #[derive(Debug)]
@@ -46,6 +48,7 @@ impl Provider {
             kind_name,
             kind,
             connect_to: None,
+            egress: Default::default(),
         }
     }
 
