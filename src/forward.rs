@@ -287,7 +287,35 @@ async fn forward(
         *upstream_req.headers_mut() = headers;
         // The pool picks HTTP/1.1 or HTTP/2 per connection (ALPN); the client's version is not ours.
         *upstream_req.version_mut() = Version::HTTP_11;
+        let egress = route.map_or(&state.outbound.default_egress, |r| &r.egress);
+        if let Some(proxy) = &egress.proxy
+            && scheme == Scheme::Http
+            && let Some(auth) = &proxy.authorization
+        {
+            // Plain HTTP goes to the upstream proxy in absolute form: it needs its credentials
+            // on each request (HTTPS carries them on the CONNECT instead).
+            upstream_req
+                .headers_mut()
+                .insert(header::PROXY_AUTHORIZATION, auth.clone());
+        }
         let mut response = send(state, client, upstream_req, &authority).await?;
+        if response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED
+            && let Some(proxy) = &egress.proxy
+        {
+            // The upstream proxy refused us: that is our configuration, not the client's to answer.
+            return Err(ProxyError::UpstreamConnect {
+                host: authority,
+                cause: format!(
+                    "the upstream proxy {} answered 407: proxy authentication failed; check egress.proxy_username/proxy_password",
+                    proxy.display()
+                ),
+            });
+        }
+        if response.status() == StatusCode::FORBIDDEN
+            && let Some(route) = route.filter(|r| r.ip_bound)
+        {
+            ip_bound_hint(route, &authority, &mut response);
+        }
 
         if response.status() == StatusCode::UNAUTHORIZED
             && let (Some(route), Some(token)) = (route, token)
@@ -318,6 +346,30 @@ async fn forward(
             }
         }
         return Ok(response);
+    }
+}
+
+/// 2tCloud answers 403 both for a wrong key and for a right key from the wrong address: say
+/// which address this request left from, in the log and in a response header.
+fn ip_bound_hint(route: &Route, host: &str, response: &mut Response<Body>) {
+    let Some(local) = response
+        .extensions()
+        .get::<crate::outbound::LocalAddr>()
+        .copied()
+    else {
+        return;
+    };
+    let ip = local.0.ip();
+    tracing::warn!(
+        route = %route.name,
+        host,
+        source = %ip,
+        "403 on an IP-bound route: this request left from {ip}; if the key is right, it is bound to another address (check egress.bind, and `credproxy egress-check`)"
+    );
+    if let Ok(v) = http::HeaderValue::from_str(&ip.to_string()) {
+        response
+            .headers_mut()
+            .insert("x-credproxy-source-address", v);
     }
 }
 

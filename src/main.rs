@@ -51,6 +51,18 @@ enum Command {
         )]
         config: PathBuf,
     },
+    /// Ask a "what is my IP" service, through each route's egress path, which source address it
+    /// sees: confirm it before registering it with an IP-bound API such as 2tCloud.
+    EgressCheck {
+        #[arg(long, short, env = "CREDPROXY_CONFIG", default_value = "config.yaml")]
+        config: PathBuf,
+        /// Check only this route.
+        #[arg(long)]
+        route: Option<String>,
+        /// The service to ask (default: `egress_check_url` from the config).
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Run the proxy with built-in fake providers on loopback, and print commands to try.
     Demo {
         /// Port of the forward proxy; the local endpoint takes the next one. 0 picks free ports.
@@ -90,6 +102,7 @@ fn main() -> ExitCode {
             Command::CheckConfig { file } => check_config(file),
             Command::Demo { port } => demo(port).await,
             Command::Ca { action, config } => ca(action, config),
+            Command::EgressCheck { config, route, url } => egress_check(config, route, url).await,
         }
     })
 }
@@ -123,6 +136,55 @@ fn check_config(file: PathBuf) -> ExitCode {
             eprintln!("{e}");
             ExitCode::from(EXIT_CONFIG)
         }
+    }
+}
+
+async fn egress_check(file: PathBuf, only: Option<String>, url: Option<String>) -> ExitCode {
+    let config = match credproxy::config::load(&file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let url = url.unwrap_or_else(|| config.egress_check_url.clone());
+    let routes: Vec<_> = config
+        .routes
+        .iter()
+        .filter(|r| only.as_deref().is_none_or(|n| n == r.name))
+        .cloned()
+        .collect();
+    if routes.is_empty() {
+        eprintln!(
+            "credproxy: no route {}",
+            only.as_deref()
+                .map(|n| format!("named `{n}`"))
+                .unwrap_or_default()
+        );
+        return ExitCode::FAILURE;
+    }
+    let mut failed = false;
+    for route in routes {
+        match credproxy::outbound::check_source(&config, &route.egress, &url).await {
+            Ok(seen) => println!(
+                "route {}: leaves {}; {url} sees {seen}",
+                route.name,
+                route.egress.describe()
+            ),
+            Err(e) => {
+                failed = true;
+                println!(
+                    "route {}: leaves {}; {url} could not be asked: {e}",
+                    route.name,
+                    route.egress.describe()
+                );
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

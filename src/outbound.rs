@@ -184,6 +184,21 @@ impl Outbound {
     }
 }
 
+/// A client that leaves like `egress` but goes where its URLs say (no `connect_to`), for
+/// `credproxy egress-check`.
+pub fn egress_client(config: &Config, egress: &Egress) -> Result<Client, String> {
+    let dialer = Dialer {
+        connect_to: None,
+        connect_timeout: config.upstream.connect_timeout,
+        egress: egress.clone(),
+    };
+    Ok(build_client(
+        dialer,
+        tls_config(&config.upstream.extra_roots)?,
+        &config.upstream,
+    ))
+}
+
 fn build_client(dialer: Dialer, tls: rustls::ClientConfig, settings: &Upstream) -> Client {
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
@@ -479,4 +494,48 @@ async fn dial_now(
     Err(last.unwrap_or(DialError::NoAddress {
         host: host.to_string(),
     }))
+}
+
+/// What a "what is my IP" service at `url` sees when asked through `egress` (first line of its
+/// answer, cut short).
+pub async fn check_source(config: &Config, egress: &Egress, url: &str) -> Result<String, String> {
+    use http_body_util::BodyExt;
+    let client = egress_client(config, egress)?;
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    let mut req = http::Request::get(uri.clone())
+        .body(crate::body::empty())
+        .map_err(|e| e.to_string())?;
+    if let Some(proxy) = &egress.proxy
+        && uri.scheme_str() == Some("http")
+        && let Some(auth) = &proxy.authorization
+    {
+        req.headers_mut()
+            .insert(http::header::PROXY_AUTHORIZATION, auth.clone());
+    }
+    let resp = tokio::time::timeout(config.upstream.response_timeout, client.request(req))
+        .await
+        .map_err(|_| "no answer in time".to_string())?
+        .map_err(|e| crate::forward::describe_client_error(uri.host().unwrap_or(""), &e))?;
+    let status = resp.status();
+    let body = http_body_util::Limited::new(resp.into_body(), 4096)
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    let first = text
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .chars()
+        .take(200)
+        .collect::<String>();
+    if status.is_success() {
+        Ok(first)
+    } else {
+        Err(format!("HTTP {status}: {first}"))
+    }
 }

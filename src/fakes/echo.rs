@@ -1,5 +1,6 @@
-//! A generic upstream for tests: echoes every request (see [`super::echo_response`]), and
-//! `/redirect?to=URL` answers 302 to `URL`, `/status/NNN` answers that status.
+//! A generic upstream for tests: echoes every request (see [`super::echo_response`]),
+//! `/redirect?to=URL` answers 302 to `URL`, `/status/NNN` answers that status, and `/ip` answers
+//! the caller's source address, like a "what is my IP" service.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +18,10 @@ pub fn start(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) -> F
 
 fn handle(req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let path = req.uri().path();
+    if path == "/ip" {
+        // A "what is my IP" service: the source address this request came from.
+        return respond(StatusCode::OK, "text/plain", format!("{}\n", peer.ip()));
+    }
     if path == "/redirect" {
         let to = req
             .uri()

@@ -10,6 +10,7 @@ pub mod cloudneeti;
 pub mod echo;
 pub mod issuer;
 pub mod oauth;
+pub mod proxy;
 pub mod stackbill;
 pub mod twotcloud;
 
