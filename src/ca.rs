@@ -203,7 +203,7 @@ fn permitted_names(cert: &CertificateDer<'_>) -> Result<Option<Vec<String>>, CaE
 }
 
 /// Where the local CA lives, and how to make one.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaFiles {
     pub cert: PathBuf,
     pub key: PathBuf,

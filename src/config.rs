@@ -422,6 +422,8 @@ struct LocalEndpointFile {
 
 #[derive(Debug)]
 pub struct Config {
+    /// The file this config came from (reloads re-read it).
+    pub source: String,
     pub listen: SocketAddr,
     pub unmapped: Unmapped,
     pub upstream: Upstream,
@@ -454,7 +456,7 @@ pub struct Limits {
     pub replay_buffer: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaSettings {
     pub files: crate::ca::CaFiles,
     pub leaf_days: u32,
@@ -682,6 +684,7 @@ impl Validator<'_> {
         let local_endpoints = self.local_endpoints(raw.local_endpoints, &routes, raw.listen);
         let ca = self.ca(&raw.ca, raw.state_dir.as_deref(), &routes);
         Config {
+            source: self.file.to_string(),
             listen: raw.listen,
             unmapped: raw.unmapped,
             upstream,

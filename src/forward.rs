@@ -69,11 +69,18 @@ async fn serve(
         return response;
     }
     let result = async {
-        let target = target(&entry, &req)?;
+        let local = match &entry {
+            Entry::Local(name) => Some(state.config.routes.by_name(name).cloned().ok_or_else(|| {
+                let e = ProxyError::bad_request("route_gone", format!("route `{name}` is no longer in the config; restart credproxy to drop this local endpoint"));
+                (e, None)
+            })?),
+            _ => None,
+        };
+        let target = target(&entry, local.as_ref(), &req)?;
         host_for_log = target.host.clone();
         path_for_log = target.path().to_string();
         let route = match &entry {
-            Entry::Local(r) => Some(r.clone()),
+            Entry::Local(_) => local.clone(),
             Entry::Proxy | Entry::Intercepted(_) => state
                 .config
                 .routes
@@ -109,6 +116,7 @@ async fn serve(
 
 fn target(
     entry: &Entry,
+    local: Option<&Arc<Route>>,
     req: &Request<Incoming>,
 ) -> Result<Target, (ProxyError, Option<Arc<Route>>)> {
     let uri = req.uri();
@@ -120,7 +128,13 @@ fn target(
         return Err((err, None));
     }
     match entry {
-        Entry::Local(route) => {
+        Entry::Local(_) => {
+            let Some(route) = local else {
+                return Err((
+                    ProxyError::bad_request("route_gone", "no route for this local endpoint"),
+                    None,
+                ));
+            };
             let fail = |e| Err((e, Some(route.clone())));
             if req.method() == Method::CONNECT || uri.scheme().is_some() {
                 return fail(ProxyError::bad_request(

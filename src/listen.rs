@@ -1,5 +1,8 @@
 //! Listeners: the forward-proxy port and one port per local endpoint. Each connection is served by
 //! hyper (HTTP/1.1 with keep-alive, or HTTP/2) and each request goes to [`forward::handle`].
+//!
+//! The running [`State`] sits behind an `ArcSwap`: a reload builds a whole new state and swaps it
+//! in one store; each request takes the state current when it starts and finishes on it.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -19,7 +22,6 @@ use crate::config::Config;
 use crate::forward;
 use crate::mitm::Leaves;
 use crate::outbound::Outbound;
-use crate::route::Route;
 use crate::token::Tokens;
 
 /// What a request arriving on a listener is.
@@ -27,11 +29,14 @@ use crate::token::Tokens;
 pub enum Entry {
     /// The forward proxy: absolute-form requests for any host.
     Proxy,
-    /// A local endpoint: origin-form requests, all for this route.
-    Local(Arc<Route>),
+    /// A local endpoint: origin-form requests, all for the route of this name.
+    Local(Arc<str>),
     /// Decrypted requests inside an intercepted CONNECT tunnel to (host, port).
     Intercepted(Arc<(String, u16)>),
 }
+
+/// The current state; a reload replaces it.
+pub type Shared = Arc<arc_swap::ArcSwap<State>>;
 
 /// Everything a request needs, built once per config.
 pub struct State {
@@ -47,26 +52,45 @@ pub struct State {
 
 impl State {
     pub fn new(config: Config) -> Result<State, String> {
+        State::build(config, None)
+    }
+
+    /// A state for `config`. With the `previous` one (a reload), token caches of providers whose
+    /// settings did not change, and the minted leaves when the CA did not change, carry over.
+    pub fn build(config: Config, previous: Option<&State>) -> Result<State, String> {
         let outbound = Outbound::new(&config)?;
         let tokens = config
             .providers
             .iter()
             .filter(|p| p.uses_tokens())
             .map(|p| {
-                let client = outbound.for_provider(&p.name).clone();
-                (
-                    p.name.clone(),
-                    Tokens::new(p.clone(), client, config.tokens.clone()),
-                )
+                let kept = previous
+                    .and_then(|old| old.tokens.get(&p.name))
+                    .filter(|t| t.provider.fingerprint() == p.fingerprint())
+                    .cloned();
+                let tokens = kept.unwrap_or_else(|| {
+                    let client = outbound.for_provider(&p.name).clone();
+                    Tokens::new(p.clone(), client, config.tokens.clone())
+                });
+                (p.name.clone(), tokens)
             })
             .collect();
         let leaves = if config.routes.iter().next().is_some() {
-            let ca = crate::ca::load_or_create(&config.ca.files).map_err(|e| e.to_string())?;
-            Some(Arc::new(Leaves::new(
-                ca,
-                config.ca.leaf_days,
-                config.ca.leaf_cache,
-            )))
+            let kept = previous
+                .filter(|old| old.config.ca == config.ca)
+                .and_then(|old| old.leaves.clone());
+            match kept {
+                Some(kept) => Some(kept),
+                None => {
+                    let ca =
+                        crate::ca::load_or_create(&config.ca.files).map_err(|e| e.to_string())?;
+                    Some(Arc::new(Leaves::new(
+                        ca,
+                        config.ca.leaf_days,
+                        config.ca.leaf_cache,
+                    )))
+                }
+            }
         } else {
             None
         };
@@ -98,7 +122,7 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Each local endpoint's route name and bound address, in config order.
     pub local_endpoints: Vec<(String, SocketAddr)>,
-    state: Arc<State>,
+    state: Shared,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -114,9 +138,21 @@ impl Running {
         }
     }
 
+    /// Re-reads the config file the proxy was started from and swaps it in, or keeps the
+    /// current one and says why not.
+    pub fn reload(&self) -> Result<(), String> {
+        reload(&self.state)
+    }
+
+    /// The state requests currently run on.
+    pub fn state(&self) -> Arc<State> {
+        self.state.load_full()
+    }
+
     /// Leaves minted for interception so far.
     pub fn leaf_mints(&self) -> u64 {
         self.state
+            .load()
             .leaves
             .as_ref()
             .map_or(0, |l| l.mints.load(std::sync::atomic::Ordering::Relaxed))
@@ -124,7 +160,7 @@ impl Running {
 
     /// The token cache of a token provider (its counters say how many tokens were fetched).
     pub fn tokens(&self, provider: &str) -> Option<Arc<Tokens>> {
-        self.state.tokens.get(provider).cloned()
+        self.state.load().tokens.get(provider).cloned()
     }
 
     /// Runs until one of the listeners stops (it does not, short of a shutdown).
@@ -140,19 +176,22 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let mut bound = Vec::new();
     bound.push((bind(config.listen).await?, Entry::Proxy));
     for ep in &config.local_endpoints {
-        bound.push((bind(ep.listen).await?, Entry::Local(ep.route.clone())));
+        bound.push((
+            bind(ep.listen).await?,
+            Entry::Local(ep.route.name.as_str().into()),
+        ));
     }
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    let state = Arc::new(state);
+    let state: Shared = Arc::new(arc_swap::ArcSwap::from_pointee(state));
     let (shutdown, stop) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let mut addr = None;
     let mut local_endpoints = Vec::new();
     for (listener, entry) in bound {
         let local = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: state.config.listen,
+            addr: state.load().config.listen,
             source,
         })?;
         match &entry {
@@ -161,18 +200,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 addr = Some(local);
             }
             Entry::Local(route) => {
-                tracing::info!(
-                    "local endpoint for route `{}` listening on http://{local}",
-                    route.name
-                );
-                local_endpoints.push((route.name.clone(), local));
+                tracing::info!("local endpoint for route `{route}` listening on http://{local}");
+                local_endpoints.push((route.to_string(), local));
             }
             Entry::Intercepted(_) => {}
         }
         tasks.spawn(accept_loop(listener, entry, state.clone(), stop.clone()));
     }
     Ok(Running {
-        addr: addr.unwrap_or(state.config.listen),
+        addr: addr.unwrap_or(state.load().config.listen),
         local_endpoints,
         state,
         shutdown,
@@ -201,13 +237,43 @@ pub fn http_server(config: &Config) -> auto::Builder<TokioExecutor> {
     server
 }
 
+/// Re-reads the config file of the current state and swaps in a state built from it. A file with
+/// problems, or one that changes the listeners (they are bound once), leaves everything as it was.
+pub fn reload(shared: &Shared) -> Result<(), String> {
+    let old = shared.load_full();
+    let path = std::path::PathBuf::from(&old.config.source);
+    let config = crate::config::load(&path).map_err(|e| e.to_string())?;
+    let listeners = |c: &Config| {
+        let mut l: Vec<(SocketAddr, String)> = c
+            .local_endpoints
+            .iter()
+            .map(|e| (e.listen, e.route.name.clone()))
+            .collect();
+        l.push((c.listen, String::new()));
+        l
+    };
+    if listeners(&config) != listeners(&old.config) {
+        return Err(format!(
+            "{}: `listen` or `local_endpoints` changed: listeners are bound at start, so restart credproxy to change them; the running config stays",
+            path.display()
+        ));
+    }
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let new = State::build(config, Some(&old))?;
+    shared.store(Arc::new(new));
+    tracing::info!("reloaded {}", path.display());
+    Ok(())
+}
+
 async fn accept_loop(
     listener: TcpListener,
     entry: Entry,
-    state: Arc<State>,
+    shared: Shared,
     mut stop: watch::Receiver<bool>,
 ) {
-    let server = http_server(&state.config);
+    let server = http_server(&shared.load().config);
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -223,10 +289,11 @@ async fn accept_loop(
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let state = state.clone();
+        let shared = shared.clone();
         let entry = entry.clone();
         let service = service_fn(move |req| {
-            let state = state.clone();
+            // Each request runs on the state current when it arrives, to its end.
+            let state = shared.load_full();
             let entry = entry.clone();
             async move { Ok::<_, Infallible>(forward::handle(state, entry, req, peer).await) }
         });

@@ -259,7 +259,7 @@ async fn run(file: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    shutdown_signal().await;
+    wait_for_signals(Some(&running)).await;
     tracing::info!("shutting down: finishing in-flight requests");
     running.shutdown(Duration::from_secs(10)).await;
     ExitCode::SUCCESS
@@ -274,12 +274,14 @@ async fn demo(port: u16) -> ExitCode {
         }
     };
     print!("{}", demo.instructions().await);
-    shutdown_signal().await;
+    wait_for_signals(None).await;
     demo.stop().await;
     ExitCode::SUCCESS
 }
 
-async fn shutdown_signal() {
+/// Returns on SIGINT or SIGTERM. SIGHUP reloads the config of `running` (without one, it is
+/// ignored: an unhandled SIGHUP would kill the process, which systemd counts as a clean exit).
+async fn wait_for_signals(running: Option<&credproxy::Running>) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -296,9 +298,13 @@ async fn shutdown_signal() {
             tokio::select! {
                 _ = &mut ctrl_c => return,
                 _ = term.recv() => return,
-                // Without a handler SIGHUP would kill the process, and systemd counts that as a
-                // clean exit (no restart). Live reload is not implemented yet: keep running.
-                _ = hup.recv() => tracing::warn!("SIGHUP received: live reload is not supported yet; restart credproxy to apply a new config"),
+                _ = hup.recv() => match running {
+                    Some(r) => match r.reload() {
+                        Ok(()) => {}
+                        Err(e) => tracing::error!("reload refused, the running config stays:\n{e}"),
+                    },
+                    None => tracing::info!("SIGHUP ignored: the demo has nothing to reload"),
+                },
             }
         }
     }

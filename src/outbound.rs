@@ -53,7 +53,8 @@ impl UpstreamProxy {
 }
 
 impl Egress {
-    fn key(&self) -> String {
+    /// Identifies the way out (credentials by fingerprint only).
+    pub fn key(&self) -> String {
         format!(
             "{:?}|{}",
             self.bind,

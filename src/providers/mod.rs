@@ -66,6 +66,29 @@ impl Provider {
         }
     }
 
+    /// Changes whenever anything about the provider changes, secrets included (a reload keeps
+    /// the token cache of a provider whose fingerprint is the same). Never shown.
+    pub fn fingerprint(&self) -> String {
+        let mut text = format!(
+            "{}|{:?}|{:?}|{}",
+            self.kind_name,
+            self.kind,
+            self.connect_to,
+            self.egress.key()
+        );
+        for s in self.secrets() {
+            text.push('|');
+            text.push_str(s.expose());
+        }
+        if let Kind::Static(list) = &self.kind {
+            for (_, v) in list {
+                text.push('|');
+                text.push_str(&String::from_utf8_lossy(v.as_bytes()));
+            }
+        }
+        crate::token::fingerprint(&Secret::new(text))
+    }
+
     /// The headers this provider sets on requests.
     pub fn header_names(&self) -> Vec<HeaderName> {
         match &self.kind {
