@@ -850,9 +850,24 @@ impl Validator<'_> {
                 let app_id = self.secret(&c.app_id, &format!("{k}.app_id"), false);
                 let app_secret = self.secret(&c.app_secret, &format!("{k}.app_secret"), true);
                 let sub = self.secret(&c.subscription_key, &format!("{k}.subscription_key"), true);
+                // The license id goes into the token URL's path: it may come from env/file like a
+                // secret, and must be a plain id.
+                let license = self.secret(&c.license_id, &format!("{k}.license_id"), false)?;
+                if !license
+                    .expose()
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+                {
+                    self.problem(
+                        &c.license_id,
+                        format!("{k}.license_id"),
+                        "must be a license id (letters, digits, `-`)",
+                    );
+                    return None;
+                }
                 let recipe = providers::exchange::cloudneeti(
                     &c.api_host.value,
-                    &c.license_id.value,
+                    license.expose(),
                     c.endpoint,
                     app_id?,
                     app_secret?,

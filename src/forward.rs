@@ -57,6 +57,7 @@ async fn serve(
     let started = Instant::now();
     let method = req.method().clone();
     let mut route_name = None;
+    let mut provider_name = None;
     let mut host_for_log = String::new();
     let mut path_for_log = String::new();
     if req.method() == Method::CONNECT && matches!(entry, Entry::Proxy) {
@@ -88,6 +89,7 @@ async fn serve(
                 .cloned(),
         };
         route_name = route.as_ref().map(|r| r.name.clone());
+        provider_name = route.as_ref().map(|r| r.provider.name.clone());
         forward(&state, route.as_deref(), target, req)
             .await
             .map_err(|e| (e, route))
@@ -100,6 +102,11 @@ async fn serve(
             err.into_response(route.as_deref())
         }
     };
+    state.metrics.request(
+        route_name.as_deref().unwrap_or("-"),
+        provider_name.as_deref().unwrap_or("-"),
+        response.status().as_u16(),
+    );
     // The path is logged without its query: query strings can carry secrets.
     tracing::info!(
         %peer,
@@ -312,7 +319,15 @@ async fn forward(
                 .headers_mut()
                 .insert(header::PROXY_AUTHORIZATION, auth.clone());
         }
+        let sent = Instant::now();
         let mut response = send(state, client, upstream_req, &authority).await?;
+        state
+            .metrics
+            .upstream_latency
+            .get_or_create(&crate::metrics::RouteLabel {
+                route: route.map_or("-", |r| r.name.as_str()).to_string(),
+            })
+            .observe(sent.elapsed().as_secs_f64());
         if response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED
             && let Some(proxy) = &egress.proxy
         {
@@ -353,6 +368,10 @@ async fn forward(
                 retried = true;
                 continue;
             } else {
+                // No replay, but the token is still bad: the next request must not reuse it.
+                if let Some(tokens) = state.tokens.get(provider) {
+                    tokens.invalidate(&token.scope, token.generation);
+                }
                 response.headers_mut().insert(
                     "x-credproxy-retry",
                     http::HeaderValue::from_static("skipped-body-too-large"),

@@ -17,6 +17,7 @@ pub mod error;
 pub mod fakes;
 pub mod forward;
 pub mod listen;
+pub mod metrics;
 pub mod mitm;
 pub mod outbound;
 pub mod providers;

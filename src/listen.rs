@@ -48,6 +48,10 @@ pub struct State {
     pub leaves: Option<Arc<Leaves>>,
     /// (client address, host) pairs already warned about an untrusted CA.
     pub warned_untrusted: std::sync::Mutex<std::collections::HashSet<(std::net::IpAddr, String)>>,
+    /// Process-wide: a reload hands the same registry on.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// When this state was built (start or reload), for `/status`.
+    pub loaded_at: std::time::SystemTime,
 }
 
 impl State {
@@ -94,12 +98,15 @@ impl State {
         } else {
             None
         };
+        let metrics = previous.map_or_else(crate::metrics::Metrics::new, |old| old.metrics.clone());
         Ok(State {
             config,
             outbound,
             tokens,
             leaves,
             warned_untrusted: Default::default(),
+            metrics,
+            loaded_at: std::time::SystemTime::now(),
         })
     }
 }
@@ -237,6 +244,22 @@ pub fn http_server(config: &Config) -> auto::Builder<TokioExecutor> {
     server
 }
 
+/// Counts a client connection in `credproxy_open_connections` while it lives.
+struct OpenConnection(Arc<crate::metrics::Metrics>);
+
+impl OpenConnection {
+    fn new(metrics: Arc<crate::metrics::Metrics>) -> OpenConnection {
+        metrics.open_connections.inc();
+        OpenConnection(metrics)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open_connections.dec();
+    }
+}
+
 /// Re-reads the config file of the current state and swaps in a state built from it. A file with
 /// problems, or one that changes the listeners (they are bound once), leaves everything as it was.
 pub fn reload(shared: &Shared) -> Result<(), String> {
@@ -289,6 +312,7 @@ async fn accept_loop(
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
+        let open = OpenConnection::new(shared.load().metrics.clone());
         let shared = shared.clone();
         let entry = entry.clone();
         let service = service_fn(move |req| {
@@ -303,6 +327,7 @@ async fn accept_loop(
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, "connection ended: {e}");
             }
+            drop(open);
         });
     }
     drop(listener);

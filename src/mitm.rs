@@ -20,6 +20,8 @@ pub struct Leaves {
     cache: Mutex<Cache>,
     /// Leaves minted so far (tests and metrics: a cache hit does not count).
     pub mints: AtomicU64,
+    /// Handshakes that found their leaf cached.
+    pub hits: AtomicU64,
 }
 
 #[derive(Default)]
@@ -37,6 +39,7 @@ impl Leaves {
             capacity: capacity.max(1),
             cache: Mutex::new(Cache::default()),
             mints: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
         }
     }
 
@@ -67,6 +70,10 @@ impl Leaves {
             }
             cache.cells.get(host).cloned().unwrap_or_default()
         };
+        if let Some((config, _)) = cell.get() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(config.clone());
+        }
         let (config, _) = cell
             .get_or_try_init(|| async {
                 self.mints.fetch_add(1, Ordering::Relaxed);

@@ -68,7 +68,7 @@ pub enum TokenError {
         what: String,
         excerpt: String,
     },
-    #[error("{last} (retrying in {}s)", .retry_in.as_secs().max(1))]
+    #[error("{last} (retrying in {}s)", .retry_in.as_secs_f64().ceil().max(1.0))]
     BackingOff {
         last: Box<TokenError>,
         retry_in: Duration,
@@ -194,12 +194,7 @@ impl Tokens {
         let started = Instant::now();
         let result = match tokio::time::timeout(
             self.lifecycle.timeout,
-            crate::providers::fetch_token(
-                &self.provider,
-                &self.client,
-                scope,
-                self.lifecycle.timeout,
-            ),
+            crate::providers::fetch_token(&self.provider, &self.client, scope),
         )
         .await
         {
@@ -230,7 +225,7 @@ impl Tokens {
                     fingerprint = %fingerprint(&token.value),
                     "token fetched"
                 );
-                self.schedule_refresh(slot, scope, lifetime, started);
+                self.schedule_refresh(slot, scope, generation, lifetime, started);
                 Ok(token)
             }
             Err(error) => {
@@ -274,6 +269,7 @@ impl Tokens {
         self: &Arc<Self>,
         slot: &Arc<Slot>,
         scope: &str,
+        generation: u64,
         lifetime: Duration,
         fetched_at: Instant,
     ) {
@@ -295,14 +291,9 @@ impl Tokens {
                 return;
             }
             let _flight = slot.fetching.lock().await;
-            // Someone refetched meanwhile (a 401, or expiry): their timer owns the next refresh.
-            let current_gen = slot
-                .current
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .map(|t| t.generation);
-            if current_gen != Some(slot.generation.load(Ordering::Relaxed)) {
+            // Someone refetched meanwhile (a 401, or expiry): that fetch's timer owns the next
+            // refresh, and this one must not add a second.
+            if slot.generation.load(Ordering::Relaxed) != generation {
                 return;
             }
             tokens

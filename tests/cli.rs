@@ -302,6 +302,8 @@ routes:
         CLIENT_OWN,
         basic_b64,
         "query-is-not-logged",
+        OAUTH_SECRET,
+        access_token.as_str(),
     ] {
         assert!(!logs.contains(secret), "`{secret}` leaked into the logs");
         assert!(

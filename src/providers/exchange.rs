@@ -111,7 +111,7 @@ impl Recipe {
         // `/onboarding/license/{id}/account/aws` (a license-level call) is not an account scope.
         let segs: Vec<&str> = path.split('/').collect();
         segs.windows(3)
-            .find(|w| w[0] == scoped.segment && !w[1].is_empty())
+            .find(|w| w[0] == scoped.segment && !w[1].is_empty() && !w[2].is_empty())
             .map(|w| w[1])
     }
 
@@ -274,6 +274,7 @@ mod tests {
             Some("acc-1")
         );
         assert_eq!(r.scope_of("/onboarding/license/L/account/aws"), None);
+        assert_eq!(r.scope_of("/onboarding/license/L/account/aws/"), None);
         assert_eq!(r.scope_of("/onboarding/license/L/licenseAccounts"), None);
         assert_eq!(
             r.url_for("acc 1"),

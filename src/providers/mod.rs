@@ -11,8 +11,6 @@ pub mod exchange;
 pub mod headers;
 pub mod oauth2;
 
-use std::time::Duration;
-
 use http::{HeaderName, HeaderValue};
 
 use crate::outbound::Client;
@@ -114,7 +112,6 @@ pub async fn fetch_token(
     p: &Provider,
     client: &Client,
     scope: &str,
-    _timeout: Duration,
 ) -> Result<Fetched, TokenError> {
     let secrets = p.secrets();
     match &p.kind {

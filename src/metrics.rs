@@ -1,0 +1,139 @@
+//! Prometheus metrics. The registry lives as long as the process (reloads keep it); token and
+//! certificate counters are read from the current state's caches when scraped.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::listen::State;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub provider: String,
+    /// `2xx`, `4xx`, …
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+type LatencyFamily = Family<RouteLabel, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub upstream_latency: LatencyFamily,
+    pub open_connections: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms to ~8 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 15))
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let upstream_latency = LatencyFamily::new_with_constructor(latency_histogram);
+        let open_connections = Gauge::default();
+        registry.register(
+            "credproxy_requests",
+            "Requests answered, by route, provider and status class",
+            requests.clone(),
+        );
+        registry.register(
+            "credproxy_upstream_latency_seconds",
+            "Time from sending a request upstream to its response headers",
+            upstream_latency.clone(),
+        );
+        registry.register(
+            "credproxy_open_connections",
+            "Client connections open now",
+            open_connections.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            requests,
+            upstream_latency,
+            open_connections,
+        })
+    }
+
+    pub fn request(&self, route: &str, provider: &str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_string(),
+                provider: provider.to_string(),
+                status: format!("{}xx", status / 100),
+            })
+            .inc();
+    }
+
+    /// The OpenMetrics text for `/metrics`, with the current state's token and leaf counters.
+    pub fn encode(&self, state: &State) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            return String::new();
+        }
+        let body = out.strip_suffix("# EOF\n").unwrap_or(&out).to_string();
+        let mut extra = String::new();
+        let counters: [(&str, &str, fn(&crate::token::Stats) -> u64); 4] = [
+            ("credproxy_token_fetches", "Token requests made", |s| {
+                s.fetches.load(Ordering::Relaxed)
+            }),
+            (
+                "credproxy_token_failures",
+                "Token requests that failed",
+                |s| s.failures.load(Ordering::Relaxed),
+            ),
+            (
+                "credproxy_token_proactive_refreshes",
+                "Tokens refreshed before expiry",
+                |s| s.proactive_refreshes.load(Ordering::Relaxed),
+            ),
+            (
+                "credproxy_token_retries_after_401",
+                "Requests resent once with a fresh token after a 401",
+                |s| s.retries_after_401.load(Ordering::Relaxed),
+            ),
+        ];
+        let mut providers: Vec<_> = state.tokens.iter().collect();
+        providers.sort_by(|a, b| a.0.cmp(b.0));
+        for (name, help, get) in counters {
+            let _ = writeln!(extra, "# HELP {name} {help}.\n# TYPE {name} counter");
+            for (provider, tokens) in &providers {
+                let _ = writeln!(
+                    extra,
+                    "{name}_total{{provider=\"{provider}\"}} {}",
+                    get(&tokens.stats)
+                );
+            }
+        }
+        let (minted, hits) = state.leaves.as_ref().map_or((0, 0), |l| {
+            (
+                l.mints.load(Ordering::Relaxed),
+                l.hits.load(Ordering::Relaxed),
+            )
+        });
+        let _ = writeln!(
+            extra,
+            "# HELP credproxy_leaf_certificates_minted Leaf certificates minted for interception.\n# TYPE credproxy_leaf_certificates_minted counter\ncredproxy_leaf_certificates_minted_total {minted}"
+        );
+        let _ = writeln!(
+            extra,
+            "# HELP credproxy_leaf_cache_hits Handshakes served with a cached leaf.\n# TYPE credproxy_leaf_cache_hits counter\ncredproxy_leaf_cache_hits_total {hits}"
+        );
+        body + &extra + "# EOF\n"
+    }
+}
