@@ -27,6 +27,8 @@ pub struct RouteLabel {
     pub route: String,
 }
 
+type StatFn = fn(&crate::token::Stats) -> u64;
+
 type LatencyFamily = Family<RouteLabel, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
@@ -88,7 +90,7 @@ impl Metrics {
         }
         let body = out.strip_suffix("# EOF\n").unwrap_or(&out).to_string();
         let mut extra = String::new();
-        let counters: [(&str, &str, fn(&crate::token::Stats) -> u64); 4] = [
+        let counters: [(&str, &str, StatFn); 4] = [
             ("credproxy_token_fetches", "Token requests made", |s| {
                 s.fetches.load(Ordering::Relaxed)
             }),
