@@ -44,6 +44,8 @@ struct File {
     /// override it.
     #[serde(default)]
     egress: EgressFile,
+    #[serde(default)]
+    admin: AdminFile,
     /// What `credproxy egress-check` asks for the source address it sees.
     #[serde(default = "default_check_url")]
     egress_check_url: String,
@@ -131,6 +133,33 @@ fn default_replay_buffer() -> usize {
     1024 * 1024
 }
 
+/// The admin listener: health, readiness, metrics, status, reload.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminFile {
+    #[serde(default = "default_admin_listen")]
+    listen: SocketAddr,
+    #[serde(default = "yes")]
+    enabled: bool,
+}
+
+impl Default for AdminFile {
+    fn default() -> Self {
+        AdminFile {
+            listen: default_admin_listen(),
+            enabled: true,
+        }
+    }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+
+fn yes() -> bool {
+    true
+}
+
 fn default_check_url() -> String {
     "https://api.ipify.org".into()
 }
@@ -199,6 +228,9 @@ struct TokensFile {
     backoff_initial: Duration,
     #[serde(default = "d60s", deserialize_with = "duration")]
     backoff_max: Duration,
+    /// Fetch each provider's default token at start; `/readyz` waits for them.
+    #[serde(default)]
+    prefetch: bool,
 }
 
 impl Default for TokensFile {
@@ -208,6 +240,7 @@ impl Default for TokensFile {
             refresh_at: default_refresh_at(),
             backoff_initial: d1s(),
             backoff_max: d60s(),
+            prefetch: false,
         }
     }
 }
@@ -437,11 +470,13 @@ pub struct Config {
     /// How unmapped traffic and CONNECT tunnels leave (routes and providers have their own).
     pub egress: crate::outbound::Egress,
     pub egress_check_url: String,
+    /// The admin listener's address, when enabled.
+    pub admin: Option<SocketAddr>,
     /// Things that work but deserve a word at start (literal secrets in the file).
     pub warnings: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     pub extra_roots: Vec<CertificateDer<'static>>,
     pub connect_timeout: Duration,
@@ -701,7 +736,9 @@ impl Validator<'_> {
                 refresh_at: raw.tokens.refresh_at,
                 backoff_initial: raw.tokens.backoff_initial,
                 backoff_max: raw.tokens.backoff_max,
+                prefetch: raw.tokens.prefetch,
             },
+            admin: raw.admin.enabled.then_some(raw.admin.listen),
             ca,
             egress,
             egress_check_url: raw.egress_check_url,
@@ -1017,7 +1054,7 @@ impl Validator<'_> {
             u.split_once(':')
                 .map(|(_, p)| crate::secret::Secret::new(p))
         });
-        if userinfo.is_some() {
+        if userinfo.is_some_and(|u| u.contains(':')) {
             self.warnings.push(format!("{}: {key}.proxy: the proxy password is written in the URL; prefer `proxy_password: env:NAME`", self.file));
         }
         if let Some(u) = &raw.proxy_username {
@@ -1027,6 +1064,13 @@ impl Validator<'_> {
         }
         if let Some(pw) = &raw.proxy_password {
             pass = self.secret(pw, &format!("{key}.proxy_password"), true);
+        }
+        if user.is_some() != pass.is_some() {
+            self.problem(
+                p,
+                format!("{key}.proxy"),
+                "give both a proxy username and a password, or neither",
+            );
         }
         let authorization = match (user, pass) {
             (Some(u), Some(pw)) => {
@@ -1427,7 +1471,7 @@ mod tests {
             (
                 "listen: 127.0.0.1:8080\nbogus: 1\n",
                 &[
-                    "c.yaml:2:1: bogus: unknown field `bogus`, expected one of listen, unmapped, upstream, limits, tokens, egress, egress_check_url, state_dir, ca, providers, routes, local_endpoints",
+                    "c.yaml:2:1: bogus: unknown field `bogus`, expected one of listen, unmapped, upstream, limits, tokens, egress, admin, egress_check_url, state_dir, ca, providers, routes, local_endpoints",
                 ],
             ),
             (

@@ -208,6 +208,7 @@ async fn start_fakes(tls: Arc<rustls::ServerConfig>) -> Result<Fakes, DemoError>
 
 fn config_yaml(dir: &Path, port: u16, local_port: u16, f: &Fakes) -> String {
     let d = dir.display();
+    let admin_port = if port == 0 { 0 } else { port.saturating_add(2) };
     let (two_t, stack, neeti, connexa, clean) = (
         f.two_t.addr,
         f.stack.addr,
@@ -220,6 +221,7 @@ fn config_yaml(dir: &Path, port: u16, local_port: u16, f: &Fakes) -> String {
 # connections to local fakes instead, which check credentials like the real services do.
 listen: 127.0.0.1:{port}
 state_dir: {d}/state
+admin: {{ listen: "127.0.0.1:{admin_port}" }}
 unmapped: passthrough
 upstream:
   extra_ca_files: [{d}/fakes-ca.pem]
@@ -415,6 +417,12 @@ impl Demo {
         );
         for (route, addr) in &self.proxy.local_endpoints {
             let _ = writeln!(out, "local endpoint for route `{route}` on http://{addr}");
+        }
+        if let Some(admin) = self.proxy.admin_addr {
+            let _ = writeln!(
+                out,
+                "admin endpoints on http://{admin} (try /status and /metrics)"
+            );
         }
         let f = &self.fakes;
         for (name, fake) in [

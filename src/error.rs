@@ -30,8 +30,6 @@ pub enum ProxyError {
         prefix: String,
         route: String,
     },
-    #[error("{what} is not supported yet")]
-    NotImplemented { what: &'static str },
     #[error("cannot connect to {host}: {cause}")]
     UpstreamConnect { host: String, cause: String },
     #[error("TLS with {host} failed: {cause}")]
@@ -79,7 +77,6 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
             ProxyError::NotRouted { .. } => StatusCode::NOT_FOUND,
-            ProxyError::NotImplemented { .. } => StatusCode::NOT_IMPLEMENTED,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTls { .. }
             | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
@@ -93,7 +90,6 @@ impl ProxyError {
             ProxyError::Denied { .. } => "host_denied",
             ProxyError::ClientCredentials { .. } => "client_credentials_rejected",
             ProxyError::NotRouted { .. } => "not_routed",
-            ProxyError::NotImplemented { .. } => "not_implemented",
             ProxyError::UpstreamConnect { .. } => "upstream_unreachable",
             ProxyError::UpstreamTls { .. } => "upstream_tls",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",

@@ -328,7 +328,10 @@ async fn forward(
                 route: route.map_or("-", |r| r.name.as_str()).to_string(),
             })
             .observe(sent.elapsed().as_secs_f64());
+        // Only plain HTTP talks to the upstream proxy directly; over HTTPS a 407 comes from
+        // inside the tunnel and is the API's own answer.
         if response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED
+            && scheme == Scheme::Http
             && let Some(proxy) = &egress.proxy
         {
             // The upstream proxy refused us: that is our configuration, not the client's to answer.

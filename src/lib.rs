@@ -7,6 +7,8 @@
 //! used by `credproxy demo` and the tests.
 #![deny(clippy::unwrap_used)]
 
+pub mod access;
+pub mod admin;
 pub mod body;
 pub mod ca;
 pub mod config;

@@ -70,7 +70,14 @@ impl State {
             .map(|p| {
                 let kept = previous
                     .and_then(|old| old.tokens.get(&p.name))
+                    // Same provider, and the same way of fetching (timeouts, trust): keep its tokens.
                     .filter(|t| t.provider.fingerprint() == p.fingerprint())
+                    .filter(|_| {
+                        previous.is_some_and(|old| {
+                            old.config.tokens == config.tokens
+                                && old.config.upstream == config.upstream
+                        })
+                    })
                     .cloned();
                 let tokens = kept.unwrap_or_else(|| {
                     let client = outbound.for_provider(&p.name).clone();
@@ -129,6 +136,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Each local endpoint's route name and bound address, in config order.
     pub local_endpoints: Vec<(String, SocketAddr)>,
+    /// The admin listener's address, when enabled.
+    pub admin_addr: Option<SocketAddr>,
     state: Shared,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -193,6 +202,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     let state: Shared = Arc::new(arc_swap::ArcSwap::from_pointee(state));
     let (shutdown, stop) = watch::channel(false);
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = JoinSet::new();
     let mut addr = None;
     let mut local_endpoints = Vec::new();
@@ -214,9 +224,44 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         }
         tasks.spawn(accept_loop(listener, entry, state.clone(), stop.clone()));
     }
+    let mut admin_addr = None;
+    if let Some(admin) = state.load().config.admin {
+        let listener = crate::admin::bind(admin)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: admin,
+                source,
+            })?;
+        let local = listener.local_addr().unwrap_or(admin);
+        tracing::info!(
+            "admin endpoints on http://{local} (/healthz /readyz /metrics /status, POST /reload)"
+        );
+        admin_addr = Some(local);
+        tasks.spawn(crate::admin::serve(
+            listener,
+            state.clone(),
+            ready.clone(),
+            stop.clone(),
+        ));
+    }
+    if state.load().config.tokens.prefetch {
+        for tokens in state
+            .load()
+            .tokens
+            .values()
+            .filter(|t| t.provider.prefetchable())
+        {
+            let tokens = tokens.clone();
+            tokio::spawn(async move {
+                let _ = tokens.get("").await;
+            });
+        }
+    }
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(Running {
         addr: addr.unwrap_or(state.load().config.listen),
         local_endpoints,
+        admin_addr,
         state,
         shutdown,
         tasks,
@@ -273,6 +318,9 @@ pub fn reload(shared: &Shared) -> Result<(), String> {
             .map(|e| (e.listen, e.route.name.clone()))
             .collect();
         l.push((c.listen, String::new()));
+        if let Some(a) = c.admin {
+            l.push((a, "admin".into()));
+        }
         l
     };
     if listeners(&config) != listeners(&old.config) {

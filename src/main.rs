@@ -51,6 +51,11 @@ enum Command {
         )]
         config: PathBuf,
     },
+    /// Ask the running proxy (through its admin listener) to reload its config file.
+    Reload {
+        #[arg(long, short, env = "CREDPROXY_CONFIG", default_value = "config.yaml")]
+        config: PathBuf,
+    },
     /// Ask a "what is my IP" service, through each route's egress path, which source address it
     /// sees: confirm it before registering it with an IP-bound API such as 2tCloud.
     EgressCheck {
@@ -102,6 +107,7 @@ fn main() -> ExitCode {
             Command::CheckConfig { file } => check_config(file),
             Command::Demo { port } => demo(port).await,
             Command::Ca { action, config } => ca(action, config),
+            Command::Reload { config } => reload(config).await,
             Command::EgressCheck { config, route, url } => egress_check(config, route, url).await,
         }
     })
@@ -135,6 +141,62 @@ fn check_config(file: PathBuf) -> ExitCode {
         Err(e) => {
             eprintln!("{e}");
             ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+async fn reload(file: PathBuf) -> ExitCode {
+    use http_body_util::BodyExt;
+    let config = match credproxy::config::load(&file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("credproxy: not asking for a reload: the file has problems");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(admin) = config.admin else {
+        eprintln!(
+            "credproxy: the admin listener is off (admin.enabled: false); send SIGHUP instead"
+        );
+        return ExitCode::FAILURE;
+    };
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let req = match http::Request::post(format!("http://{admin}/reload"))
+        .header("host", format!("127.0.0.1:{}", admin.port()))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("credproxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match client.request(req).await {
+        Ok(resp) => {
+            let ok = resp.status().is_success();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            let text: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            if ok {
+                println!("reloaded {}", file.display());
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "credproxy: reload refused: {}",
+                    text["message"].as_str().unwrap_or("(no reason given)")
+                );
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("credproxy: cannot reach the admin listener on {admin}: {e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -254,6 +316,12 @@ async fn run(file: PathBuf) -> ExitCode {
     };
     let running = match credproxy::start(config).await {
         Ok(r) => r,
+        // TLS roots and the CA are configuration: restarting will not fix them (exit 2, which
+        // the systemd unit does not restart on); a port in use may be transient (exit 1).
+        Err(e @ credproxy::listen::StartError::Tls(_)) => {
+            eprintln!("credproxy: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
         Err(e) => {
             eprintln!("credproxy: {e}");
             return ExitCode::FAILURE;

@@ -37,6 +37,22 @@ pub struct Token {
     pub usable_until: Instant,
     /// Increases with every fetch of this scope; a 401 names the generation it was refused with.
     pub generation: u64,
+    /// Wall-clock time of the fetch, for `/status`.
+    pub fetched_at: std::time::SystemTime,
+}
+
+/// What `/status` shows of one cached scope: times and errors, never a token.
+#[derive(Debug, serde::Serialize)]
+pub struct ScopeStatus {
+    pub scope: String,
+    pub generation: u64,
+    /// Seconds the current token stays usable; absent when there is none.
+    pub valid_for_s: Option<u64>,
+    /// Unix time of the last successful fetch.
+    pub fetched_at: Option<u64>,
+    pub last_error: Option<String>,
+    /// During a backoff: seconds until the next attempt.
+    pub retry_in_s: Option<u64>,
 }
 
 /// What a provider's fetch returns.
@@ -86,7 +102,7 @@ fn excerpt_suffix(excerpt: &str) -> String {
 }
 
 /// Lifecycle knobs (config `tokens:`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Lifecycle {
     /// Whole token request, connect to last byte.
     pub timeout: Duration,
@@ -94,6 +110,8 @@ pub struct Lifecycle {
     pub refresh_at: f64,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// Fetch default-scope tokens at start (readiness waits for them).
+    pub prefetch: bool,
 }
 
 impl Default for Lifecycle {
@@ -103,6 +121,7 @@ impl Default for Lifecycle {
             refresh_at: 0.8,
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
+            prefetch: false,
         }
     }
 }
@@ -175,6 +194,52 @@ impl Tokens {
         self.fetch_into(&slot, scope).await
     }
 
+    /// Every cached scope's state, for `/status`.
+    pub fn snapshot(&self) -> Vec<ScopeStatus> {
+        let slots: Vec<(String, Arc<Slot>)> = {
+            let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        let now = Instant::now();
+        let mut out: Vec<ScopeStatus> = slots
+            .into_iter()
+            .map(|(scope, slot)| {
+                let current = slot
+                    .current
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let failure = slot.failure.lock().unwrap_or_else(|e| e.into_inner());
+                ScopeStatus {
+                    scope,
+                    generation: slot.generation.load(Ordering::Relaxed),
+                    valid_for_s: current
+                        .as_ref()
+                        .filter(|t| t.usable_until > now)
+                        .map(|t| (t.usable_until - now).as_secs()),
+                    fetched_at: current.as_ref().and_then(|t| {
+                        t.fetched_at
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .ok()
+                            .map(|d| d.as_secs())
+                    }),
+                    last_error: failure.as_ref().map(|f| f.error.to_string()),
+                    retry_in_s: failure
+                        .as_ref()
+                        .filter(|f| f.retry_at > now)
+                        .map(|f| (f.retry_at - now).as_secs_f64().ceil() as u64),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.scope.cmp(&b.scope));
+        out
+    }
+
+    /// Whether `scope` has a usable token now (readiness).
+    pub fn has_token(&self, scope: &str) -> bool {
+        self.slot(scope).valid().is_some()
+    }
+
     /// The upstream refused `generation`: drop it, unless a newer token already replaced it.
     pub fn invalidate(&self, scope: &str, generation: u64) {
         let slot = self.slot(scope);
@@ -213,6 +278,7 @@ impl Tokens {
                     signing_secret: fetched.signing_secret,
                     expires_at: started + lifetime,
                     usable_until: started + lifetime - (lifetime / 10).min(Duration::from_secs(1)),
+                    fetched_at: std::time::SystemTime::now(),
                     generation,
                 });
                 *slot.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());

@@ -150,7 +150,7 @@ fn a_bind_address_that_is_not_local_fails_at_load() {
         .to_string();
     assert!(
         err.contains(
-            "c.yaml:6:9: egress.bind: 203.0.113.5 is not an address of this host (addresses: "
+            "c.yaml:7:9: egress.bind: 203.0.113.5 is not an address of this host (addresses: "
         ),
         "{err}"
     );

@@ -212,3 +212,208 @@ async fn sighup_reloads_the_running_binary() {
         log.lock().unwrap()
     );
 }
+
+async fn admin_get(admin: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let r = direct_client()
+        .get(format!("http://{admin}{path}"))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn admin_endpoints_health_metrics_status_and_reload() {
+    let env = Env::new();
+    let fake = echo::start(listener().await, Some(env.tls.clone()));
+    let issuer = Issuer::new(Duration::from_secs(3600));
+    let connexa = oauth::start(
+        listener().await,
+        Some(env.tls.clone()),
+        oauth::Settings {
+            client_id: "cid".into(),
+            client_secret: "cs-secret-value-Z".into(),
+        },
+        issuer.clone(),
+    );
+    let down = closed_port().await;
+    let body = |value: &str| {
+        env.base_yaml()
+            + &format!(
+                "unmapped: deny
+providers:
+  p:
+    headers: {{x-k: {value}}}
+  connexa:
+    oauth2:
+      token_url: 'https://{{host}}/api/v1/oauth/token'
+      client_id: cid
+      client_secret: cs-secret-value-Z
+      connect_to: '{c}'
+routes:
+  - {{host: api.example.com, provider: p, connect_to: '{f}'}}
+  - {{host: down.example.com, provider: p, connect_to: '127.0.0.1:{down}'}}
+  - {{host: '*.api.openvpn.com', provider: connexa, connect_to: '{c}'}}
+",
+                c = connexa.addr,
+                f = fake.addr
+            )
+    };
+    let path = env.write("config.yaml", &body("static-secret-value-Q"));
+    let proxy = credproxy::start(credproxy::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let admin = proxy.admin_addr.expect("admin listener");
+    assert_eq!(admin_get(admin, "/healthz").await, (200, "ok\n".into()));
+    assert_eq!(admin_get(admin, "/readyz").await.0, 200);
+
+    // A known sequence: 3 good, 1 upstream down, 1 denied, 1 token route.
+    let c = client(proxy.addr);
+    for _ in 0..3 {
+        assert_eq!(
+            c.get("http://api.example.com/x")
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    assert_eq!(
+        c.get("http://down.example.com/x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        502
+    );
+    assert_eq!(
+        c.get("http://elsewhere.example.com/x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let echo = echoed(
+        c.get("http://acme.api.openvpn.com/__echo")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let token = header_values(&echo, "authorization")[0]
+        .trim_start_matches("Bearer ")
+        .to_string();
+
+    let (status, metrics) = admin_get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.ends_with("# EOF\n"));
+    for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line `{line}`"));
+        assert!(value.parse::<f64>().is_ok(), "bad value in `{line}`");
+        assert!(
+            series
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic()),
+            "bad name in `{line}`"
+        );
+    }
+    let has = |s: &str| metrics.lines().any(|l| l == s);
+    assert!(
+        has(r#"credproxy_requests_total{route="api.example.com",provider="p",status="2xx"} 3"#),
+        "{metrics}"
+    );
+    assert!(
+        has(r#"credproxy_requests_total{route="down.example.com",provider="p",status="5xx"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        has(r#"credproxy_requests_total{route="-",provider="-",status="4xx"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        has(r#"credproxy_token_fetches_total{provider="connexa"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("credproxy_upstream_latency_seconds_bucket{"),
+        "{metrics}"
+    );
+    assert!(
+        has("credproxy_open_connections 1") || metrics.contains("credproxy_open_connections "),
+        "{metrics}"
+    );
+
+    let (status, text) = admin_get(admin, "/status").await;
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["routes"].as_array().unwrap().len(), 3);
+    let connexa_status = json["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "connexa")
+        .unwrap();
+    assert_eq!(connexa_status["tokens"][0]["scope"], "acme.api.openvpn.com");
+    assert!(connexa_status["tokens"][0]["valid_for_s"].as_u64().unwrap() > 3000);
+    for secret in ["static-secret-value-Q", "cs-secret-value-Z", token.as_str()] {
+        assert!(!text.contains(secret), "/status shows `{secret}`");
+    }
+    assert!(!metrics.contains("static-secret-value-Q") && !metrics.contains(&token));
+
+    // Reload through the admin endpoint, and through the CLI; a broken file is refused.
+    std::fs::write(&path, body("v2")).unwrap();
+    let r = direct_client()
+        .post(format!("http://{admin}/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let echo = echoed(c.get("http://api.example.com/__echo").send().await.unwrap()).await;
+    assert_eq!(header_values(&echo, "x-k"), ["v2"]);
+    std::fs::write(&path, body("v3") + "bogus: 1\n").unwrap();
+    let r = direct_client()
+        .post(format!("http://{admin}/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert!(r.text().await.unwrap().contains("unknown field `bogus`"));
+    // `credproxy reload` needs a file that parses to find the admin port.
+    std::fs::write(
+        &path,
+        body("v4").replace("127.0.0.1:0'}", &format!("{admin}'}}")),
+    )
+    .unwrap();
+    // (Run off the test's single runtime thread, which also serves the admin listener.)
+    let p = path.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_credproxy"))
+            .args(["reload", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    // The admin port changed in the file (0 → the real one), which needs a restart: refused, said so.
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("restart credproxy"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // DNS rebinding: a page on evil.example resolving to 127.0.0.1 cannot read the admin port.
+    let r = direct_client()
+        .get(format!("http://{admin}/status"))
+        .header("host", format!("evil.example:{}", admin.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+}

@@ -54,6 +54,16 @@ impl Provider {
         !matches!(self.kind, Kind::Static(_))
     }
 
+    /// Whether a token can be fetched before any request: not when its URL depends on the
+    /// request's host.
+    pub fn prefetchable(&self) -> bool {
+        match &self.kind {
+            Kind::Static(_) => false,
+            Kind::OAuth2(s) => !s.token_url.contains("{host}"),
+            Kind::Exchange(_) | Kind::CleanCloud(_) => true,
+        }
+    }
+
     /// The token cache key for a request: tokens differ per matched host (oauth2 with `{host}`
     /// in its URL) or per account (Cloudneeti account tokens); otherwise one token serves all.
     pub fn scope(&self, host: &str, path: &str) -> String {

@@ -89,7 +89,7 @@ impl Env {
     /// The config header every test uses: an ephemeral port and the test CA trusted upstream.
     pub fn base_yaml(&self) -> String {
         format!(
-            "listen: 127.0.0.1:0\nstate_dir: {}\nupstream:\n  extra_ca_files: [{}]\n",
+            "listen: 127.0.0.1:0\nstate_dir: {}\nadmin: {{listen: '127.0.0.1:0'}}\nupstream:\n  extra_ca_files: [{}]\n",
             self.state_dir().display(),
             self.ca_path.display()
         )

@@ -1,0 +1,169 @@
+//! The admin listener (loopback by default): `/healthz`, `/readyz`, `/metrics` (Prometheus text),
+//! `/status` (routes, providers, token state — never a secret) and `POST /reload`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::body::{Body, full};
+use crate::listen::{Shared, reload};
+
+/// Serves the admin endpoints until `stop` changes.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Shared,
+    ready: Arc<AtomicBool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, _peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(_) => continue,
+            },
+            _ = stop.changed() => return,
+        };
+        let (shared, ready) = (shared.clone(), ready.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let (shared, ready) = (shared.clone(), ready.clone());
+                async move { Ok::<_, Infallible>(handle(&shared, &ready, req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<bytes::Bytes>,
+) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
+    reply(status, "application/json", v.to_string() + "\n")
+}
+
+fn handle(shared: &Shared, ready: &AtomicBool, req: Request<Incoming>) -> Response<Body> {
+    // A web page must not reach the admin port through DNS rebinding: only loopback names.
+    if !crate::access::loopback_host(req.headers()) {
+        return json(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({"error": "host_not_allowed", "message": "the admin endpoints answer only requests addressed to a loopback host"}),
+        );
+    }
+    let state = shared.load_full();
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/readyz") => {
+            let missing: Vec<String> = if state.config.tokens.prefetch {
+                let mut m: Vec<String> = state
+                    .tokens
+                    .iter()
+                    .filter(|(_, t)| t.provider.prefetchable() && !t.has_token(""))
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                m.sort();
+                m
+            } else {
+                Vec::new()
+            };
+            if !ready.load(Ordering::Relaxed) {
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n")
+            } else if !missing.is_empty() {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("waiting for the first token of: {}\n", missing.join(", ")),
+                )
+            } else {
+                reply(StatusCode::OK, "text/plain", "ready\n")
+            }
+        }
+        (&Method::GET, "/metrics") => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            state.metrics.encode(&state),
+        ),
+        (&Method::GET, "/status") => json(StatusCode::OK, status(&state)),
+        (&Method::POST, "/reload") => match reload(shared) {
+            Ok(()) => json(StatusCode::OK, serde_json::json!({"reloaded": true})),
+            Err(e) => json(
+                StatusCode::CONFLICT,
+                serde_json::json!({"error": "reload_refused", "message": e}),
+            ),
+        },
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "not_found", "message": "admin endpoints: GET /healthz /readyz /metrics /status, POST /reload"}),
+        ),
+    }
+}
+
+fn status(state: &crate::listen::State) -> serde_json::Value {
+    let loaded = state
+        .loaded_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let routes: Vec<_> = state
+        .config
+        .routes
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "name": r.name,
+                "host": r.host.to_string(),
+                "path_prefix": r.path_prefix,
+                "provider": r.provider.name,
+                "upstream_scheme": r.upstream_scheme.as_str(),
+                "connect_to": r.connect_to.as_ref().map(|(h, p)| format!("{h}:{p}")),
+                "egress": r.egress.describe(),
+                "ip_bound": r.ip_bound,
+            })
+        })
+        .collect();
+    let providers: Vec<_> = state
+        .config
+        .providers
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "name": p.name,
+                "kind": p.kind_name,
+                "egress": p.egress.describe(),
+                "tokens": state.tokens.get(&p.name).map(|t| t.snapshot()),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "config": state.config.source,
+        "loaded_at": loaded,
+        "routes": routes,
+        "providers": providers,
+        "leaf_certificates": state.leaves.as_ref().map(|l| l.mints.load(Ordering::Relaxed)),
+    })
+}
+
+/// Binds the admin listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
