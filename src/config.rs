@@ -113,6 +113,9 @@ struct LimitsFile {
     /// A client must send its request head within this time (slowloris).
     #[serde(default = "d30s", deserialize_with = "duration")]
     header_read_timeout: Duration,
+    /// On SIGTERM, how long in-flight requests may take to finish before they are cut.
+    #[serde(default = "d10s", deserialize_with = "duration")]
+    drain_timeout: Duration,
     /// Token providers keep request bodies up to this size to resend them once after a 401;
     /// larger bodies stream and are not retried.
     #[serde(default = "default_replay_buffer")]
@@ -125,6 +128,7 @@ impl Default for LimitsFile {
             max_header_bytes: default_max_header_bytes(),
             header_read_timeout: d30s(),
             replay_buffer: default_replay_buffer(),
+            drain_timeout: d10s(),
         }
     }
 }
@@ -489,6 +493,7 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
     pub replay_buffer: usize,
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -727,6 +732,7 @@ impl Validator<'_> {
                 max_header_bytes: raw.limits.max_header_bytes.value,
                 header_read_timeout: raw.limits.header_read_timeout,
                 replay_buffer: raw.limits.replay_buffer,
+                drain_timeout: raw.limits.drain_timeout,
             },
             routes,
             local_endpoints,

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -327,9 +326,25 @@ async fn run(file: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // systemd (Type=notify): the listeners are bound, clients may come.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval / 2);
+            loop {
+                tick.tick().await;
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
     wait_for_signals(Some(&running)).await;
-    tracing::info!("shutting down: finishing in-flight requests");
-    running.shutdown(Duration::from_secs(10)).await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let drain = running.state().config.limits.drain_timeout;
+    tracing::info!(
+        "shutting down: no new connections; in-flight requests have {}",
+        humantime::format_duration(drain)
+    );
+    running.shutdown(drain).await;
     ExitCode::SUCCESS
 }
 
@@ -367,10 +382,15 @@ async fn wait_for_signals(running: Option<&credproxy::Running>) {
                 _ = &mut ctrl_c => return,
                 _ = term.recv() => return,
                 _ = hup.recv() => match running {
-                    Some(r) => match r.reload() {
-                        Ok(()) => {}
-                        Err(e) => tracing::error!("reload refused, the running config stays:\n{e}"),
-                    },
+                    Some(r) => {
+                        let mut states = vec![sd_notify::NotifyState::Reloading];
+                        states.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+                        let _ = sd_notify::notify(&states);
+                        if let Err(e) = r.reload() {
+                            tracing::error!("reload refused, the running config stays:\n{e}");
+                        }
+                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                    }
                     None => tracing::info!("SIGHUP ignored: the demo has nothing to reload"),
                 },
             }

@@ -417,3 +417,152 @@ routes:
         .unwrap();
     assert_eq!(r.status(), 403);
 }
+
+/// Starts the binary with `NOTIFY_SOCKET` pointing at a socket of ours; returns the child, its
+/// log, the proxy address and the socket.
+fn run_with_notify(
+    env: &Env,
+    path: &std::path::Path,
+) -> (
+    std::process::Child,
+    Arc<std::sync::Mutex<String>>,
+    std::net::SocketAddr,
+    std::os::unix::net::UnixDatagram,
+) {
+    let sock_path = env.dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_credproxy"))
+        .args(["run", "--config"])
+        .arg(path)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr = child.stderr.take().unwrap();
+    let l = log.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            l.lock().unwrap().push_str(&(line + "\n"));
+        }
+    });
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(
+        &buf[..n],
+        b"READY=1\n",
+        "READY=1 once the listeners are bound"
+    );
+    let text = log.lock().unwrap().clone();
+    let addr = text
+        .split("forward proxy listening on http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| {
+            a.trim_end_matches(|c: char| !c.is_ascii_digit())
+                .parse()
+                .ok()
+        })
+        .expect("address logged before READY");
+    (child, log, addr, sock)
+}
+
+#[tokio::test]
+async fn sigterm_lets_a_slow_upload_finish_and_refuses_new_connections() {
+    let env = Env::new();
+    // An upstream that reads the whole body, then answers with its size.
+    let upstream = credproxy::fakes::serve(listener().await, None, |req, _| async move {
+        use http_body_util::BodyExt;
+        let n = req
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes().len())
+            .unwrap_or(0);
+        credproxy::fakes::respond(http::StatusCode::OK, "text/plain", format!("{n}"))
+    });
+    let path = env.write(
+        "config.yaml",
+        &(env.base_yaml()
+            + &format!(
+                "limits: {{drain_timeout: 20s}}
+providers:
+  p:
+    headers: {{x-k: v}}
+routes:
+  - {{host: slow.example.com, provider: p, upstream_scheme: http, connect_to: '{}'}}
+",
+                upstream.addr
+            )),
+    );
+    let (mut child, log, addr, sock) = run_with_notify(&env, &path);
+
+    // 20 chunks, 100 ms apart: about 2 s of upload.
+    let chunks = futures_util::stream::iter(0..20).then(|i| async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok::<_, std::io::Error>(vec![i as u8; 1000])
+    });
+    use futures_util::StreamExt;
+    let c = client(addr);
+    let upload = tokio::spawn(async move {
+        c.post("http://slow.example.com/upload")
+            .body(reqwest::Body::wrap_stream(chunks))
+            .send()
+            .await
+            .map(|r| r.status())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut buf = [0u8; 256];
+    let n = tokio::task::spawn_blocking(move || sock.recv(&mut buf).map(|n| buf[..n].to_vec()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, b"STOPPING=1\n");
+    // New connections are refused while the upload drains.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "the listener is closed after SIGTERM"
+    );
+
+    let status = upload
+        .await
+        .unwrap()
+        .expect("the in-flight upload completes");
+    assert_eq!(status, 200);
+    let exited = tokio::task::spawn_blocking(move || {
+        for _ in 0..200 {
+            if let Ok(Some(s)) = child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        None
+    })
+    .await
+    .unwrap();
+    let exited = exited.unwrap_or_else(|| {
+        panic!(
+            "did not exit within the drain timeout:\n{}",
+            log.lock().unwrap()
+        )
+    });
+    assert!(exited.success(), "{}", log.lock().unwrap());
+    assert!(upstream.requests().len() == 1);
+}
