@@ -21,6 +21,280 @@ pub fn loopback_host(headers: &HeaderMap) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// `access:` as the proxy runs on it.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// Client networks allowed; empty means loopback only (or anyone, with `proxy_users`).
+    pub allow_clients: Vec<Cidr>,
+    /// User → password hash (`pbkdf2-sha256$iterations$salt$hash`), for `Proxy-Authorization`.
+    pub proxy_users: std::collections::BTreeMap<String, PasswordHash>,
+    /// Browser origins allowed to send requests through credproxy.
+    pub allow_origins: Vec<String>,
+    /// Extra Host names local endpoints answer to (besides loopback names).
+    pub local_hosts: Vec<String>,
+}
+
+impl PartialEq for Access {
+    fn eq(&self, other: &Self) -> bool {
+        format!("{self:?}") == format!("{other:?}")
+    }
+}
+
+/// An IP network, `10.0.0.0/8` or `::1/128`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (s, None),
+        };
+        let net: std::net::IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP network (as in 10.0.0.0/8)"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{s}`: the prefix length must be 0-{max}"))?,
+        };
+        Ok(Cidr { net, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.net, ip) {
+            (std::net::IpAddr::V4(n), std::net::IpAddr::V4(a)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix)
+                };
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (std::net::IpAddr::V6(n), std::net::IpAddr::V6(a)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix)
+                };
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A PBKDF2-HMAC-SHA256 password hash. `Debug` shows only the iteration count.
+#[derive(Clone)]
+pub struct PasswordHash {
+    iterations: std::num::NonZeroU32,
+    salt: Vec<u8>,
+    hash: Vec<u8>,
+}
+
+impl std::fmt::Debug for PasswordHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pbkdf2-sha256(iterations={}, [redacted])",
+            self.iterations
+        )
+    }
+}
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD_NO_PAD;
+
+impl PasswordHash {
+    pub fn parse(s: &str) -> Result<PasswordHash, String> {
+        use base64::Engine;
+        let bad = || "not a password hash: make one with `credproxy hash-password`".to_string();
+        let mut parts = s.split('$');
+        if parts.next() != Some("pbkdf2-sha256") {
+            return Err(bad());
+        }
+        let iterations = parts
+            .next()
+            .and_then(|i| i.parse::<u32>().ok())
+            .and_then(std::num::NonZeroU32::new)
+            .ok_or_else(bad)?;
+        let salt = parts
+            .next()
+            .and_then(|p| B64.decode(p).ok())
+            .ok_or_else(bad)?;
+        let hash = parts
+            .next()
+            .and_then(|p| B64.decode(p).ok())
+            .ok_or_else(bad)?;
+        if hash.len() != 32 || salt.len() < 16 || parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(PasswordHash {
+            iterations,
+            salt,
+            hash,
+        })
+    }
+
+    pub fn make(password: &str) -> Result<String, String> {
+        use base64::Engine;
+        let mut salt = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut salt).map_err(|_| "no randomness for the salt".to_string())?;
+        let iterations = std::num::NonZeroU32::new(600_000).ok_or("iterations")?;
+        let mut hash = [0u8; 32];
+        aws_lc_rs::pbkdf2::derive(
+            aws_lc_rs::pbkdf2::PBKDF2_HMAC_SHA256,
+            iterations,
+            &salt,
+            password.as_bytes(),
+            &mut hash,
+        );
+        Ok(format!(
+            "pbkdf2-sha256${iterations}${}${}",
+            B64.encode(salt),
+            B64.encode(hash)
+        ))
+    }
+
+    pub fn verify(&self, password: &str) -> bool {
+        aws_lc_rs::pbkdf2::verify(
+            aws_lc_rs::pbkdf2::PBKDF2_HMAC_SHA256,
+            self.iterations,
+            &self.salt,
+            password.as_bytes(),
+            &self.hash,
+        )
+        .is_ok()
+    }
+}
+
+/// Why a request is refused before anything else happens.
+pub enum Refusal {
+    Client,
+    ProxyAuth,
+    Host,
+    Browser,
+}
+
+impl Access {
+    /// Checks a request against the rules; `verified` caches credentials already checked (the
+    /// hash is slow on purpose, and clients send the same header on every request).
+    pub fn check(
+        &self,
+        peer: std::net::IpAddr,
+        headers: &HeaderMap,
+        proxy_listener: bool,
+        local_endpoint: bool,
+        verified: &std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
+    ) -> Result<(), Refusal> {
+        let client_ok = if self.allow_clients.is_empty() {
+            !self.proxy_users.is_empty()
+                || peer.is_loopback()
+                || Cidr::parse("::ffff:127.0.0.0/104").is_ok_and(|c| c.contains(peer))
+        } else {
+            self.allow_clients.iter().any(|c| c.contains(peer))
+        };
+        if !client_ok {
+            return Err(Refusal::Client);
+        }
+        if local_endpoint && !loopback_host(headers) {
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("");
+            let name = host
+                .rsplit_once(':')
+                .map_or(host, |(h, _)| h)
+                .to_ascii_lowercase();
+            if !self
+                .local_hosts
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(&name))
+            {
+                return Err(Refusal::Host);
+            }
+        }
+        if browser_cross_site(headers, &self.allow_origins) {
+            return Err(Refusal::Browser);
+        }
+        if proxy_listener && !self.proxy_users.is_empty() {
+            let value = headers
+                .get(header::PROXY_AUTHORIZATION)
+                .map(|v| v.as_bytes())
+                .unwrap_or(b"");
+            let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, value);
+            let mut key = [0u8; 32];
+            key.copy_from_slice(digest.as_ref());
+            if verified.lock().map(|v| v.contains(&key)).unwrap_or(false) {
+                return Ok(());
+            }
+            if !self.basic_ok(value) {
+                return Err(Refusal::ProxyAuth);
+            }
+            if let Ok(mut v) = verified.lock() {
+                if v.len() > 1000 {
+                    v.clear();
+                }
+                v.insert(key);
+            }
+        }
+        Ok(())
+    }
+
+    fn basic_ok(&self, value: &[u8]) -> bool {
+        use base64::Engine;
+        let Some(encoded) = std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.strip_prefix("Basic "))
+        else {
+            return false;
+        };
+        let Some(pair) = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+        else {
+            return false;
+        };
+        let Some((user, pass)) = pair.split_once(':') else {
+            return false;
+        };
+        self.proxy_users.get(user).is_some_and(|h| h.verify(pass))
+    }
+}
+
+/// A browser marks cross-site requests: `Sec-Fetch-Site: cross-site|same-site`, or (older
+/// browsers) an `Origin` whose host is not the request's own.
+fn browser_cross_site(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    if origin.is_some_and(|o| allowed.iter().any(|a| a.eq_ignore_ascii_case(o))) {
+        return false;
+    }
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        return matches!(site, "cross-site" | "same-site");
+    }
+    let Some(origin) = origin else { return false };
+    let origin_host = origin.split("://").nth(1).unwrap_or(origin);
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    !origin_host.eq_ignore_ascii_case(host)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -29,6 +303,23 @@ mod tests {
         let mut m = HeaderMap::new();
         m.insert(header::HOST, h.parse().expect("header"));
         m
+    }
+
+    #[test]
+    fn cidrs_and_password_hashes() {
+        let c = Cidr::parse("10.1.0.0/16").expect("valid");
+        assert!(c.contains("10.1.200.3".parse().expect("ip")));
+        assert!(!c.contains("10.2.0.1".parse().expect("ip")));
+        assert!(
+            Cidr::parse("127.0.0.1/8")
+                .expect("valid")
+                .contains("::ffff:127.0.0.9".parse().expect("ip"))
+        );
+        assert!(Cidr::parse("10.0.0.0/33").is_err());
+        let h = PasswordHash::parse(&PasswordHash::make("s3cret").expect("hash")).expect("parses");
+        assert!(h.verify("s3cret"));
+        assert!(!h.verify("s3cret "));
+        assert!(!format!("{h:?}").contains('$'));
     }
 
     #[test]

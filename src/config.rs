@@ -46,6 +46,9 @@ struct File {
     egress: EgressFile,
     #[serde(default)]
     admin: AdminFile,
+    /// Who may use the proxy.
+    #[serde(default)]
+    access: AccessFile,
     /// What `credproxy egress-check` asks for the source address it sees.
     #[serde(default = "default_check_url")]
     egress_check_url: String,
@@ -135,6 +138,25 @@ impl Default for LimitsFile {
 
 fn default_replay_buffer() -> usize {
     1024 * 1024
+}
+
+/// Who may use the proxy. Listening beyond loopback requires `allow_clients` or `proxy_users`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AccessFile {
+    /// Client networks (`10.0.0.0/8`); default: loopback only (anyone when `proxy_users` is set).
+    #[serde(default)]
+    allow_clients: Vec<Spanned<String>>,
+    /// `user: pbkdf2-sha256$…` (from `credproxy hash-password`): clients of the forward proxy
+    /// must send `Proxy-Authorization: Basic`.
+    #[serde(default)]
+    proxy_users: BTreeMap<String, Spanned<String>>,
+    /// Browser origins (`https://tool.example.com`) allowed to send requests through credproxy.
+    #[serde(default)]
+    allow_origins: Vec<String>,
+    /// Extra Host names the local endpoints answer to, besides loopback names.
+    #[serde(default)]
+    local_hosts: Vec<String>,
 }
 
 /// The admin listener: health, readiness, metrics, status, reload.
@@ -476,6 +498,7 @@ pub struct Config {
     pub egress_check_url: String,
     /// The admin listener's address, when enabled.
     pub admin: Option<SocketAddr>,
+    pub access: crate::access::Access,
     /// Things that work but deserve a word at start (literal secrets in the file).
     pub warnings: Vec<String>,
 }
@@ -723,6 +746,7 @@ impl Validator<'_> {
         let routes = RouteTable::new(routes);
         let local_endpoints = self.local_endpoints(raw.local_endpoints, &routes, raw.listen);
         let ca = self.ca(&raw.ca, raw.state_dir.as_deref(), &routes);
+        let access = self.access(&raw.access, raw.listen, &local_endpoints);
         Config {
             source: self.file.to_string(),
             listen: raw.listen,
@@ -745,11 +769,53 @@ impl Validator<'_> {
                 prefetch: raw.tokens.prefetch,
             },
             admin: raw.admin.enabled.then_some(raw.admin.listen),
+            access,
             ca,
             egress,
             egress_check_url: raw.egress_check_url,
             warnings: Vec::new(),
         }
+    }
+
+    fn access(
+        &mut self,
+        raw: &AccessFile,
+        listen: SocketAddr,
+        locals: &[LocalEndpoint],
+    ) -> crate::access::Access {
+        let mut access = crate::access::Access {
+            allow_origins: raw.allow_origins.clone(),
+            local_hosts: raw.local_hosts.clone(),
+            ..Default::default()
+        };
+        for (i, c) in raw.allow_clients.iter().enumerate() {
+            match crate::access::Cidr::parse(&c.value) {
+                Ok(cidr) => access.allow_clients.push(cidr),
+                Err(reason) => self.problem(c, format!("access.allow_clients[{i}]"), reason),
+            }
+        }
+        for (user, hash) in &raw.proxy_users {
+            match crate::access::PasswordHash::parse(&hash.value) {
+                Ok(h) => {
+                    access.proxy_users.insert(user.clone(), h);
+                }
+                Err(reason) => self.problem(hash, format!("access.proxy_users.{user}"), reason),
+            }
+        }
+        let exposed: Vec<SocketAddr> = std::iter::once(listen)
+            .chain(locals.iter().map(|l| l.listen))
+            .filter(|a| !a.ip().is_loopback())
+            .collect();
+        if !exposed.is_empty() && raw.allow_clients.is_empty() && raw.proxy_users.is_empty() {
+            self.problem_at_file(
+                "access",
+                format!(
+                    "listening on {} lets anyone who reaches it use your credentials: set access.allow_clients and/or access.proxy_users",
+                    exposed.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            );
+        }
+        access
     }
 
     fn ca(&mut self, raw: &CaFile, state_dir: Option<&str>, routes: &RouteTable) -> CaSettings {
@@ -1477,7 +1543,7 @@ mod tests {
             (
                 "listen: 127.0.0.1:8080\nbogus: 1\n",
                 &[
-                    "c.yaml:2:1: bogus: unknown field `bogus`, expected one of listen, unmapped, upstream, limits, tokens, egress, admin, egress_check_url, state_dir, ca, providers, routes, local_endpoints",
+                    "c.yaml:2:1: bogus: unknown field `bogus`, expected one of listen, unmapped, upstream, limits, tokens, egress, admin, access, egress_check_url, state_dir, ca, providers, routes, local_endpoints",
                 ],
             ),
             (

@@ -57,6 +57,12 @@ pub enum ProxyError {
     ClientBody { cause: String },
     #[error("HTTPS to {host} cannot be intercepted: {cause}")]
     InterceptRefused { host: String, cause: String },
+    #[error("{message}")]
+    Refused { code: &'static str, message: String },
+    #[error(
+        "this proxy needs a user name and password: send Proxy-Authorization: Basic (in Postman: Settings → Proxy → Proxy Auth)"
+    )]
+    ProxyAuthRequired,
 }
 
 impl ProxyError {
@@ -73,7 +79,10 @@ impl ProxyError {
             | ProxyError::ClientCredentials { .. }
             | ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::InterceptRefused { .. } => StatusCode::FORBIDDEN,
+            ProxyError::InterceptRefused { .. } | ProxyError::Refused { .. } => {
+                StatusCode::FORBIDDEN
+            }
+            ProxyError::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
             ProxyError::NotRouted { .. } => StatusCode::NOT_FOUND,
@@ -98,6 +107,8 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::ClientBody { .. } => "client_body",
             ProxyError::InterceptRefused { .. } => "intercept_refused",
+            ProxyError::Refused { code, .. } => code,
+            ProxyError::ProxyAuthRequired => "proxy_auth_required",
         }
     }
 
@@ -116,6 +127,12 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert("x-credproxy-error", HeaderValue::from_static(self.code()));
+        if matches!(self, ProxyError::ProxyAuthRequired) {
+            headers.insert(
+                http::header::PROXY_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"credproxy\""),
+            );
+        }
         resp
     }
 }

@@ -60,6 +60,34 @@ async fn serve(
     let mut provider_name = None;
     let mut host_for_log = String::new();
     let mut path_for_log = String::new();
+    if let Err(refusal) = state.config.access.check(
+        peer.ip(),
+        req.headers(),
+        matches!(entry, Entry::Proxy),
+        matches!(entry, Entry::Local(_)),
+        &state.verified_proxy_auth,
+    ) {
+        use crate::access::Refusal;
+        let err = match refusal {
+            Refusal::Client => ProxyError::Refused {
+                code: "client_not_allowed",
+                message: format!("{} is not in access.allow_clients", peer.ip()),
+            },
+            Refusal::ProxyAuth => ProxyError::ProxyAuthRequired,
+            Refusal::Host => ProxyError::Refused {
+                code: "host_not_allowed",
+                message: "a local endpoint answers only requests addressed to a loopback name (or access.local_hosts): this looks like DNS rebinding".into(),
+            },
+            Refusal::Browser => ProxyError::Refused {
+                code: "browser_request_refused",
+                message: "a web page on another site sent this request; allow its origin in access.allow_origins if you meant to".into(),
+            },
+        };
+        tracing::warn!(%peer, code = err.code(), "request refused");
+        let response = err.into_response(None);
+        state.metrics.request("-", "-", response.status().as_u16());
+        return response;
+    }
     if req.method() == Method::CONNECT && matches!(entry, Entry::Proxy) {
         let authority = req.uri().to_string();
         let response = match crate::connect::handle(state, req, peer).await {

@@ -52,6 +52,8 @@ pub struct State {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// When this state was built (start or reload), for `/status`.
     pub loaded_at: std::time::SystemTime,
+    /// Digests of `Proxy-Authorization` values already verified (PBKDF2 is slow on purpose).
+    pub verified_proxy_auth: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
 }
 
 impl State {
@@ -114,6 +116,7 @@ impl State {
             warned_untrusted: Default::default(),
             metrics,
             loaded_at: std::time::SystemTime::now(),
+            verified_proxy_auth: Default::default(),
         })
     }
 }

@@ -50,6 +50,8 @@ enum Command {
         )]
         config: PathBuf,
     },
+    /// Read a password on standard input and print its hash for `access.proxy_users`.
+    HashPassword,
     /// Ask the running proxy (through its admin listener) to reload its config file.
     Reload {
         #[arg(long, short, env = "CREDPROXY_CONFIG", default_value = "config.yaml")]
@@ -107,6 +109,7 @@ fn main() -> ExitCode {
             Command::Demo { port } => demo(port).await,
             Command::Ca { action, config } => ca(action, config),
             Command::Reload { config } => reload(config).await,
+            Command::HashPassword => hash_password(),
             Command::EgressCheck { config, route, url } => egress_check(config, route, url).await,
         }
     })
@@ -140,6 +143,29 @@ fn check_config(file: PathBuf) -> ExitCode {
         Err(e) => {
             eprintln!("{e}");
             ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("credproxy: reading the password: {e}");
+        return ExitCode::FAILURE;
+    }
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        eprintln!("credproxy: the password is empty");
+        return ExitCode::FAILURE;
+    }
+    match credproxy::access::PasswordHash::make(password) {
+        Ok(h) => {
+            println!("{h}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("credproxy: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,0 +1,286 @@
+//! Who may use the proxy: client networks, proxy passwords, DNS rebinding against local
+//! endpoints, and cross-site browser requests. Each refusal is a clear 403 or 407.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use credproxy::fakes::echo;
+use support::*;
+
+fn routes(fake: std::net::SocketAddr) -> String {
+    format!(
+        "providers:
+  p:
+    headers: {{x-k: v}}
+routes:
+  - {{name: api, host: api.example.com, provider: p, connect_to: '{fake}'}}
+local_endpoints:
+  - {{listen: '127.0.0.1:0', route: api}}
+"
+    )
+}
+
+async fn refused(r: reqwest::Response, status: u16, code: &str) {
+    assert_eq!(r.status(), status);
+    assert_eq!(r.headers()["x-credproxy-error"], code);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], code);
+    assert!(!body["message"].as_str().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn clients_outside_allow_clients_are_refused() {
+    let env = Env::new();
+    let fake = echo::start(listener().await, Some(env.tls.clone()));
+    let proxy = env
+        .proxy(&format!(
+            "access: {{allow_clients: ['127.0.0.2/32']}}\n{}",
+            routes(fake.addr)
+        ))
+        .await;
+    refused(
+        client(proxy.addr)
+            .get("http://api.example.com/x")
+            .send()
+            .await
+            .unwrap(),
+        403,
+        "client_not_allowed",
+    )
+    .await;
+    let from_two = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{}", proxy.addr)).unwrap())
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    assert_eq!(
+        from_two
+            .get("http://api.example.com/x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(fake.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn the_forward_proxy_can_require_a_password() {
+    let env = Env::new();
+    let fake = echo::start(listener().await, Some(env.tls.clone()));
+    let hash = credproxy::access::PasswordHash::make("proxy-pass-123").unwrap();
+    let proxy = env
+        .proxy(&format!(
+            "access:\n  proxy_users: {{alice: '{hash}'}}\n{}",
+            routes(fake.addr)
+        ))
+        .await;
+
+    let r = client(proxy.addr)
+        .get("http://api.example.com/x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["proxy-authenticate"],
+        "Basic realm=\"credproxy\""
+    );
+    refused(r, 407, "proxy_auth_required").await;
+    let with = |pass: &str| {
+        reqwest::Client::builder()
+            .proxy(
+                reqwest::Proxy::all(format!("http://{}", proxy.addr))
+                    .unwrap()
+                    .basic_auth("alice", pass),
+            )
+            .tls_certs_only([env.proxy_ca()])
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    };
+    refused(
+        with("wrong")
+            .get("http://api.example.com/x")
+            .send()
+            .await
+            .unwrap(),
+        407,
+        "proxy_auth_required",
+    )
+    .await;
+    let ok = with("proxy-pass-123");
+    let echo = echoed(
+        ok.get("http://api.example.com/__echo")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        header_values(&echo, "proxy-authorization").is_empty(),
+        "the proxy password stays here"
+    );
+    // CONNECT is checked too, then the intercepted requests go through.
+    assert_eq!(
+        ok.get("https://api.example.com/x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(
+        with("wrong")
+            .get("https://api.example.com/x")
+            .send()
+            .await
+            .is_err()
+    );
+    // The local endpoint is not a proxy: no password there, only loopback clients.
+    let local = proxy.local_endpoints[0].1;
+    assert_eq!(
+        direct_client()
+            .get(format!("http://{local}/x"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn local_endpoints_refuse_rebinding_hosts_and_cross_site_browsers() {
+    let env = Env::new();
+    let fake = echo::start(listener().await, Some(env.tls.clone()));
+    let proxy = env
+        .proxy(&format!(
+            "access: {{allow_origins: ['https://tool.example.org']}}\n{}",
+            routes(fake.addr)
+        ))
+        .await;
+    let local = proxy.local_endpoints[0].1;
+    let c = direct_client();
+    let url = format!("http://{local}/x");
+    // A page on evil.example whose name now resolves to 127.0.0.1.
+    refused(
+        c.get(&url)
+            .header("host", format!("evil.example:{}", local.port()))
+            .send()
+            .await
+            .unwrap(),
+        403,
+        "host_not_allowed",
+    )
+    .await;
+    assert_eq!(
+        c.get(&url)
+            .header("host", format!("localhost:{}", local.port()))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Cross-site browser requests, marked either way, to the local endpoint and to the proxy.
+    refused(
+        c.get(&url)
+            .header("sec-fetch-site", "cross-site")
+            .send()
+            .await
+            .unwrap(),
+        403,
+        "browser_request_refused",
+    )
+    .await;
+    refused(
+        c.get(&url)
+            .header("origin", "https://evil.example")
+            .send()
+            .await
+            .unwrap(),
+        403,
+        "browser_request_refused",
+    )
+    .await;
+    refused(
+        client(proxy.addr)
+            .get("http://api.example.com/x")
+            .header("origin", "https://evil.example")
+            .send()
+            .await
+            .unwrap(),
+        403,
+        "browser_request_refused",
+    )
+    .await;
+    // An allowed origin, and a same-origin or user-initiated navigation, pass.
+    assert_eq!(
+        c.get(&url)
+            .header("origin", "https://tool.example.org")
+            .header("sec-fetch-site", "cross-site")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(&url)
+            .header("sec-fetch-site", "none")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(fake.requests().len(), 3);
+}
+
+#[test]
+fn listening_beyond_loopback_needs_access_rules() {
+    let env = Env::new();
+    let yaml = env
+        .base_yaml()
+        .replace("listen: 127.0.0.1:0", "listen: 0.0.0.0:0");
+    let err = credproxy::config::from_yaml(&yaml, "c.yaml")
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains(
+            "c.yaml: access: listening on 0.0.0.0:0 lets anyone who reaches it use your credentials"
+        ),
+        "{err}"
+    );
+    let ok = yaml + "access: {allow_clients: ['10.0.0.0/8']}\n";
+    credproxy::config::from_yaml(&ok, "c.yaml").expect("allowed with rules");
+}
+
+#[test]
+fn hash_password_prints_a_hash_the_config_accepts() {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_credproxy"))
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hunter2-hunter2\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(!hash.contains("hunter2"));
+    assert!(
+        credproxy::access::PasswordHash::parse(&hash)
+            .unwrap()
+            .verify("hunter2-hunter2")
+    );
+}
