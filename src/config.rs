@@ -116,6 +116,9 @@ struct LimitsFile {
     /// A client must send its request head within this time (slowloris).
     #[serde(default = "d30s", deserialize_with = "duration")]
     header_read_timeout: Duration,
+    /// Client connections open at once, all listeners together; more are answered 503 and closed.
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
     /// On SIGTERM, how long in-flight requests may take to finish before they are cut.
     #[serde(default = "d10s", deserialize_with = "duration")]
     drain_timeout: Duration,
@@ -132,8 +135,13 @@ impl Default for LimitsFile {
             header_read_timeout: d30s(),
             replay_buffer: default_replay_buffer(),
             drain_timeout: d10s(),
+            max_connections: default_max_connections(),
         }
     }
+}
+
+fn default_max_connections() -> usize {
+    10_000
 }
 
 fn default_replay_buffer() -> usize {
@@ -517,6 +525,7 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub replay_buffer: usize,
     pub drain_timeout: Duration,
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -757,6 +766,7 @@ impl Validator<'_> {
                 header_read_timeout: raw.limits.header_read_timeout,
                 replay_buffer: raw.limits.replay_buffer,
                 drain_timeout: raw.limits.drain_timeout,
+                max_connections: raw.limits.max_connections.max(1),
             },
             routes,
             local_endpoints,

@@ -135,8 +135,20 @@ async fn serve(
         provider_name.as_deref().unwrap_or("-"),
         response.status().as_u16(),
     );
+    static REQUEST_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let request_id = REQUEST_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let retried = response.extensions().get::<Retried>().is_some();
+    let bytes = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     // The path is logged without its query: query strings can carry secrets.
     tracing::info!(
+        request_id,
+        provider = provider_name.as_deref().unwrap_or("-"),
+        retried,
+        response_bytes = bytes,
         %peer,
         %method,
         host = %host_for_log,
@@ -409,9 +421,16 @@ async fn forward(
                 );
             }
         }
+        if retried {
+            response.extensions_mut().insert(Retried);
+        }
         return Ok(response);
     }
 }
+
+/// Marks a response that came from the one retry after a 401 (for the request log).
+#[derive(Clone, Copy)]
+struct Retried;
 
 /// 2tCloud answers 403 both for a wrong key and for a right key from the wrong address: say
 /// which address this request left from, in the log and in a response header.

@@ -206,6 +206,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let state: Shared = Arc::new(arc_swap::ArcSwap::from_pointee(state));
     let (shutdown, stop) = watch::channel(false);
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // One budget of connections for all listeners (fixed at start, like the listeners).
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        state.load().config.limits.max_connections,
+    ));
     let mut tasks = JoinSet::new();
     let mut addr = None;
     let mut local_endpoints = Vec::new();
@@ -225,7 +229,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             }
             Entry::Intercepted(_) => {}
         }
-        tasks.spawn(accept_loop(listener, entry, state.clone(), stop.clone()));
+        tasks.spawn(accept_loop(
+            listener,
+            entry,
+            state.clone(),
+            stop.clone(),
+            slots.clone(),
+        ));
     }
     let mut admin_addr = None;
     if let Some(admin) = state.load().config.admin {
@@ -292,6 +302,22 @@ pub fn http_server(config: &Config) -> auto::Builder<TokioExecutor> {
     server
 }
 
+async fn refuse_busy(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = r#"{"error":"too_many_connections","message":"credproxy has limits.max_connections connections open; retry shortly","route":null,"provider":null}"#;
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nx-credproxy-error: too_many_connections\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+        body.len() + 1
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = stream.write_all(head.as_bytes()).await;
+        let _ = stream.write_all(body.as_bytes()).await;
+        let _ = stream.write_all(b"\n").await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
 /// Counts a client connection in `credproxy_open_connections` while it lives.
 struct OpenConnection(Arc<crate::metrics::Metrics>);
 
@@ -346,6 +372,7 @@ async fn accept_loop(
     entry: Entry,
     shared: Shared,
     mut stop: watch::Receiver<bool>,
+    slots: Arc<tokio::sync::Semaphore>,
 ) {
     let server = http_server(&shared.load().config);
     let graceful = GracefulShutdown::new();
@@ -361,6 +388,12 @@ async fn accept_loop(
                 }
             },
             _ = stop.changed() => break,
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            // Over `limits.max_connections`: a clear answer and a closed socket, never a crash.
+            tracing::warn!(%peer, "connection refused: limits.max_connections reached");
+            tokio::spawn(refuse_busy(stream));
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let open = OpenConnection::new(shared.load().metrics.clone());
@@ -379,6 +412,7 @@ async fn accept_loop(
                 tracing::debug!(%peer, "connection ended: {e}");
             }
             drop(open);
+            drop(permit);
         });
     }
     drop(listener);

@@ -1,0 +1,251 @@
+//! Faults and limits: broken upstreams and clients, slowloris, too many connections, and many
+//! idle connections. The proxy answers cleanly and keeps serving everyone else.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use credproxy::fakes;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn yaml(upstream: std::net::SocketAddr, extra: &str) -> String {
+    format!(
+        "{extra}providers:
+  p:
+    headers: {{x-k: v}}
+routes:
+  - {{host: api.example.com, provider: p, upstream_scheme: http, connect_to: '{upstream}'}}
+"
+    )
+}
+
+#[tokio::test]
+async fn an_upstream_reset_mid_response_is_a_clean_error_and_the_proxy_keeps_serving() {
+    let env = Env::new();
+    let upstream = fakes::serve(listener().await, None, |req, _| async move {
+        if req.uri().path() == "/broken" {
+            use futures_util::StreamExt;
+            // The head and a first chunk go out, then the upstream dies.
+            let chunks = futures_util::stream::iter(0..2).then(|i| async move {
+                if i == 0 {
+                    Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+                        b"partial",
+                    )))
+                } else {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Err::<_, credproxy::body::BoxError>("upstream died".into())
+                }
+            });
+            let mut r = http::Response::new(credproxy::body::stream(
+                http_body_util::StreamBody::new(chunks),
+            ));
+            r.headers_mut()
+                .insert("content-length", "1000".parse().unwrap());
+            r
+        } else {
+            fakes::respond(http::StatusCode::OK, "text/plain", "fine")
+        }
+    });
+    let proxy = env.proxy(&yaml(upstream.addr, "")).await;
+    let c = client(proxy.addr);
+    let r = c.get("http://api.example.com/broken").send().await.unwrap();
+    assert_eq!(r.status(), 200, "the head had arrived");
+    assert!(
+        r.bytes().await.is_err(),
+        "the client sees the body break, not a short success"
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            c.get("http://api.example.com/ok")
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+            "fine"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_client_gone_mid_upload_aborts_the_upstream_request_and_leaks_nothing() {
+    let env = Env::new();
+    let aborted = Arc::new(AtomicBool::new(false));
+    let seen = aborted.clone();
+    let upstream = fakes::serve(listener().await, None, move |req, _| {
+        let seen = seen.clone();
+        async move {
+            use http_body_util::BodyExt;
+            if req.into_body().collect().await.is_err() {
+                seen.store(true, Ordering::SeqCst);
+            }
+            fakes::respond(http::StatusCode::OK, "text/plain", "stored")
+        }
+    });
+    let proxy = env.proxy(&yaml(upstream.addr, "")).await;
+    let metrics = proxy.state().metrics.clone();
+    {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"POST http://api.example.com/upload HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 1000000\r\n\r\n")
+            .await
+            .unwrap();
+        s.write_all(&[b'x'; 10_000]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(metrics.open_connections.get(), 1);
+    } // gone
+    for _ in 0..100 {
+        if aborted.load(Ordering::SeqCst) && metrics.open_connections.get() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        aborted.load(Ordering::SeqCst),
+        "the upstream saw its request body cut off"
+    );
+    assert_eq!(
+        metrics.open_connections.get(),
+        0,
+        "the connection gauge is back to zero"
+    );
+}
+
+#[tokio::test]
+async fn a_slowloris_client_is_cut_off_by_the_header_timeout() {
+    let env = Env::new();
+    let upstream = fakes::serve(listener().await, None, |_, _| async {
+        fakes::respond(http::StatusCode::OK, "text/plain", "ok")
+    });
+    let proxy = env
+        .proxy(&yaml(upstream.addr, "limits: {header_read_timeout: 1s}\n"))
+        .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET http://api.example.com/ HTTP/1.1\r\nHost: api.exa")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    // Guard only: a proxy without the timeout would hold the connection forever.
+    let read = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await;
+    let n = read.expect("the proxy closed the connection").unwrap_or(0);
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(upstream.requests().is_empty());
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_get_a_503_and_the_rest_keep_working() {
+    let env = Env::new();
+    let upstream = fakes::serve(listener().await, None, |_, _| async {
+        fakes::respond(http::StatusCode::OK, "text/plain", "ok")
+    });
+    let proxy = env
+        .proxy(&yaml(upstream.addr, "limits: {max_connections: 3}\n"))
+        .await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let answer = raw(
+        proxy.addr,
+        b"GET http://api.example.com/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("too_many_connections"), "{answer}");
+    // A held connection still works.
+    let s = &mut held[0];
+    s.write_all(b"GET http://api.example.com/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        client(proxy.addr)
+            .get("http://api.example.com/")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+/// VmRSS of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn five_thousand_idle_connections_with_bounded_memory() {
+    let env = Env::new();
+    let upstream = fakes::serve(listener().await, None, |_, _| async {
+        fakes::respond(http::StatusCode::OK, "text/plain", "ok")
+    });
+    let path = env.write(
+        "config.yaml",
+        &(env.base_yaml() + &yaml(upstream.addr, "limits: {header_read_timeout: 60s}\n")),
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_credproxy"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = line.split("forward proxy listening on http://").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+            }
+        }
+    });
+    let addr: std::net::SocketAddr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap()
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .unwrap();
+    let before = rss_kib(child.id());
+    let mut conns = Vec::with_capacity(5000);
+    for _ in 0..5000 {
+        conns.push(TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let with = rss_kib(child.id());
+    // Still serving while they all sit there.
+    let r = client(addr)
+        .get("http://api.example.com/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    drop(conns);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        with < 200 * 1024,
+        "RSS with 5,000 idle connections: {with} KiB (before: {before} KiB)"
+    );
+}
