@@ -31,8 +31,36 @@ pub struct Env {
     pub ca_path: PathBuf,
 }
 
+/// Every test binary logs the proxies it runs at trace level (credproxy's own code) into
+/// `target/tmp/test-logs/`; `.ci/run` scans those files for secret values afterwards.
+pub fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-logs");
+        let _ = std::fs::create_dir_all(&dir);
+        let name = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "test".into());
+        let Ok(file) =
+            std::fs::File::create(dir.join(format!("{name}-{}.log", std::process::id())))
+        else {
+            return;
+        };
+        let filter = tracing_subscriber::EnvFilter::new(
+            "credproxy=trace,hyper=debug,hyper_util=debug,h2=info,rustls=debug,info",
+        );
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(file))
+            .try_init();
+    });
+}
+
 impl Env {
     pub fn new() -> Env {
+        init_logs();
         let ca = Ca::generate("credproxy tests CA", 2).expect("CA");
         let tls = ca.server_config(TLS_NAMES).expect("leaf");
         let dir = tempfile::tempdir().expect("tempdir");
