@@ -187,7 +187,7 @@ impl Default for AdminFile {
 }
 
 fn default_admin_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9090))
+    SocketAddr::from(([127, 0, 0, 1], 9190))
 }
 
 fn yes() -> bool {
@@ -588,6 +588,20 @@ impl fmt::Display for ConfigError {
 
 // ---------------------------------------------------------------------------------------------
 // Loading.
+
+/// Just the admin listener's address from a config file, without resolving any secret (for
+/// `credproxy reload`, run from a shell that lacks the service's environment).
+pub fn admin_address(path: &Path) -> Result<Option<SocketAddr>, String> {
+    #[derive(Deserialize)]
+    struct AdminOnly {
+        #[serde(default)]
+        admin: AdminFile,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let parsed: AdminOnly = serde_saphyr::from_str(&text)
+        .map_err(|e| format!("{}: {}", path.display(), parse_reason(&e)))?;
+    Ok(parsed.admin.enabled.then_some(parsed.admin.listen))
+}
 
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let file = path.display().to_string();

@@ -127,7 +127,17 @@ async fn intercept(
         let (state, entry) = (state2.clone(), entry.clone());
         async move { Ok::<_, std::convert::Infallible>(forward::handle(state, entry, req, peer).await) }
     });
-    if let Err(e) = server.serve_connection(TokioIo::new(tls), service).await {
+    let conn = server
+        .serve_connection(TokioIo::new(tls), service)
+        .into_owned();
+    // Watched like the listeners' connections, so a shutdown lets in-flight requests finish.
+    let watched = state
+        .tunnels
+        .lock()
+        .ok()
+        .and_then(|g| g.as_ref().map(|g| g.watch(conn)));
+    let Some(watched) = watched else { return };
+    if let Err(e) = watched.await {
         tracing::debug!(%peer, host, "intercepted connection ended: {e}");
     }
 }

@@ -52,6 +52,9 @@ pub struct State {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// When this state was built (start or reload), for `/status`.
     pub loaded_at: std::time::SystemTime,
+    /// Intercepted CONNECT connections, drained on shutdown like the listeners' (process-wide:
+    /// a reload hands it on; `None` once shutdown began).
+    pub tunnels: Arc<std::sync::Mutex<Option<GracefulShutdown>>>,
     /// Digests of `Proxy-Authorization` values already verified (PBKDF2 is slow on purpose).
     pub verified_proxy_auth: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
 }
@@ -83,7 +86,11 @@ impl State {
                     .cloned();
                 let tokens = kept.unwrap_or_else(|| {
                     let client = outbound.for_provider(&p.name).clone();
-                    Tokens::new(p.clone(), client, config.tokens.clone())
+                    let tokens = Tokens::new(p.clone(), client, config.tokens.clone());
+                    if config.tokens.prefetch && p.prefetchable() {
+                        crate::token::keep_warm(&tokens);
+                    }
+                    tokens
                 });
                 (p.name.clone(), tokens)
             })
@@ -117,6 +124,10 @@ impl State {
             metrics,
             loaded_at: std::time::SystemTime::now(),
             verified_proxy_auth: Default::default(),
+            tunnels: previous.map_or_else(
+                || Arc::new(std::sync::Mutex::new(Some(GracefulShutdown::new()))),
+                |old| old.tunnels.clone(),
+            ),
         })
     }
 }
@@ -150,7 +161,22 @@ impl Running {
     /// Stops accepting, lets in-flight requests finish (up to `drain`), then returns.
     pub async fn shutdown(mut self, drain: Duration) {
         let _ = self.shutdown.send(true);
-        let all = async { while self.tasks.join_next().await.is_some() {} };
+        let tunnels = self
+            .state
+            .load()
+            .tunnels
+            .lock()
+            .ok()
+            .and_then(|mut g| g.take());
+        let all = async {
+            let listeners = async { while self.tasks.join_next().await.is_some() {} };
+            let tunnels = async {
+                if let Some(t) = tunnels {
+                    t.shutdown().await;
+                }
+            };
+            tokio::join!(listeners, tunnels);
+        };
         if tokio::time::timeout(drain, all).await.is_err() {
             tracing::warn!("in-flight requests still running after {drain:?}; closing them");
             self.tasks.abort_all();
@@ -257,19 +283,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             stop.clone(),
         ));
     }
-    if state.load().config.tokens.prefetch {
-        for tokens in state
-            .load()
-            .tokens
-            .values()
-            .filter(|t| t.provider.prefetchable())
-        {
-            let tokens = tokens.clone();
-            tokio::spawn(async move {
-                let _ = tokens.get("").await;
-            });
-        }
-    }
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(Running {
         addr: addr.unwrap_or(state.load().config.listen),
@@ -354,7 +367,7 @@ pub fn reload(shared: &Shared) -> Result<(), String> {
     };
     if listeners(&config) != listeners(&old.config) {
         return Err(format!(
-            "{}: `listen` or `local_endpoints` changed: listeners are bound at start, so restart credproxy to change them; the running config stays",
+            "{}: `listen`, `local_endpoints` or `admin` changed: listeners are bound at start, so restart credproxy to change them; the running config stays",
             path.display()
         ));
     }

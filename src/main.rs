@@ -172,19 +172,19 @@ fn hash_password() -> ExitCode {
 
 async fn reload(file: PathBuf) -> ExitCode {
     use http_body_util::BodyExt;
-    let config = match credproxy::config::load(&file) {
-        Ok(c) => c,
+    // Only the admin address is needed: the running proxy re-reads (and checks) the file itself.
+    let admin = match credproxy::config::admin_address(&file) {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            eprintln!(
+                "credproxy: the admin listener is off (admin.enabled: false); send SIGHUP instead"
+            );
+            return ExitCode::FAILURE;
+        }
         Err(e) => {
-            eprintln!("{e}");
-            eprintln!("credproxy: not asking for a reload: the file has problems");
+            eprintln!("credproxy: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
-    };
-    let Some(admin) = config.admin else {
-        eprintln!(
-            "credproxy: the admin listener is off (admin.enabled: false); send SIGHUP instead"
-        );
-        return ExitCode::FAILURE;
     };
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http();

@@ -390,6 +390,25 @@ impl Slot {
     }
 }
 
+/// `tokens.prefetch`: fetch the default-scope token now and keep one ready while the cache lives,
+/// even with no traffic (readiness depends on it), retrying after failures.
+pub fn keep_warm(tokens: &Arc<Tokens>) {
+    let weak = Arc::downgrade(tokens);
+    tokio::spawn(async move {
+        loop {
+            let Some(tokens) = weak.upgrade() else { return };
+            // Each use marks the scope as used, so the refresh timer renews it before expiry.
+            let wait = match tokens.get("").await {
+                Ok(t) => (t.usable_until.saturating_duration_since(Instant::now()) / 2)
+                    .clamp(Duration::from_secs(1), Duration::from_secs(60)),
+                Err(_) => Duration::from_secs(1),
+            };
+            drop(tokens);
+            tokio::time::sleep(wait).await;
+        }
+    });
+}
+
 /// A few hex characters that tell tokens apart in debug logs without revealing them.
 pub fn fingerprint(secret: &Secret) -> String {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret.expose().as_bytes());

@@ -566,3 +566,89 @@ routes:
     assert!(exited.success(), "{}", log.lock().unwrap());
     assert!(upstream.requests().len() == 1);
 }
+
+#[tokio::test]
+async fn prefetch_makes_readiness_wait_for_the_first_token_and_recover_without_traffic() {
+    let env = Env::new();
+    let issuer = Issuer::new(Duration::from_secs(3600));
+    issuer.set_mode(credproxy::fakes::issuer::Mode::Status(500));
+    let connexa = oauth::start(
+        listener().await,
+        Some(env.tls.clone()),
+        oauth::Settings {
+            client_id: "cid".into(),
+            client_secret: "cs".into(),
+        },
+        issuer.clone(),
+    );
+    let proxy = env
+        .proxy(&format!(
+            "tokens: {{prefetch: true, backoff_initial: 200ms, backoff_max: 500ms}}
+providers:
+  connexa:
+    oauth2:
+      token_url: 'https://acme.api.openvpn.com/api/v1/oauth/token'
+      client_id: cid
+      client_secret: cs
+      connect_to: '{c}'
+routes:
+  - {{host: '*.api.openvpn.com', provider: connexa, connect_to: '{c}'}}
+",
+            c = connexa.addr
+        ))
+        .await;
+    let admin = proxy.admin_addr.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, text) = admin_get(admin, "/readyz").await;
+    assert_eq!(
+        (status, text.as_str()),
+        (503, "waiting for the first token of: connexa\n")
+    );
+    // The endpoint recovers; no request is sent, yet the proxy becomes ready.
+    issuer.set_mode(credproxy::fakes::issuer::Mode::Normal);
+    let mut ready = false;
+    for _ in 0..50 {
+        if admin_get(admin, "/readyz").await.0 == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "ready once the first token arrived");
+    assert!(
+        connexa
+            .requests()
+            .iter()
+            .all(|r| r.uri.path() == "/api/v1/oauth/token"),
+        "only token requests were made"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_drains_requests_inside_intercepted_https_tunnels() {
+    let env = Env::new();
+    let slow = credproxy::fakes::serve(listener().await, Some(env.tls.clone()), |_, _| async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        credproxy::fakes::respond(http::StatusCode::OK, "text/plain", "finally")
+    });
+    let proxy = env
+        .proxy(&format!(
+            "providers:\n  p:\n    headers: {{x-k: v}}\nroutes:\n  - {{host: api.example.com, provider: p, connect_to: '{}'}}\n",
+            slow.addr
+        ))
+        .await;
+    let c = env.https_client(proxy.addr, vec![env.proxy_ca()], false);
+    let request = tokio::spawn(async move {
+        c.get("https://api.example.com/slow")
+            .send()
+            .await
+            .map(|r| r.status())
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    proxy.shutdown(Duration::from_secs(10)).await;
+    let status = request
+        .await
+        .unwrap()
+        .expect("the intercepted request was allowed to finish");
+    assert_eq!(status, 200);
+}
