@@ -249,3 +249,27 @@ async fn five_thousand_idle_connections_with_bounded_memory() {
         "RSS with 5,000 idle connections: {with} KiB (before: {before} KiB)"
     );
 }
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
+    let env = Env::new();
+    let upstream = fakes::serve(listener().await, None, |_, _| async {
+        fakes::respond(http::StatusCode::OK, "text/plain", "ok")
+    });
+    let proxy = env
+        .proxy(&yaml(upstream.addr, "limits: {header_read_timeout: 1s}\n"))
+        .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET http://api.example.com/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Then silence on the kept-alive connection: it is closed, not held forever.
+    let read = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the idle connection was closed: {read:?}"
+    );
+}
