@@ -37,12 +37,16 @@ impl fmt::Display for Secret {
 pub enum Source<'a> {
     Env(&'a str),
     File(&'a str),
+    /// A systemd credential: `$CREDENTIALS_DIRECTORY/NAME` (`LoadCredential=NAME:…`).
+    Credential(&'a str),
     Literal,
 }
 
-/// `env:NAME`, `file:PATH`, or anything else as a literal value.
+/// `env:NAME`, `file:PATH`, `credential:NAME`, or anything else as a literal value.
 pub fn source_of(reference: &str) -> Source<'_> {
-    if let Some(name) = reference.strip_prefix("env:") {
+    if let Some(name) = reference.strip_prefix("credential:") {
+        Source::Credential(name)
+    } else if let Some(name) = reference.strip_prefix("env:") {
         Source::Env(name)
     } else if let Some(path) = reference.strip_prefix("file:") {
         Source::File(path)
@@ -54,6 +58,22 @@ pub fn source_of(reference: &str) -> Source<'_> {
 /// Reads a secret reference. The error text never contains the value, only where it was looked for.
 pub fn resolve(reference: &str) -> Result<Secret, String> {
     match source_of(reference) {
+        Source::Credential(name) => {
+            if name.is_empty() || name.contains('/') || name == ".." {
+                return Err(format!(
+                    "`credential:{name}` needs a credential name (no `/`)"
+                ));
+            }
+            let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty())
+            else {
+                return Err(format!(
+                    "credential:{name}: $CREDENTIALS_DIRECTORY is not set (systemd sets it for a unit with LoadCredential={name}:…)"
+                ));
+            };
+            let path = std::path::Path::new(&dir).join(name);
+            resolve(&format!("file:{}", path.display()))
+                .map_err(|e| format!("credential:{name}: {e}"))
+        }
         Source::Env(name) => match std::env::var(name) {
             Ok(v) if !v.is_empty() => Ok(Secret::new(v)),
             Ok(_) => Err(format!("environment variable {name} is empty")),
@@ -102,6 +122,12 @@ mod tests {
         std::fs::write(&p, "abc\n").expect("write");
         let r = resolve(&format!("file:{}", p.display())).expect("resolves");
         assert_eq!(r.expose(), "abc");
+    }
+
+    #[test]
+    fn credential_names_are_plain_names() {
+        let e = resolve("credential:../etc/shadow").expect_err("refused");
+        assert!(e.contains("no `/`"), "{e}");
     }
 
     #[test]

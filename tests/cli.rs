@@ -370,3 +370,42 @@ fn demo_prints_curl_commands_that_work_only_through_the_proxy() {
         }
     }
 }
+
+#[test]
+fn systemd_credentials_and_literal_secret_warnings() {
+    let env = Env::new();
+    let creds = env.dir.path().join("creds");
+    std::fs::create_dir_all(&creds).unwrap();
+    std::fs::write(creds.join("billing-key"), "from-systemd-credential\n").unwrap();
+    let path = env.write(
+        "config.yaml",
+        "providers:\n  billing:\n    basic: {username: '100234', password: 'credential:billing-key'}\n  sb:\n    headers: {apikey: literal-secret-in-file}\n",
+    );
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    // The literal is accepted with a warning that names the key, never the value.
+    assert!(
+        stderr.contains("providers.sb.headers.apikey: the secret is written in the config file"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("literal-secret-in-file"));
+
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr.contains("providers.billing.basic.password: credential:billing-key: $CREDENTIALS_DIRECTORY is not set"),
+        "{stderr}"
+    );
+}
