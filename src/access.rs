@@ -181,6 +181,20 @@ impl PasswordHash {
     }
 }
 
+/// The fast checks passed; maybe a password still needs its (slow) check.
+pub enum Check {
+    Passed,
+    /// Verify this `Proxy-Authorization` value with [`Access::verify_password`].
+    VerifyPassword(Vec<u8>),
+}
+
+fn digest_of(value: &[u8]) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, value);
+    let mut key = [0u8; 32];
+    key.copy_from_slice(digest.as_ref());
+    key
+}
+
 /// Why a request is refused before anything else happens.
 pub enum Refusal {
     Client,
@@ -199,9 +213,11 @@ impl Access {
         proxy_listener: bool,
         local_endpoint: bool,
         verified: &std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Check, Refusal> {
         let client_ok = if self.allow_clients.is_empty() {
-            !self.proxy_users.is_empty()
+            // A password opens the forward proxy to other hosts, never a local endpoint (which
+            // takes no password) or anything else.
+            (proxy_listener && !self.proxy_users.is_empty())
                 || peer.is_loopback()
                 || Cidr::parse("::ffff:127.0.0.0/104").is_ok_and(|c| c.contains(peer))
         } else {
@@ -233,25 +249,34 @@ impl Access {
         if proxy_listener && !self.proxy_users.is_empty() {
             let value = headers
                 .get(header::PROXY_AUTHORIZATION)
-                .map(|v| v.as_bytes())
-                .unwrap_or(b"");
-            let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, value);
-            let mut key = [0u8; 32];
-            key.copy_from_slice(digest.as_ref());
+                .map(|v| v.as_bytes().to_vec())
+                .unwrap_or_default();
+            let key = digest_of(&value);
             if verified.lock().map(|v| v.contains(&key)).unwrap_or(false) {
-                return Ok(());
+                return Ok(Check::Passed);
             }
-            if !self.basic_ok(value) {
-                return Err(Refusal::ProxyAuth);
-            }
-            if let Ok(mut v) = verified.lock() {
-                if v.len() > 1000 {
-                    v.clear();
-                }
-                v.insert(key);
-            }
+            return Ok(Check::VerifyPassword(value));
         }
-        Ok(())
+        Ok(Check::Passed)
+    }
+
+    /// The slow half of the password check (PBKDF2, on purpose): run it off the async workers.
+    /// Remembers credentials that passed, so each client pays once.
+    pub fn verify_password(
+        &self,
+        value: &[u8],
+        verified: &std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
+    ) -> bool {
+        if !self.basic_ok(value) {
+            return false;
+        }
+        if let Ok(mut v) = verified.lock() {
+            if v.len() > 1000 {
+                v.clear();
+            }
+            v.insert(digest_of(value));
+        }
+        true
     }
 
     fn basic_ok(&self, value: &[u8]) -> bool {
@@ -320,6 +345,28 @@ mod tests {
         assert!(h.verify("s3cret"));
         assert!(!h.verify("s3cret "));
         assert!(!format!("{h:?}").contains('$'));
+    }
+
+    #[test]
+    fn a_proxy_password_does_not_open_local_endpoints() {
+        let mut access = Access::default();
+        access.proxy_users.insert(
+            "alice".into(),
+            PasswordHash::parse(&PasswordHash::make("pw").expect("hash")).expect("parses"),
+        );
+        let verified = std::sync::Mutex::new(std::collections::HashSet::new());
+        let remote: std::net::IpAddr = "192.0.2.2".parse().expect("ip");
+        let local_host = host("localhost:8081");
+        // The forward proxy: a remote client may try, with a password.
+        assert!(matches!(
+            access.check(remote, &local_host, true, false, &verified),
+            Ok(Check::VerifyPassword(_))
+        ));
+        // A local endpoint takes no password, so a remote client is refused outright.
+        assert!(matches!(
+            access.check(remote, &local_host, false, true, &verified),
+            Err(Refusal::Client)
+        ));
     }
 
     #[test]

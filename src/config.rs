@@ -770,6 +770,13 @@ impl Validator<'_> {
         let local_endpoints = self.local_endpoints(raw.local_endpoints, &routes, raw.listen);
         let ca = self.ca(&raw.ca, raw.state_dir.as_deref(), &routes);
         let access = self.access(&raw.access, raw.listen, &local_endpoints);
+        if raw.admin.enabled && !raw.admin.listen.ip().is_loopback() {
+            // The admin endpoints have no authentication: /status and POST /reload stay local.
+            self.problem_at_file(
+                "admin.listen",
+                format!("{} is not a loopback address: the admin endpoints have no authentication, keep them on 127.0.0.1 (or set admin.enabled: false)", raw.admin.listen),
+            );
+        }
         Config {
             source: self.file.to_string(),
             listen: raw.listen,

@@ -35,6 +35,14 @@ pub async fn handle(
             "CONNECT needs a host:port target",
         ));
     }
+    // The tunnel outlives this HTTP connection (whose slot is freed at the upgrade): it takes a
+    // slot of its own, and shows in the open-connections gauge.
+    let slot = state
+        .connection_slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ProxyError::TooManyConnections)?;
+    let open = crate::listen::OpenConnection::new(state.metrics.clone());
     let upgrade = hyper::upgrade::on(&mut req);
 
     if state.config.routes.intercepts(&host, port) {
@@ -51,7 +59,10 @@ pub async fn handle(
                 cause: "the local CA's name constraints do not cover it; run `credproxy ca rotate` after adding its route, and import the new CA".into(),
             });
         }
-        tokio::spawn(intercept(state, upgrade, host, port, peer));
+        tokio::spawn(async move {
+            intercept(state, upgrade, host, port, peer).await;
+            drop((slot, open));
+        });
         return Ok(Response::new(empty()));
     }
 
@@ -75,6 +86,7 @@ pub async fn handle(
             },
         })?;
     tokio::spawn(async move {
+        let _held = (slot, open);
         let Ok(upgraded) = upgrade.await else { return };
         let mut client = TokioIo::new(upgraded);
         let mut upstream = upstream;

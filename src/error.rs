@@ -63,6 +63,8 @@ pub enum ProxyError {
         "this proxy needs a user name and password: send Proxy-Authorization: Basic (in Postman: Settings → Proxy → Proxy Auth)"
     )]
     ProxyAuthRequired,
+    #[error("credproxy has limits.max_connections connections and tunnels open; retry shortly")]
+    TooManyConnections,
 }
 
 impl ProxyError {
@@ -83,6 +85,7 @@ impl ProxyError {
                 StatusCode::FORBIDDEN
             }
             ProxyError::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            ProxyError::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
             ProxyError::NotRouted { .. } => StatusCode::NOT_FOUND,
@@ -109,6 +112,7 @@ impl ProxyError {
             ProxyError::InterceptRefused { .. } => "intercept_refused",
             ProxyError::Refused { code, .. } => code,
             ProxyError::ProxyAuthRequired => "proxy_auth_required",
+            ProxyError::TooManyConnections => "too_many_connections",
         }
     }
 

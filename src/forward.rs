@@ -60,13 +60,32 @@ async fn serve(
     let mut provider_name = None;
     let mut host_for_log = String::new();
     let mut path_for_log = String::new();
-    if let Err(refusal) = state.config.access.check(
+    let checked = state.config.access.check(
         peer.ip(),
         req.headers(),
         matches!(entry, Entry::Proxy),
         matches!(entry, Entry::Local(_)),
         &state.verified_proxy_auth,
-    ) {
+    );
+    let checked = match checked {
+        Ok(crate::access::Check::VerifyPassword(value)) => {
+            let st = state.clone();
+            let ok = tokio::task::spawn_blocking(move || {
+                st.config
+                    .access
+                    .verify_password(&value, &st.verified_proxy_auth)
+            })
+            .await
+            .unwrap_or(false);
+            if ok {
+                Ok(crate::access::Check::Passed)
+            } else {
+                Err(crate::access::Refusal::ProxyAuth)
+            }
+        }
+        other => other,
+    };
+    if let Err(refusal) = checked {
         use crate::access::Refusal;
         let err = match refusal {
             Refusal::Client => ProxyError::Refused {

@@ -55,6 +55,9 @@ pub struct State {
     /// Intercepted CONNECT connections, drained on shutdown like the listeners' (process-wide:
     /// a reload hands it on; `None` once shutdown began).
     pub tunnels: Arc<std::sync::Mutex<Option<GracefulShutdown>>>,
+    /// `limits.max_connections`, shared by the listeners and the CONNECT tunnels (which outlive
+    /// the HTTP connection they came from). Process-wide, fixed at start.
+    pub connection_slots: Arc<tokio::sync::Semaphore>,
     /// Digests of `Proxy-Authorization` values already verified (PBKDF2 is slow on purpose).
     pub verified_proxy_auth: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
 }
@@ -115,6 +118,10 @@ impl State {
             None
         };
         let metrics = previous.map_or_else(crate::metrics::Metrics::new, |old| old.metrics.clone());
+        let connection_slots = previous.map_or_else(
+            || Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
+            |old| old.connection_slots.clone(),
+        );
         Ok(State {
             config,
             outbound,
@@ -124,6 +131,7 @@ impl State {
             metrics,
             loaded_at: std::time::SystemTime::now(),
             verified_proxy_auth: Default::default(),
+            connection_slots,
             tunnels: previous.map_or_else(
                 || Arc::new(std::sync::Mutex::new(Some(GracefulShutdown::new()))),
                 |old| old.tunnels.clone(),
@@ -233,9 +241,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let (shutdown, stop) = watch::channel(false);
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // One budget of connections for all listeners (fixed at start, like the listeners).
-    let slots = Arc::new(tokio::sync::Semaphore::new(
-        state.load().config.limits.max_connections,
-    ));
+    let slots = state.load().connection_slots.clone();
     let mut tasks = JoinSet::new();
     let mut addr = None;
     let mut local_endpoints = Vec::new();
@@ -332,10 +338,10 @@ async fn refuse_busy(mut stream: tokio::net::TcpStream) {
 }
 
 /// Counts a client connection in `credproxy_open_connections` while it lives.
-struct OpenConnection(Arc<crate::metrics::Metrics>);
+pub(crate) struct OpenConnection(Arc<crate::metrics::Metrics>);
 
 impl OpenConnection {
-    fn new(metrics: Arc<crate::metrics::Metrics>) -> OpenConnection {
+    pub(crate) fn new(metrics: Arc<crate::metrics::Metrics>) -> OpenConnection {
         metrics.open_connections.inc();
         OpenConnection(metrics)
     }

@@ -257,6 +257,18 @@ fn listening_beyond_loopback_needs_access_rules() {
     );
     let ok = yaml + "access: {allow_clients: ['10.0.0.0/8']}\n";
     credproxy::config::from_yaml(&ok, "c.yaml").expect("allowed with rules");
+    // The admin endpoints have no authentication: never beyond loopback.
+    let admin = env.base_yaml().replace(
+        "admin: {listen: '127.0.0.1:0'}",
+        "admin: {listen: '0.0.0.0:0'}",
+    );
+    let err = credproxy::config::from_yaml(&admin, "c.yaml")
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("admin.listen: 0.0.0.0:0 is not a loopback address"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -273,3 +273,42 @@ async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
         "the idle connection was closed: {read:?}"
     );
 }
+
+#[tokio::test]
+async fn connect_tunnels_count_against_max_connections() {
+    let env = Env::new();
+    let upstream = fakes::serve(listener().await, None, |_, _| async {
+        fakes::respond(http::StatusCode::OK, "text/plain", "ok")
+    });
+    let proxy = env
+        .proxy(&yaml(upstream.addr, "limits: {max_connections: 3}\n"))
+        .await;
+    let connect = format!(
+        "CONNECT 127.0.0.1:{p} HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\n\r\n",
+        p = upstream.addr.port()
+    );
+    let mut tunnels = Vec::new();
+    for i in 0..3 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(connect.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).await.unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+        if i < 2 {
+            assert!(answer.starts_with("HTTP/1.1 200"), "tunnel {i}: {answer}");
+        } else {
+            // Two tunnels and this connection hold all three slots: no room for a third tunnel.
+            assert!(
+                answer.starts_with("HTTP/1.1 503") && answer.contains("too_many_connections"),
+                "{answer}"
+            );
+        }
+        tunnels.push(s);
+    }
+    assert_eq!(
+        proxy.state().metrics.open_connections.get(),
+        3,
+        "two tunnels and one connection"
+    );
+    drop(tunnels);
+}
