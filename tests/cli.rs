@@ -225,30 +225,15 @@ routes:
             connexa = connexa.addr,
         ),
     );
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "trace")
-        .env("CREDPROXY_TEST_SB_KEY", SB_KEY)
-        .env("CREDPROXY_TEST_OAUTH_SECRET", OAUTH_SECRET)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = capture(child.stderr.take().unwrap());
-    let stdout = capture(child.stdout.take().unwrap());
-    let guard = Running(child);
-    let text = wait_for(&stderr, "forward proxy listening on http://");
-    let addr: std::net::SocketAddr = text
-        .split("forward proxy listening on http://")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| {
-            s.trim_end_matches(|c: char| !c.is_ascii_digit())
-                .parse()
-                .ok()
-        })
-        .expect("listening address in the log");
+    let proxy = Binary::run(
+        &config,
+        &[
+            ("RUST_LOG", "trace".as_ref()),
+            ("CREDPROXY_TEST_SB_KEY", SB_KEY.as_ref()),
+            ("CREDPROXY_TEST_OAUTH_SECRET", OAUTH_SECRET.as_ref()),
+        ],
+    );
+    let addr = proxy.addr;
 
     let c = client(addr);
     let r = c
@@ -283,11 +268,12 @@ routes:
     let r = c.get("http://down.example.com/x").send().await.unwrap();
     assert_eq!(r.status(), 502);
     let body = r.text().await.unwrap();
-    wait_for(&stderr, "down.example.com");
-    drop(guard);
-    std::thread::sleep(Duration::from_millis(100));
-
-    let logs = stderr.lock().unwrap().clone() + &stdout.lock().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !proxy.log().contains("down.example.com") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let logs = proxy.log();
+    drop(proxy);
     assert!(
         logs.contains("TRACE") || logs.contains("trace"),
         "the run really logged at trace level"

@@ -5,7 +5,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -491,48 +491,16 @@ async fn a_client_that_rejects_the_ca_is_warned_about_once_and_the_ca_cli_works(
         .unwrap();
     assert!(String::from_utf8_lossy(&path.stdout).contains("ca.pem"));
 
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(std::sync::Mutex::new(String::new()));
-    let l = log.clone();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            l.lock().unwrap().push_str(&(line + "\n"));
-        }
-    });
-    let addr: SocketAddr = loop {
-        let text = log.lock().unwrap().clone();
-        if let Some(rest) = text.split("forward proxy listening on http://").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .trim_end_matches(|c: char| !c.is_ascii_digit())
-                .parse()
-                .unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let proxy = Binary::run(&config, &[("RUST_LOG", "info".as_ref())]);
+    let addr = proxy.addr;
     // A client that knows only the fakes' CA, not credproxy's.
     let c = s.env.https_client(addr, vec![s.env.test_ca()], false);
     for _ in 0..3 {
         assert!(c.get("https://api.example.com/x").send().await.is_err());
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let _ = child.kill();
-    let _ = child.wait();
-    let text = log.lock().unwrap().clone();
+    let text = proxy.log();
+    drop(proxy);
     let warnings = text
         .matches("the client does not trust the credproxy CA")
         .count();

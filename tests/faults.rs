@@ -201,39 +201,15 @@ async fn five_thousand_idle_connections_with_bounded_memory() {
         "config.yaml",
         &(env.base_yaml() + &yaml(upstream.addr, "limits: {header_read_timeout: 60s}\n")),
     );
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_credproxy"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(rest) = line.split("forward proxy listening on http://").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
-            }
-        }
-    });
-    let addr: std::net::SocketAddr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .unwrap()
-        .trim_end_matches(|c: char| !c.is_ascii_digit())
-        .parse()
-        .unwrap();
-    let before = rss_kib(child.id());
+    let proxy = Binary::run(&path, &[]);
+    let addr = proxy.addr;
+    let before = rss_kib(proxy.child.id());
     let mut conns = Vec::with_capacity(5000);
     for _ in 0..5000 {
         conns.push(TcpStream::connect(addr).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let with = rss_kib(child.id());
+    let with = rss_kib(proxy.child.id());
     // Still serving while they all sit there.
     let r = client(addr)
         .get("http://api.example.com/")
@@ -242,8 +218,7 @@ async fn five_thousand_idle_connections_with_bounded_memory() {
         .unwrap();
     assert_eq!(r.status(), 200);
     drop(conns);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(proxy);
     assert!(
         with < 200 * 1024,
         "RSS with 5,000 idle connections: {with} KiB (before: {before} KiB)"

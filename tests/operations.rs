@@ -150,43 +150,13 @@ async fn sighup_reloads_the_running_binary() {
     let env = Env::new();
     let fake = echo::start(listener().await, Some(env.tls.clone()));
     let path = env.write("config.yaml", &yaml(&env, fake.addr, fake.addr, "before"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_credproxy"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let log = Arc::new(std::sync::Mutex::new(String::new()));
-    let stderr = child.stderr.take().unwrap();
-    let l = log.clone();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            l.lock().unwrap().push_str(&(line + "\n"));
-        }
-    });
-    let addr: std::net::SocketAddr = loop {
-        let text = log.lock().unwrap().clone();
-        if let Some(rest) = text.split("forward proxy listening on http://").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .trim_end_matches(|c: char| !c.is_ascii_digit())
-                .parse()
-                .unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let proxy = Binary::run(&path, &[]);
+    let addr = proxy.addr;
     let c = client(addr);
     let echo = echoed(c.get("http://api.example.com/__echo").send().await.unwrap()).await;
     assert_eq!(header_values(&echo, "x-k"), ["before"]);
     std::fs::write(&path, yaml(&env, fake.addr, fake.addr, "after")).unwrap();
-    let pid = child.id().to_string();
+    let pid = proxy.child.id().to_string();
     assert!(
         Command::new("kill")
             .args(["-HUP", &pid])
@@ -203,13 +173,11 @@ async fn sighup_reloads_the_running_binary() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = child.kill();
-    let _ = child.wait();
     assert_eq!(
         seen,
         "after",
         "SIGHUP applied the new file; log:\n{}",
-        log.lock().unwrap()
+        proxy.log()
     );
 }
 

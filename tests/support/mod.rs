@@ -219,3 +219,76 @@ pub fn basic(user: &str, pass: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
     )
 }
+
+/// `credproxy run` as a separate process, its stdout and stderr collected; killed when dropped.
+pub struct Binary {
+    pub child: std::process::Child,
+    pub log: Arc<std::sync::Mutex<String>>,
+    /// The forward proxy's address, read from the log.
+    pub addr: SocketAddr,
+}
+
+impl Binary {
+    /// Starts `credproxy run --config config` with extra environment and waits (up to 60 s) for
+    /// its "listening" line.
+    pub fn run(config: &std::path::Path, envs: &[(&str, &std::ffi::OsStr)]) -> Binary {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_credproxy"));
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("credproxy starts");
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stream)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    log.lock().expect("log").push_str(&(line + "\n"));
+                }
+            });
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let addr = loop {
+            let text = log.lock().expect("log").clone();
+            let found = text
+                .split("forward proxy listening on http://")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| {
+                    a.trim_end_matches(|c: char| !c.is_ascii_digit())
+                        .parse()
+                        .ok()
+                });
+            if let Some(addr) = found {
+                break addr;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "credproxy did not start:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Binary { child, log, addr }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log").clone()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
