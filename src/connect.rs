@@ -136,7 +136,10 @@ async fn intercept(
     let server = crate::listen::http_server(&state.config);
     let state2 = state.clone();
     let service = service_fn(move |req| {
-        let (state, entry) = (state2.clone(), entry.clone());
+        // Like the listeners: each request runs on the config current when it arrives, so a
+        // long-lived tunnel follows reloads.
+        let state = state2.current().unwrap_or_else(|| state2.clone());
+        let entry = entry.clone();
         async move { Ok::<_, std::convert::Infallible>(forward::handle(state, entry, req, peer).await) }
     });
     let conn = server

@@ -58,11 +58,19 @@ pub struct State {
     /// `limits.max_connections`, shared by the listeners and the CONNECT tunnels (which outlive
     /// the HTTP connection they came from). Process-wide, fixed at start.
     pub connection_slots: Arc<tokio::sync::Semaphore>,
+    /// The swap this state lives in, so work that outlives a request (an intercepted tunnel)
+    /// can find the current state after a reload.
+    pub shared: std::sync::OnceLock<std::sync::Weak<arc_swap::ArcSwap<State>>>,
     /// Digests of `Proxy-Authorization` values already verified (PBKDF2 is slow on purpose).
     pub verified_proxy_auth: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
 }
 
 impl State {
+    /// The state current now (after any reload), if this one is still part of a running proxy.
+    pub fn current(&self) -> Option<Arc<State>> {
+        self.shared.get()?.upgrade().map(|s| s.load_full())
+    }
+
     pub fn new(config: Config) -> Result<State, String> {
         State::build(config, None)
     }
@@ -131,6 +139,7 @@ impl State {
             metrics,
             loaded_at: std::time::SystemTime::now(),
             verified_proxy_auth: Default::default(),
+            shared: std::sync::OnceLock::new(),
             connection_slots,
             tunnels: previous.map_or_else(
                 || Arc::new(std::sync::Mutex::new(Some(GracefulShutdown::new()))),
@@ -238,6 +247,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         tracing::warn!("{w}");
     }
     let state: Shared = Arc::new(arc_swap::ArcSwap::from_pointee(state));
+    let _ = state.load().shared.set(Arc::downgrade(&state));
     let (shutdown, stop) = watch::channel(false);
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // One budget of connections for all listeners (fixed at start, like the listeners).
@@ -381,6 +391,7 @@ pub fn reload(shared: &Shared) -> Result<(), String> {
         tracing::warn!("{w}");
     }
     let new = State::build(config, Some(&old))?;
+    let _ = new.shared.set(Arc::downgrade(shared));
     shared.store(Arc::new(new));
     tracing::info!("reloaded {}", path.display());
     Ok(())

@@ -620,3 +620,37 @@ async fn shutdown_drains_requests_inside_intercepted_https_tunnels() {
         .expect("the intercepted request was allowed to finish");
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn an_open_https_tunnel_follows_a_reload() {
+    let env = Env::new();
+    let fake = echo::start(listener().await, Some(env.tls.clone()));
+    let path = env.write("config.yaml", &yaml(&env, fake.addr, fake.addr, "v1"));
+    let proxy = credproxy::start(credproxy::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    // HTTP/1.1 with keep-alive: both requests travel in the same intercepted tunnel.
+    let c = env.https_client(proxy.addr, vec![env.proxy_ca()], false);
+    let echo = echoed(
+        c.get("https://api.example.com/__echo")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(header_values(&echo, "x-k"), ["v1"]);
+    std::fs::write(&path, yaml(&env, fake.addr, fake.addr, "v2")).unwrap();
+    proxy.reload().unwrap();
+    let echo = echoed(
+        c.get("https://api.example.com/__echo")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        header_values(&echo, "x-k"),
+        ["v2"],
+        "the tunnel opened before the reload uses the new config"
+    );
+}
