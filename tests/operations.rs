@@ -428,18 +428,25 @@ fn run_with_notify(
         b"READY=1\n",
         "READY=1 once the listeners are bound"
     );
-    let text = log.lock().unwrap().clone();
-    let addr = text
-        .split("forward proxy listening on http://")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|a| {
-            a.trim_end_matches(|c: char| !c.is_ascii_digit())
-                .parse()
-                .ok()
-        })
-        .expect("address logged before READY");
-    (child, log, addr, sock)
+    // Logs are written by a background thread: the line may land just after READY.
+    let mut addr = None;
+    for _ in 0..500 {
+        let text = log.lock().unwrap().clone();
+        addr = text
+            .split("forward proxy listening on http://")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|a| {
+                a.trim_end_matches(|c: char| !c.is_ascii_digit())
+                    .parse()
+                    .ok()
+            });
+        if addr.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, log, addr.expect("address logged"), sock)
 }
 
 #[tokio::test]
