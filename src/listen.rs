@@ -224,11 +224,6 @@ impl Running {
     pub fn tokens(&self, provider: &str) -> Option<Arc<Tokens>> {
         self.state.load().tokens.get(provider).cloned()
     }
-
-    /// Runs until one of the listeners stops (it does not, short of a shutdown).
-    pub async fn wait(mut self) {
-        self.tasks.join_next().await;
-    }
 }
 
 /// Binds every listener of `config` and starts serving.

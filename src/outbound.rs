@@ -441,13 +441,6 @@ async fn proxy_connect(
     }
 }
 
-/// A TCP connection to `host:port` within `timeout` (no proxy).
-pub async fn dial(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, DialError> {
-    open(&Egress::default(), host, port, true, timeout)
-        .await
-        .map(|(s, _)| s)
-}
-
 async fn dial_now(
     host: &str,
     port: u16,
