@@ -39,6 +39,8 @@ struct File {
     #[serde(default)]
     limits: LimitsFile,
     #[serde(default)]
+    runtime: RuntimeFile,
+    #[serde(default)]
     tokens: TokensFile,
     /// How traffic leaves this host (source address, upstream proxy); routes and providers may
     /// override it.
@@ -138,6 +140,17 @@ impl Default for LimitsFile {
             max_connections: default_max_connections(),
         }
     }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RuntimeFile {
+    /// Threads that serve traffic. 1: one thread runs everything (tokio's current_thread
+    /// runtime), the fastest shape on a small machine that shares its cores with the apps it
+    /// serves (see BENCHMARKS.md). N > 1: a multi-thread runtime with N workers. 0 or absent:
+    /// 1 on machines with up to 2 cores, else one worker per core.
+    #[serde(default)]
+    threads: usize,
 }
 
 fn default_max_connections() -> usize {
@@ -302,6 +315,18 @@ fn default_max_header_bytes() -> Spanned<usize> {
         serde_saphyr::Location::UNKNOWN,
     )
 }
+/// `runtime.threads: 0` picks by core count: with 2 cores or fewer, the proxy shares them with
+/// its clients and upstreams, and one thread measured fastest (BENCHMARKS.md).
+fn resolve_threads(asked: usize) -> usize {
+    match asked {
+        0 => match std::thread::available_parallelism().map_or(1, |n| n.get()) {
+            n if n <= 2 => 1,
+            n => n,
+        },
+        n => n,
+    }
+}
+
 fn d10s() -> Duration {
     Duration::from_secs(10)
 }
@@ -495,6 +520,8 @@ pub struct Config {
     pub unmapped: Unmapped,
     pub upstream: Upstream,
     pub limits: Limits,
+    /// Threads serving traffic, resolved (never 0). Read at start only.
+    pub threads: usize,
     pub routes: RouteTable,
     pub local_endpoints: Vec<LocalEndpoint>,
     /// Every configured provider, by name order.
@@ -789,6 +816,7 @@ impl Validator<'_> {
                 drain_timeout: raw.limits.drain_timeout,
                 max_connections: raw.limits.max_connections.max(1),
             },
+            threads: resolve_threads(raw.runtime.threads),
             routes,
             local_endpoints,
             providers: providers.values().cloned().collect(),
@@ -1574,7 +1602,7 @@ mod tests {
             (
                 "listen: 127.0.0.1:8080\nbogus: 1\n",
                 &[
-                    "c.yaml:2:1: bogus: unknown field `bogus`, expected one of listen, unmapped, upstream, limits, tokens, egress, admin, access, egress_check_url, state_dir, ca, providers, routes, local_endpoints",
+                    "c.yaml:2:1: bogus: unknown field `bogus`, expected one of listen, unmapped, upstream, limits, runtime, tokens, egress, admin, access, egress_check_url, state_dir, ca, providers, routes, local_endpoints",
                 ],
             ),
             (

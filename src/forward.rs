@@ -104,7 +104,7 @@ async fn serve(
         };
         tracing::warn!(%peer, code = err.code(), "request refused");
         let response = err.into_response(None);
-        state.metrics.request("-", "-", response.status().as_u16());
+        state.stats(None).request(response.status().as_u16());
         return response;
     }
     if req.method() == Method::CONNECT && matches!(entry, Entry::Proxy) {
@@ -149,11 +149,9 @@ async fn serve(
             err.into_response(route.as_deref())
         }
     };
-    state.metrics.request(
-        route_name.as_deref().unwrap_or("-"),
-        provider_name.as_deref().unwrap_or("-"),
-        response.status().as_u16(),
-    );
+    state
+        .stats(route_name.as_deref())
+        .request(response.status().as_u16());
     static REQUEST_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let request_id = REQUEST_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let retried = response.extensions().get::<Retried>().is_some();
@@ -381,12 +379,8 @@ async fn forward(
         let sent = Instant::now();
         let mut response = send(state, client, upstream_req, &authority).await?;
         state
-            .metrics
-            .upstream_latency
-            .get_or_create(&crate::metrics::RouteLabel {
-                route: route.map_or("-", |r| r.name.as_str()).to_string(),
-            })
-            .observe(sent.elapsed().as_secs_f64());
+            .stats(route.map(|r| r.name.as_str()))
+            .upstream_latency(sent.elapsed().as_secs_f64());
         // Only plain HTTP talks to the upstream proxy directly; over HTTPS a 407 comes from
         // inside the tunnel and is the API's own answer.
         if response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED

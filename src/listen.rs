@@ -61,11 +61,21 @@ pub struct State {
     /// The swap this state lives in, so work that outlives a request (an intercepted tunnel)
     /// can find the current state after a reload.
     pub shared: std::sync::OnceLock<std::sync::Weak<arc_swap::ArcSwap<State>>>,
+    /// Metric handles by route name, and for requests no route took.
+    pub route_stats: HashMap<String, crate::metrics::RouteStats>,
+    pub unrouted_stats: crate::metrics::RouteStats,
     /// Digests of `Proxy-Authorization` values already verified (PBKDF2 is slow on purpose).
     pub verified_proxy_auth: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
 }
 
 impl State {
+    /// The metric handles for requests on `route` (`None`: no route took the request).
+    pub fn stats(&self, route: Option<&str>) -> &crate::metrics::RouteStats {
+        route
+            .and_then(|name| self.route_stats.get(name))
+            .unwrap_or(&self.unrouted_stats)
+    }
+
     /// The state current now (after any reload), if this one is still part of a running proxy.
     pub fn current(&self) -> Option<Arc<State>> {
         self.shared.get()?.upgrade().map(|s| s.load_full())
@@ -126,6 +136,17 @@ impl State {
             None
         };
         let metrics = previous.map_or_else(crate::metrics::Metrics::new, |old| old.metrics.clone());
+        let route_stats = config
+            .routes
+            .iter()
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    metrics.route_stats(&r.name, &r.provider.name),
+                )
+            })
+            .collect();
+        let unrouted_stats = metrics.route_stats("-", "-");
         let connection_slots = previous.map_or_else(
             || Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
             |old| old.connection_slots.clone(),
@@ -137,6 +158,8 @@ impl State {
             leaves,
             warned_untrusted: Default::default(),
             metrics,
+            route_stats,
+            unrouted_stats,
             loaded_at: std::time::SystemTime::now(),
             verified_proxy_auth: Default::default(),
             shared: std::sync::OnceLock::new(),
@@ -384,6 +407,12 @@ pub fn reload(shared: &Shared) -> Result<(), String> {
     }
     for w in &config.warnings {
         tracing::warn!("{w}");
+    }
+    if config.threads != old.config.threads {
+        tracing::warn!(
+            "runtime.threads changed: the runtime is built at start, so it keeps {} thread(s) until a restart",
+            old.config.threads
+        );
     }
     let new = State::build(config, Some(&old))?;
     let _ = new.shared.set(Arc::downgrade(shared));

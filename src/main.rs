@@ -95,7 +95,15 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let _log_guard = init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
+    // `run` reads its config first: the config says which runtime to build.
+    let (threads, config) = match &cli.command {
+        Command::Run { config } => match load_for_run(config) {
+            Ok(c) => (c.threads, Some(c)),
+            Err(code) => return code,
+        },
+        _ => (0, None),
+    };
+    let runtime = match build_runtime(threads) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("credproxy: cannot start the async runtime: {e}");
@@ -104,7 +112,10 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
-            Command::Run { config } => run(config).await,
+            Command::Run { .. } => match config {
+                Some(config) => run(config).await,
+                None => ExitCode::FAILURE,
+            },
             Command::CheckConfig { file } => check_config(file),
             Command::Demo { port } => demo(port).await,
             Command::Ca { action, config } => ca(action, config),
@@ -115,14 +126,45 @@ fn main() -> ExitCode {
     })
 }
 
-/// Logs go to stderr through a background writer thread, so a request never waits on the
-/// terminal or the journal. The returned guard flushes what is left when `main` returns.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+/// `runtime.threads`: 1 is one current_thread runtime, N a multi-thread runtime with N workers;
+/// 0 (the commands that are not `run`) is tokio's default.
+fn build_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Runtime::new(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    }
+}
+
+fn load_for_run(file: &std::path::Path) -> Result<credproxy::config::Config, ExitCode> {
+    credproxy::config::load(file).map_err(|e| {
+        eprintln!("{e}");
+        eprintln!(
+            "credproxy: not started: {} has {} problem(s)",
+            file.display(),
+            e.problems.len()
+        );
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+/// Logs go to stderr through a background writer thread that takes many lines at a time, so a
+/// request never waits on the terminal or the journal (see `log_writer`). The returned guard
+/// writes what is left when `main` returns.
+fn init_logging(format: LogFormat) -> credproxy::log_writer::Guard {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let (writer, guard) = credproxy::log_writer::start(std::io::stderr());
+    // Colours only for a person at a terminal: not into files or the journal.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(writer);
     match format {
         LogFormat::Human => builder.init(),
@@ -330,19 +372,8 @@ fn ca(action: CaAction, file: PathBuf) -> ExitCode {
     }
 }
 
-async fn run(file: PathBuf) -> ExitCode {
-    let config = match credproxy::config::load(&file) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            eprintln!(
-                "credproxy: not started: {} has {} problem(s)",
-                file.display(),
-                e.problems.len()
-            );
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
+async fn run(config: credproxy::config::Config) -> ExitCode {
+    tracing::info!(threads = config.threads, "runtime");
     let running = match credproxy::start(config).await {
         Ok(r) => r,
         // TLS roots and the CA are configuration: restarting will not fix them (exit 2, which

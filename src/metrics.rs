@@ -72,16 +72,45 @@ impl Metrics {
         })
     }
 
-    pub fn request(&self, route: &str, provider: &str, status: u16) {
-        self.requests
-            .get_or_create(&RequestLabels {
+    /// The handles of one route's series, looked up once per state (start, reload) so that a
+    /// request only bumps atomics: no label strings built, no family lock taken.
+    pub fn route_stats(&self, route: &str, provider: &str) -> RouteStats {
+        let class = |c: u8| {
+            self.requests.get_or_create_owned(&RequestLabels {
                 route: route.to_string(),
                 provider: provider.to_string(),
-                status: format!("{}xx", status / 100),
+                status: format!("{c}xx"),
             })
-            .inc();
+        };
+        RouteStats {
+            by_class: [class(1), class(2), class(3), class(4), class(5)],
+            latency: self.upstream_latency.get_or_create_owned(&RouteLabel {
+                route: route.to_string(),
+            }),
+        }
+    }
+}
+
+/// One route's request counters (by status class) and upstream latency histogram.
+#[derive(Clone)]
+pub struct RouteStats {
+    by_class: [Counter; 5],
+    latency: Histogram,
+}
+
+impl RouteStats {
+    pub fn request(&self, status: u16) {
+        // Status codes are 100–599 (hyper refuses others from upstreams; ours are all in range).
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.by_class[class].inc();
     }
 
+    pub fn upstream_latency(&self, seconds: f64) {
+        self.latency.observe(seconds);
+    }
+}
+
+impl Metrics {
     /// The OpenMetrics text for `/metrics`, with the current state's token and leaf counters.
     pub fn encode(&self, state: &State) -> String {
         let mut out = String::new();
