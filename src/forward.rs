@@ -345,8 +345,15 @@ async fn forward(
     let mut body = prepare_body(state, route, &parts.headers, incoming).await?;
     let client = state.outbound.client(route.map(|r| r.name.as_str()));
     let mut retried = false;
+    // Only token providers resend after a 401: the others give their headers away on the first
+    // (and only) try instead of copying them.
+    let may_resend = route.is_some_and(|r| r.provider.uses_tokens());
     loop {
-        let mut headers = parts.headers.clone();
+        let mut headers = if may_resend {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
         let token = match route {
             Some(route) => {
                 let req = credentials::Request {
@@ -638,14 +645,19 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in `Connection` are hop-by-hop too.
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in &listed {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
 }

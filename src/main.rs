@@ -373,7 +373,13 @@ fn ca(action: CaAction, file: PathBuf) -> ExitCode {
 }
 
 async fn run(config: credproxy::config::Config) -> ExitCode {
-    tracing::info!(threads = config.threads, "runtime");
+    // What the runtime really has, not what was asked: `runtime.threads` at work.
+    let handle = tokio::runtime::Handle::current();
+    tracing::info!(
+        threads = handle.metrics().num_workers(),
+        flavor = ?handle.runtime_flavor(),
+        "runtime"
+    );
     let running = match credproxy::start(config).await {
         Ok(r) => r,
         // TLS roots and the CA are configuration: restarting will not fix them (exit 2, which

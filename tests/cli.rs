@@ -395,3 +395,44 @@ fn systemd_credentials_and_literal_secret_warnings() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn runtime_threads_shape_the_runtime_and_logs_off_a_terminal_have_no_colour_codes() {
+    for threads in [1, 3] {
+        let env = Env::new();
+        let upstream = credproxy::fakes::echo::start(listener().await, None);
+        let config = env.write(
+            "config.yaml",
+            &format!(
+                "{}runtime: {{threads: {threads}}}
+providers:
+  p:
+    headers: {{x-api-key: 'env:CREDPROXY_TEST_KEY'}}
+routes:
+  - {{host: api.example.com, provider: p, upstream_scheme: http, connect_to: '{}'}}
+",
+                env.base_yaml(),
+                upstream.addr
+            ),
+        );
+        let proxy = tokio::task::spawn_blocking(move || {
+            Binary::run(&config, &[("CREDPROXY_TEST_KEY", "k-123".as_ref())])
+        })
+        .await
+        .unwrap();
+        let c = client(proxy.addr);
+        for _ in 0..20 {
+            let echo = echoed(c.get("http://api.example.com/x").send().await.unwrap()).await;
+            assert_eq!(header_values(&echo, "x-api-key"), ["k-123"]);
+        }
+        // Request lines are written in batches: wait for the last one.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while proxy.log().matches("request_id=").count() < 20 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let log = proxy.log();
+        assert_eq!(log.matches("request_id=").count(), 20, "{log}");
+        assert!(log.contains(&format!("runtime threads={threads}")), "{log}");
+        assert!(!log.contains('\x1b'), "colour codes in a piped log:\n{log}");
+    }
+}

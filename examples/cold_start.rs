@@ -1,0 +1,249 @@
+//! Benchmark scenario 5, token cold start: N requests arrive at once on an empty token cache.
+//! Counts the token requests the fake OAuth server saw (the target is exactly 1) and reports
+//! latency percentiles over the fake's own token latency (the target: p99 under 50 ms over it).
+//!
+//!   cargo run --release --example cold_start -- [--requests 1000] [--token-latency-ms 100]
+//!       [--threads 1] [--out FILE.md]
+//!
+//! Three runtimes on their own threads, as in production: the fake provider, credproxy (with
+//! `runtime.threads` worth of threads, like `credproxy run`), and the clients. Loopback only.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use credproxy::fakes::issuer::{Issuer, Mode};
+use credproxy::fakes::oauth;
+
+const CLIENT_ID: &str = "0123456789abcdef0123456789abcdef.bench";
+const CLIENT_SECRET: &str = "bench-client-secret";
+
+struct Args {
+    requests: usize,
+    token_latency: Duration,
+    threads: usize,
+    out: Option<String>,
+}
+
+fn args() -> Result<Args, String> {
+    let mut a = Args {
+        requests: 1000,
+        token_latency: Duration::from_millis(100),
+        threads: 1,
+        out: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or(format!("{flag} needs a value"))?;
+        let num = || value.parse::<u64>().map_err(|e| format!("{flag}: {e}"));
+        match flag.as_str() {
+            "--requests" => a.requests = num()? as usize,
+            "--token-latency-ms" => a.token_latency = Duration::from_millis(num()?),
+            "--threads" => a.threads = num()? as usize,
+            "--out" => a.out = Some(value.clone()),
+            _ => return Err(format!("unknown flag {flag}")),
+        }
+    }
+    Ok(a)
+}
+
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+}
+
+/// Runs `f` on a runtime of its own thread until `stop` is dropped; returns what `f` sent back.
+fn on_thread<T: Send + 'static, F, Fut>(
+    threads: usize,
+    f: F,
+) -> Result<(T, std::sync::mpsc::SyncSender<()>), String>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    let (stop_tx, stop_rx) = std::sync::mpsc::sync_channel::<()>(1);
+    std::thread::spawn(move || {
+        let rt = match runtime(threads) {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        rt.block_on(async move {
+            let value = f().await;
+            let _ = ready_tx.send(value);
+            // Keep serving until the main thread is done.
+            let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+        });
+    });
+    let value = ready_rx.recv().map_err(|e| e.to_string()).and_then(|v| v)?;
+    Ok((value, stop_tx))
+}
+
+fn main() -> Result<(), String> {
+    let a = args()?;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let ca = credproxy::ca::Ca::generate("cold_start bench CA", 1).map_err(|e| e.to_string())?;
+    let tls = ca
+        .server_config(&["bench.api.openvpn.com", "127.0.0.1"])
+        .map_err(|e| e.to_string())?;
+    std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).map_err(|e| e.to_string())?;
+
+    let issuer = Issuer::new(Duration::from_secs(3600));
+    issuer.set_mode(Mode::Slow(a.token_latency));
+    let fake_issuer = issuer.clone();
+    // One fake, two listeners sharing its issuer: the token endpoint over TLS, as the real one,
+    // and the API over plain HTTP, so that 1,000 upstream TLS handshakes at once (a cost of the
+    // upstream, not of the token cache) do not hide what this scenario measures.
+    let (fake_tls, fake_api) = on_thread(1, move || async move {
+        let settings = oauth::Settings {
+            client_id: CLIENT_ID.into(),
+            client_secret: CLIENT_SECRET.into(),
+        };
+        let bind = || async {
+            tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let tls = oauth::start(
+            bind().await?,
+            Some(tls),
+            settings.clone(),
+            fake_issuer.clone(),
+        );
+        let api = oauth::start(bind().await?, None, settings, fake_issuer);
+        let addrs = (tls.addr, api.addr);
+        // The fakes serve from tasks of this runtime; their handles are kept alive here.
+        std::mem::forget((tls, api));
+        Ok(addrs)
+    })
+    .map(|(addrs, stop)| {
+        std::mem::forget(stop);
+        addrs
+    })?;
+
+    let d = dir.path().display();
+    let yaml = format!(
+        "listen: 127.0.0.1:0
+admin: {{enabled: false}}
+state_dir: {d}/state
+runtime: {{threads: {threads}}}
+upstream: {{extra_ca_files: ['{d}/ca.pem']}}
+providers:
+  connexa:
+    oauth2:
+      token_url: 'https://{{host}}/api/v1/oauth/token'
+      client_id: '{CLIENT_ID}'
+      client_secret: '{CLIENT_SECRET}'
+      client_auth: basic
+      connect_to: '{fake_tls}'
+routes:
+  - host: '*.api.openvpn.com'
+    provider: connexa
+    upstream_scheme: http
+    connect_to: '{fake_api}'
+",
+        threads = a.threads
+    );
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, yaml).map_err(|e| e.to_string())?;
+    let config = credproxy::config::load(&path).map_err(|e| e.to_string())?;
+    let threads = config.threads;
+    let (proxy_addr, _proxy) = on_thread(threads, move || async move {
+        let running = credproxy::start(config).await.map_err(|e| e.to_string())?;
+        let addr: SocketAddr = running.addr;
+        std::mem::forget(running);
+        Ok(addr)
+    })?;
+
+    let client_rt = runtime(2).map_err(|e| e.to_string())?;
+    let n = a.requests;
+    // The cold burst, then the same burst again on new connections with the token cached: the
+    // difference is what the cold cache costs beyond the token endpoint's own latency.
+    let (latencies, statuses) = client_rt.block_on(burst(proxy_addr, n))?;
+    let (warm, _) = client_rt.block_on(burst(proxy_addr, n))?;
+    let pct_of = |l: &[Duration], p: f64| {
+        let i = ((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1;
+        l[i]
+    };
+    let pct = |p: f64| pct_of(&latencies, p);
+    let warm_p99 = pct_of(&warm, 0.99);
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let token_ms = ms(a.token_latency);
+    let p99_over = ms(pct(0.99)) - token_ms;
+    let token_requests = issuer.token_requests();
+    let ok = statuses.get(&200).copied().unwrap_or(0);
+    let verdict = |met: bool| if met { "met" } else { "NOT met" };
+    let report = format!(
+        "| requests | answered 200 | token requests | fake token latency | p50 | p99 | max | p99 over the token latency | p99 of the same burst, token cached |
+|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| {n} | {ok} | {token_requests} | {token_ms:.0} ms | {:.1} ms | {:.1} ms | {:.1} ms | {p99_over:.1} ms | {:.1} ms |
+
+- Token requests: {token_requests} (target exactly 1: {}).
+- p99 over the fake's token latency: {p99_over:.1} ms (target < 50 ms: {}).
+- The same burst again with the token cached, on new connections: p99 {:.1} ms. Each burst opens
+  {n} client connections and {n} upstream connections at once, on the same machine.
+- Statuses: {statuses:?}. credproxy ran with runtime.threads = {threads}.
+",
+        ms(pct(0.50)),
+        ms(pct(0.99)),
+        ms(pct(1.0)),
+        ms(warm_p99),
+        verdict(token_requests == 1),
+        verdict(p99_over < 50.0),
+        ms(warm_p99),
+    );
+    print!("{report}");
+    if let Some(out) = a.out {
+        std::fs::write(&out, &report).map_err(|e| format!("{out}: {e}"))?;
+    }
+    if ok != n {
+        return Err(format!("{} of {n} requests did not answer 200", n - ok));
+    }
+    Ok(())
+}
+
+/// `n` requests at once, each on its own new connection to the proxy.
+async fn burst(
+    proxy_addr: SocketAddr,
+    n: usize,
+) -> Result<(Vec<Duration>, std::collections::BTreeMap<u16, usize>), String> {
+    let proxy = reqwest::Proxy::http(format!("http://{proxy_addr}")).map_err(|e| e.to_string())?;
+    let client = reqwest::Client::builder()
+        .proxy(proxy)
+        .pool_max_idle_per_host(n)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let c = client.clone();
+        tasks.spawn(async move {
+            let sent = Instant::now();
+            let status = c
+                .get("http://bench.api.openvpn.com/api/v1/networks")
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0);
+            (sent.elapsed(), status)
+        });
+    }
+    let mut latencies = Vec::with_capacity(n);
+    let mut statuses = std::collections::BTreeMap::new();
+    while let Some(r) = tasks.join_next().await {
+        let (took, status) = r.map_err(|e| e.to_string())?;
+        latencies.push(took);
+        *statuses.entry(status).or_insert(0usize) += 1;
+    }
+    latencies.sort();
+    Ok((latencies, statuses))
+}
