@@ -19,7 +19,7 @@ pub mod error;
 pub mod fakes;
 pub mod forward;
 pub mod listen;
-pub mod log_writer;
+pub mod logs;
 pub mod metrics;
 pub mod mitm;
 pub mod outbound;

@@ -154,20 +154,23 @@ fn load_for_run(file: &std::path::Path) -> Result<credproxy::config::Config, Exi
 }
 
 /// Logs go to stderr through a background writer thread that takes many lines at a time, so a
-/// request never waits on the terminal or the journal (see `log_writer`). The returned guard
+/// request never waits on the terminal or the journal (see `logs`). The returned guard
 /// writes what is left when `main` returns.
-fn init_logging(format: LogFormat) -> credproxy::log_writer::Guard {
+fn init_logging(format: LogFormat) -> credproxy::logs::Guard {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = credproxy::log_writer::start(std::io::stderr());
-    // Colours only for a person at a terminal: not into files or the journal.
+    let (writer, guard) = credproxy::logs::start(std::io::stderr());
+    // Colours only for a person at a terminal: not into files or the journal, which get the same
+    // lines from a much cheaper formatter.
+    let terminal = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(terminal)
         .with_writer(writer);
     match format {
-        LogFormat::Human => builder.init(),
+        LogFormat::Human if terminal => builder.init(),
+        LogFormat::Human => builder.event_format(credproxy::logs::Plain).init(),
         LogFormat::Json => builder.json().init(),
     }
     guard
