@@ -56,10 +56,6 @@ async fn serve(
 ) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
-    let mut route_name = None;
-    let mut provider_name = None;
-    let mut host_for_log = String::new();
-    let mut path_for_log = String::new();
     let checked = state.config.access.check(
         peer.ip(),
         req.headers(),
@@ -116,6 +112,9 @@ async fn serve(
         tracing::info!(%peer, method = "CONNECT", host = %authority, status = response.status().as_u16(), "request");
         return response;
     }
+    // What the request log needs, kept rather than copied out as strings.
+    let mut target_slot: Option<Target> = None;
+    let mut route_slot: Option<Arc<Route>> = None;
     let result = async {
         let local = match &entry {
             Entry::Local(name) => Some(state.config.routes.by_name(name).cloned().ok_or_else(|| {
@@ -124,9 +123,7 @@ async fn serve(
             })?),
             _ => None,
         };
-        let target = target(&entry, local.as_ref(), &req)?;
-        host_for_log = target.host.clone();
-        path_for_log = target.path().to_string();
+        let target = target_slot.insert(target(&entry, local.as_ref(), &req)?);
         let route = match &entry {
             Entry::Local(_) => local.clone(),
             Entry::Proxy | Entry::Intercepted(_) => state
@@ -135,8 +132,7 @@ async fn serve(
                 .find(&target.host, target.port, target.path())
                 .cloned(),
         };
-        route_name = route.as_ref().map(|r| r.name.clone());
-        provider_name = route.as_ref().map(|r| r.provider.name.clone());
+        route_slot.clone_from(&route);
         forward(&state, route.as_deref(), target, req)
             .await
             .map_err(|e| (e, route))
@@ -149,9 +145,9 @@ async fn serve(
             err.into_response(route.as_deref())
         }
     };
-    state
-        .stats(route_name.as_deref())
-        .request(response.status().as_u16());
+    let route_name = route_slot.as_ref().map(|r| r.name.as_str());
+    let provider_name = route_slot.as_ref().map(|r| r.provider.name.as_str());
+    state.stats(route_name).request(response.status().as_u16());
     static REQUEST_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let request_id = REQUEST_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let retried = response.extensions().get::<Retried>().is_some();
@@ -163,14 +159,14 @@ async fn serve(
     // The path is logged without its query: query strings can carry secrets.
     tracing::info!(
         request_id,
-        provider = provider_name.as_deref().unwrap_or("-"),
+        provider = provider_name.unwrap_or("-"),
         retried,
         response_bytes = bytes,
         %peer,
         %method,
-        host = %host_for_log,
-        path = %path_for_log,
-        route = route_name.as_deref().unwrap_or("-"),
+        host = %target_slot.as_ref().map_or("", |t| t.host.as_str()),
+        path = %target_slot.as_ref().map_or("", |t| t.path()),
+        route = route_name.unwrap_or("-"),
         status = response.status().as_u16(),
         latency_ms = started.elapsed().as_millis() as u64,
         "request"
@@ -308,7 +304,7 @@ fn absolute_target(uri: &Uri) -> Result<Target, ProxyError> {
 async fn forward(
     state: &State,
     route: Option<&Route>,
-    target: Target,
+    target: &Target,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
@@ -327,7 +323,9 @@ async fn forward(
         }
         None => {
             if state.config.unmapped == Unmapped::Deny {
-                return Err(ProxyError::Denied { host: target.host });
+                return Err(ProxyError::Denied {
+                    host: target.host.clone(),
+                });
             }
             (target.scheme, target.explicit_port.then_some(target.port))
         }
@@ -640,7 +638,20 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
+    // A match on the (lower-case) name: `HOP_BY_HOP.contains` would build the constant's nine
+    // names for every header it checks.
+    matches!(
+        name.as_str(),
+        "connection"
+            | "proxy-connection"
+            | "keep-alive"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
 }
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {

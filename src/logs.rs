@@ -264,19 +264,25 @@ impl Fields<'_, '_> {
         if self.result.is_err() {
             return;
         }
-        let name = field.name();
-        let sep = if self.first { "" } else { " " };
-        self.result = if name == "message" {
-            write!(self.writer, "{sep}{value}")
-        } else {
-            write!(
-                self.writer,
-                "{sep}{}={value}",
-                name.trim_start_matches("r#")
-            )
-        };
+        self.result = write_field(self.writer, self.first, field.name(), value);
         self.first = false;
     }
+}
+
+fn write_field(
+    writer: &mut Writer<'_>,
+    first: bool,
+    name: &str,
+    value: std::fmt::Arguments<'_>,
+) -> std::fmt::Result {
+    if !first {
+        writer.write_char(' ')?;
+    }
+    if name != "message" {
+        writer.write_str(name.strip_prefix("r#").unwrap_or(name))?;
+        writer.write_char('=')?;
+    }
+    writer.write_fmt(value)
 }
 
 impl Visit for Fields<'_, '_> {
