@@ -24,6 +24,20 @@ routes:
     )
 }
 
+/// An upstream that answers every request `200 ok`.
+async fn ok_upstream() -> fakes::FakeServer {
+    fakes::serve(listener().await, None, |_, _| async {
+        fakes::respond(http::StatusCode::OK, "text/plain", "ok")
+    })
+}
+
+/// A proxy with `limits` (a `limits: {…}` line) routing api.example.com to an `ok_upstream`.
+async fn proxy_to_ok_upstream(env: &Env, limits: &str) -> (fakes::FakeServer, credproxy::Running) {
+    let upstream = ok_upstream().await;
+    let proxy = env.proxy(&yaml(upstream.addr, limits)).await;
+    (upstream, proxy)
+}
+
 #[tokio::test]
 async fn an_upstream_reset_mid_response_is_a_clean_error_and_the_proxy_keeps_serving() {
     let env = Env::new();
@@ -119,12 +133,7 @@ async fn a_client_gone_mid_upload_aborts_the_upstream_request_and_leaks_nothing(
 #[tokio::test]
 async fn a_slowloris_client_is_cut_off_by_the_header_timeout() {
     let env = Env::new();
-    let upstream = fakes::serve(listener().await, None, |_, _| async {
-        fakes::respond(http::StatusCode::OK, "text/plain", "ok")
-    });
-    let proxy = env
-        .proxy(&yaml(upstream.addr, "limits: {header_read_timeout: 1s}\n"))
-        .await;
+    let (upstream, proxy) = proxy_to_ok_upstream(&env, "limits: {header_read_timeout: 1s}\n").await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(b"GET http://api.example.com/ HTTP/1.1\r\nHost: api.exa")
         .await
@@ -141,12 +150,7 @@ async fn a_slowloris_client_is_cut_off_by_the_header_timeout() {
 #[tokio::test]
 async fn connections_over_the_limit_get_a_503_and_the_rest_keep_working() {
     let env = Env::new();
-    let upstream = fakes::serve(listener().await, None, |_, _| async {
-        fakes::respond(http::StatusCode::OK, "text/plain", "ok")
-    });
-    let proxy = env
-        .proxy(&yaml(upstream.addr, "limits: {max_connections: 3}\n"))
-        .await;
+    let (_upstream, proxy) = proxy_to_ok_upstream(&env, "limits: {max_connections: 3}\n").await;
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(TcpStream::connect(proxy.addr).await.unwrap());
@@ -194,9 +198,7 @@ fn rss_kib(pid: u32) -> u64 {
 #[tokio::test]
 async fn five_thousand_idle_connections_with_bounded_memory() {
     let env = Env::new();
-    let upstream = fakes::serve(listener().await, None, |_, _| async {
-        fakes::respond(http::StatusCode::OK, "text/plain", "ok")
-    });
+    let upstream = ok_upstream().await;
     let path = env.write(
         "config.yaml",
         &(env.base_yaml() + &yaml(upstream.addr, "limits: {header_read_timeout: 60s}\n")),
@@ -228,12 +230,8 @@ async fn five_thousand_idle_connections_with_bounded_memory() {
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
     let env = Env::new();
-    let upstream = fakes::serve(listener().await, None, |_, _| async {
-        fakes::respond(http::StatusCode::OK, "text/plain", "ok")
-    });
-    let proxy = env
-        .proxy(&yaml(upstream.addr, "limits: {header_read_timeout: 1s}\n"))
-        .await;
+    let (_upstream, proxy) =
+        proxy_to_ok_upstream(&env, "limits: {header_read_timeout: 1s}\n").await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(b"GET http://api.example.com/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
         .await
@@ -252,12 +250,7 @@ async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
 #[tokio::test]
 async fn connect_tunnels_count_against_max_connections() {
     let env = Env::new();
-    let upstream = fakes::serve(listener().await, None, |_, _| async {
-        fakes::respond(http::StatusCode::OK, "text/plain", "ok")
-    });
-    let proxy = env
-        .proxy(&yaml(upstream.addr, "limits: {max_connections: 3}\n"))
-        .await;
+    let (upstream, proxy) = proxy_to_ok_upstream(&env, "limits: {max_connections: 3}\n").await;
     let connect = format!(
         "CONNECT 127.0.0.1:{p} HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\n\r\n",
         p = upstream.addr.port()
