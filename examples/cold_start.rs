@@ -46,19 +46,6 @@ fn args() -> Result<Args, String> {
     Ok(a)
 }
 
-fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-    }
-}
-
 /// Runs `f` on a runtime of its own thread until `stop` is dropped; returns what `f` sent back.
 fn on_thread<T: Send + 'static, F, Fut>(
     threads: usize,
@@ -71,7 +58,7 @@ where
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
     let (stop_tx, stop_rx) = std::sync::mpsc::sync_channel::<()>(1);
     std::thread::spawn(move || {
-        let rt = match runtime(threads) {
+        let rt = match credproxy::runtime(threads) {
             Ok(rt) => rt,
             Err(e) => {
                 let _ = ready_tx.send(Err(e.to_string()));
@@ -174,7 +161,7 @@ routes:
         Ok(addr)
     })?;
 
-    let client_rt = runtime(2).map_err(|e| e.to_string())?;
+    let client_rt = credproxy::runtime(2).map_err(|e| e.to_string())?;
     let n = a.requests;
     // First n requests on a static route open n client connections and n upstream connections;
     // then the cold burst reuses them, so what it measures is the empty token cache, not 2n

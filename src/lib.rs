@@ -29,3 +29,18 @@ pub mod secret;
 pub mod token;
 
 pub use listen::{Running, start};
+
+/// The tokio runtime for `runtime.threads`: 1 is one current_thread runtime, N a multi-thread
+/// runtime with N workers; 0 (the commands that are not `run`) is tokio's default.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Runtime::new(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    }
+}

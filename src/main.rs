@@ -103,7 +103,7 @@ fn main() -> ExitCode {
         },
         _ => (0, None),
     };
-    let runtime = match build_runtime(threads) {
+    let runtime = match credproxy::runtime(threads) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("credproxy: cannot start the async runtime: {e}");
@@ -124,21 +124,6 @@ fn main() -> ExitCode {
             Command::EgressCheck { config, route, url } => egress_check(config, route, url).await,
         }
     })
-}
-
-/// `runtime.threads`: 1 is one current_thread runtime, N a multi-thread runtime with N workers;
-/// 0 (the commands that are not `run`) is tokio's default.
-fn build_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    match threads {
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        0 => tokio::runtime::Runtime::new(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build(),
-    }
 }
 
 fn load_for_run(file: &std::path::Path) -> Result<credproxy::config::Config, ExitCode> {
