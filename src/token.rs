@@ -147,8 +147,10 @@ pub struct Tokens {
 #[derive(Default)]
 struct Slot {
     current: Mutex<Option<Arc<Token>>>,
-    /// Held while fetching: the single-flight lock.
+    /// Held while fetching: the single-flight lock (see [`Flight`]).
     fetching: tokio::sync::Mutex<()>,
+    /// Wakes every caller waiting on a fetch at once when it lands (or is cancelled).
+    landed: tokio::sync::Notify,
     failure: Mutex<Option<Failure>>,
     generation: AtomicU64,
     /// Set by every use, cleared by the refresh timer: an idle scope is not refreshed.
@@ -181,17 +183,10 @@ impl Tokens {
     pub async fn get(self: &Arc<Self>, scope: &str) -> Result<Arc<Token>, TokenError> {
         let slot = self.slot(scope);
         slot.used.store(true, Ordering::Relaxed);
-        if let Some(t) = slot.valid() {
-            return Ok(t);
+        match slot.turn().await {
+            Turn::Ready(result) => result,
+            Turn::Fetch(_flight) => self.fetch_into(&slot, scope).await,
         }
-        let _flight = slot.fetching.lock().await;
-        if let Some(t) = slot.valid() {
-            return Ok(t);
-        }
-        if let Some(err) = slot.backing_off() {
-            return Err(err);
-        }
-        self.fetch_into(&slot, scope).await
     }
 
     /// Every cached scope's state, for `/status`.
@@ -356,7 +351,7 @@ impl Tokens {
             if !slot.used.load(Ordering::Relaxed) {
                 return;
             }
-            let _flight = slot.fetching.lock().await;
+            let _flight = slot.flight().await;
             // Someone refetched meanwhile (a 401, or expiry): that fetch's timer owns the next
             // refresh, and this one must not add a second.
             if slot.generation.load(Ordering::Relaxed) != generation {
@@ -372,7 +367,68 @@ impl Tokens {
     }
 }
 
+/// What a caller of [`Slot::turn`] gets: the answer, or the duty to fetch it.
+enum Turn<'a> {
+    Ready(Result<Arc<Token>, TokenError>),
+    Fetch(Flight<'a>),
+}
+
+/// The single-flight lock, held by the one caller fetching. However the fetch ends (a token, a
+/// failure, or the caller's future dropped because its client went away), dropping this releases
+/// the lock and wakes all the waiters together. Waiters queued on the lock itself would instead
+/// be let through one by one, each after the previous one ran: 1,000 requests waiting on a cold
+/// cache would go out as a slow chain instead of at once.
+struct Flight<'a> {
+    guard: Option<tokio::sync::MutexGuard<'a, ()>>,
+    slot: &'a Slot,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        // Released first, so that a woken waiter on another worker can take it straight away.
+        drop(self.guard.take());
+        self.slot.landed.notify_waiters();
+    }
+}
+
 impl Slot {
+    /// A valid token, the failure the last fetch left (while backing off), or the turn to fetch:
+    /// one caller at a time gets that, the others wait for its flight to land.
+    async fn turn(&self) -> Turn<'_> {
+        loop {
+            if let Some(t) = self.valid() {
+                return Turn::Ready(Ok(t));
+            }
+            // Registered before the lock is tried, so a flight landing in between still wakes us.
+            let landed = self.landed.notified();
+            let mut landed = std::pin::pin!(landed);
+            landed.as_mut().enable();
+            if let Ok(guard) = self.fetching.try_lock() {
+                let flight = Flight {
+                    guard: Some(guard),
+                    slot: self,
+                };
+                // A flight may have landed just before this one took off.
+                if let Some(t) = self.valid() {
+                    return Turn::Ready(Ok(t));
+                }
+                if let Some(err) = self.backing_off() {
+                    return Turn::Ready(Err(err));
+                }
+                return Turn::Fetch(flight);
+            }
+            landed.await;
+        }
+    }
+
+    /// Waits for any flight to land, then holds the lock (the proactive refresh).
+    async fn flight(&self) -> Flight<'_> {
+        Flight {
+            guard: Some(self.fetching.lock().await),
+            slot: self,
+        }
+    }
+
     fn valid(&self) -> Option<Arc<Token>> {
         let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let t = current.as_ref()?;
@@ -580,6 +636,79 @@ pub fn jwt_lifetime(token: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn token(generation: u64) -> Arc<Token> {
+        let now = Instant::now();
+        Arc::new(Token {
+            value: Secret::new("t"),
+            signing_secret: None,
+            expires_at: now + Duration::from_secs(60),
+            usable_until: now + Duration::from_secs(59),
+            generation,
+            fetched_at: std::time::SystemTime::now(),
+        })
+    }
+
+    /// `n` callers at once on an empty slot; each one given the turn to fetch runs `fetch` (which
+    /// may leave a token or not) and drops its flight. Returns how many fetches were made and how
+    /// many callers ended with a token; fails if a caller is never woken.
+    async fn callers(
+        n: usize,
+        fetch: impl Fn(&Slot, usize) + Send + Sync + 'static,
+    ) -> (usize, usize) {
+        let slot = Arc::new(Slot::default());
+        let fetch = Arc::new(fetch);
+        let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let (slot, fetch, fetches) = (slot.clone(), fetch.clone(), fetches.clone());
+            tasks.spawn(async move {
+                loop {
+                    match slot.turn().await {
+                        Turn::Ready(r) => return r.is_ok(),
+                        Turn::Fetch(_flight) => {
+                            let k = fetches.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            fetch(&slot, k);
+                        }
+                    }
+                }
+            });
+        }
+        let mut tokens = 0;
+        let all = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(r) = tasks.join_next().await {
+                tokens += usize::from(r.unwrap_or(false));
+            }
+        })
+        .await;
+        assert!(all.is_ok(), "a caller was never woken");
+        (fetches.load(Ordering::SeqCst), tokens)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_fetch_wakes_every_waiter() {
+        let (fetches, tokens) = callers(200, |slot, k| {
+            *slot.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(token(k as u64));
+        })
+        .await;
+        assert_eq!(fetches, 1);
+        assert_eq!(tokens, 200);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_abandoned_fetch_hands_the_turn_to_one_waiter() {
+        // The first fetch ends with nothing (as when its client goes away mid-fetch): exactly one
+        // of the waiters fetches again, and everybody gets that token.
+        let (fetches, tokens) = callers(200, |slot, k| {
+            if k > 0 {
+                *slot.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(token(k as u64));
+            }
+        })
+        .await;
+        assert_eq!(fetches, 2);
+        assert_eq!(tokens, 200);
+    }
 
     #[test]
     fn excerpt_blanks_secrets_and_is_short() {

@@ -243,17 +243,9 @@ routes:
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let r = c
-        .get("http://portal.stackbill.example/restapi/zone/zonelist")
-        .send()
-        .await
-        .unwrap();
+    let r = get(&c, "http://portal.stackbill.example/restapi/zone/zonelist").await;
     assert_eq!(r.status(), 200);
-    let r = c
-        .get("http://acme.api.openvpn.com/api/v1/networks")
-        .send()
-        .await
-        .unwrap();
+    let r = get(&c, "http://acme.api.openvpn.com/api/v1/networks").await;
     assert_eq!(r.status(), 200);
     let echo = echoed(
         c.get("http://acme.api.openvpn.com/__echo")
@@ -265,7 +257,7 @@ routes:
     let bearer = header_values(&echo, "authorization")[0].clone();
     let access_token = bearer.trim_start_matches("Bearer ").to_string();
     assert!(access_token.len() > 20, "{bearer}");
-    let r = c.get("http://down.example.com/x").send().await.unwrap();
+    let r = get(&c, "http://down.example.com/x").await;
     assert_eq!(r.status(), 502);
     let body = r.text().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -422,7 +414,7 @@ routes:
         .unwrap();
         let c = client(proxy.addr);
         for _ in 0..20 {
-            let echo = echoed(c.get("http://api.example.com/x").send().await.unwrap()).await;
+            let echo = echoed(get(&c, "http://api.example.com/x").await).await;
             assert_eq!(header_values(&echo, "x-api-key"), ["k-123"]);
         }
         // Request lines are written in batches: wait for the last one.

@@ -98,11 +98,7 @@ async fn static_and_token_credentials_over_intercepted_http1_and_http2() {
             http::Version::HTTP_11
         };
 
-        let r = c
-            .get("https://api.cloudnet.services/v3/invoices")
-            .send()
-            .await
-            .unwrap();
+        let r = get(&c, "https://api.cloudnet.services/v3/invoices").await;
         assert_eq!(r.status(), 200);
         assert_eq!(r.version(), want);
         assert!(r.text().await.unwrap().starts_with("<ConsolidatedInvoice>"));
@@ -118,11 +114,7 @@ async fn static_and_token_credentials_over_intercepted_http1_and_http2() {
             [basic("100234", KEY)]
         );
 
-        let r = c
-            .get("https://acme.api.openvpn.com/api/v1/networks")
-            .send()
-            .await
-            .unwrap();
+        let r = get(&c, "https://acme.api.openvpn.com/api/v1/networks").await;
         assert_eq!(r.status(), 200);
         // The 401 → fresh token → replay path, inside the intercepted connection.
         s.issuer.revoke_all();
@@ -402,11 +394,7 @@ async fn garbage_and_broken_handshakes_leave_the_proxy_serving() {
 
     let client = s.env.https_client(proxy.addr, vec![s.env.proxy_ca()], true);
     for _ in 0..3 {
-        let r = client
-            .get("https://api.example.com/__echo")
-            .send()
-            .await
-            .unwrap();
+        let r = get(&client, "https://api.example.com/__echo").await;
         assert_eq!(r.status(), 200);
         let echo: serde_json::Value = r.json().await.unwrap();
         assert_eq!(header_values(&echo, "x-api-key"), ["static-value"]);

@@ -62,29 +62,17 @@ routes:
     );
     let proxy = env.proxy(&yaml).await;
     let c = client(proxy.addr);
-    let ok = c
-        .get("http://api.cloudnet.services/v3/invoices")
-        .send()
-        .await
-        .unwrap();
+    let ok = get(&c, "http://api.cloudnet.services/v3/invoices").await;
     assert_eq!(ok.status(), 200);
     assert!(fake.requests().iter().all(|r| r.peer.ip() == TWO));
 
     // The same key from the default address: 2tCloud's 403, with the address it came from.
-    let denied = c
-        .get("http://api.cloudnet.services/v1/customers")
-        .send()
-        .await
-        .unwrap();
+    let denied = get(&c, "http://api.cloudnet.services/v1/customers").await;
     assert_eq!(denied.status(), 403);
     assert_eq!(denied.headers()["x-credproxy-source-address"], "127.0.0.1");
 
     // The provider's egress covers its token requests and (inherited) its routes' traffic.
-    let r = c
-        .get("http://acme.api.openvpn.com/api/v1/networks")
-        .send()
-        .await
-        .unwrap();
+    let r = get(&c, "http://acme.api.openvpn.com/api/v1/networks").await;
     assert_eq!(r.status(), 200);
     let peers: Vec<IpAddr> = connexa.requests().iter().map(|r| r.peer.ip()).collect();
     assert!(
@@ -191,7 +179,7 @@ routes:
     let c = client(proxy.addr);
 
     // HTTPS upstream: a CONNECT through the corporate proxy.
-    let echo = echoed(c.get("http://api.example.com/__echo").send().await.unwrap()).await;
+    let echo = echoed(get(&c, "http://api.example.com/__echo").await).await;
     assert_eq!(header_values(&echo, "x-k"), ["v"]);
     assert!(header_values(&echo, "proxy-authorization").is_empty());
     // HTTP upstream: absolute form through it.
@@ -248,7 +236,7 @@ routes:
         "http://api.example.com/x".to_string(),
         format!("http://127.0.0.1:{}/x", plain_upstream.addr.port()),
     ] {
-        let r = c.get(&url).send().await.unwrap();
+        let r = get(&c, &url).await;
         assert_eq!(r.status(), 502, "{url}");
         let body: serde_json::Value = r.json().await.unwrap();
         let msg = body["message"].as_str().unwrap();

@@ -67,7 +67,7 @@ async fn an_upstream_reset_mid_response_is_a_clean_error_and_the_proxy_keeps_ser
     });
     let proxy = env.proxy(&yaml(upstream.addr, "")).await;
     let c = client(proxy.addr);
-    let r = c.get("http://api.example.com/broken").send().await.unwrap();
+    let r = get(&c, "http://api.example.com/broken").await;
     assert_eq!(r.status(), 200, "the head had arrived");
     assert!(
         r.bytes().await.is_err(),

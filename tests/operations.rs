@@ -114,7 +114,7 @@ async fn reload_under_load_loses_nothing_refuses_broken_files_and_keeps_tokens()
         "no request failed during the reloads"
     );
     assert!(ok.load(Ordering::Relaxed) > 50);
-    let echo = echoed(c.get("http://api.example.com/__echo").send().await.unwrap()).await;
+    let echo = echoed(get(&c, "http://api.example.com/__echo").await).await;
     assert_eq!(
         header_values(&echo, "x-k"),
         ["v4"],
@@ -153,7 +153,7 @@ async fn sighup_reloads_the_running_binary() {
     let proxy = Binary::run(&path, &[]);
     let addr = proxy.addr;
     let c = client(addr);
-    let echo = echoed(c.get("http://api.example.com/__echo").send().await.unwrap()).await;
+    let echo = echoed(get(&c, "http://api.example.com/__echo").await).await;
     assert_eq!(header_values(&echo, "x-k"), ["before"]);
     std::fs::write(&path, yaml(&env, fake.addr, fake.addr, "after")).unwrap();
     let pid = proxy.child.id().to_string();
@@ -166,7 +166,7 @@ async fn sighup_reloads_the_running_binary() {
     );
     let mut seen = String::new();
     for _ in 0..100 {
-        let echo = echoed(c.get("http://api.example.com/__echo").send().await.unwrap()).await;
+        let echo = echoed(get(&c, "http://api.example.com/__echo").await).await;
         seen = header_values(&echo, "x-k")[0].clone();
         if seen == "after" {
             break;
@@ -341,7 +341,7 @@ routes:
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let echo = echoed(c.get("http://api.example.com/__echo").send().await.unwrap()).await;
+    let echo = echoed(get(&c, "http://api.example.com/__echo").await).await;
     assert_eq!(header_values(&echo, "x-k"), ["v2"]);
     std::fs::write(&path, body("v3") + "bogus: 1\n").unwrap();
     let r = direct_client()

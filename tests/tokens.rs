@@ -93,11 +93,7 @@ async fn short_lived_tokens_are_refreshed_before_they_expire() {
     let mut requests = 0;
     // Continuous traffic for 10 s (bounded in count too).
     while started.elapsed() < Duration::from_secs(10) && requests < 5000 {
-        let r = c
-            .get("http://acme.api.openvpn.com/api/v1/users")
-            .send()
-            .await
-            .unwrap();
+        let r = get(&c, "http://acme.api.openvpn.com/api/v1/users").await;
         assert_eq!(r.status(), 200, "request {requests} failed");
         requests += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -174,11 +170,7 @@ async fn cloudneeti_picks_license_or_account_tokens_by_path_for_both_endpoint_sh
                 format!("/audit/license/{LICENSE}/account/acc-1/healthstatus"),
                 format!("/compliance/license/{LICENSE}/account/acc-2/rescan"),
             ] {
-                let r = c
-                    .get(format!("http://api.cloudneeti.com{path}"))
-                    .send()
-                    .await
-                    .unwrap();
+                let r = get(&c, format!("http://api.cloudneeti.com{path}")).await;
                 assert_eq!(
                     r.status(),
                     200,
@@ -351,9 +343,8 @@ async fn a_persistent_401_is_passed_on_after_exactly_two_attempts() {
 }
 
 async fn token_error(c: &reqwest::Client, url: &str) -> (String, serde_json::Value) {
-    let r = c.get(url).send().await.unwrap();
-    assert_eq!(r.status(), 503, "{url}");
-    assert_eq!(r.headers()["x-credproxy-error"], "token_unavailable");
+    let r = get(c, url).await;
+    assert_refused(&r, 503, "token_unavailable");
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "token_unavailable");
     assert_eq!(body["provider"], "connexa");
@@ -388,7 +379,7 @@ async fn token_endpoint_failures_give_503_back_off_and_recover() {
     // Recovery once the endpoint is back and the backoff (300 ms, doubled at most once) is over.
     issuer.set_mode(Mode::Normal);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(c.get(url).send().await.unwrap().status(), 200);
+    assert_eq!(get(&c, url).await.status(), 200);
     assert_eq!(issuer.token_requests(), 2);
 }
 
@@ -498,11 +489,7 @@ async fn wildcard_routes_get_one_token_per_matched_host() {
     let c = client(proxy.addr);
     for _ in 0..3 {
         for host in ["acme.api.openvpn.com", "other.api.openvpn.com"] {
-            let r = c
-                .get(format!("http://{host}/api/v1/networks"))
-                .send()
-                .await
-                .unwrap();
+            let r = get(&c, format!("http://{host}/api/v1/networks")).await;
             assert_eq!(r.status(), 200, "{host}");
         }
     }
@@ -559,11 +546,7 @@ routes:
         ))
         .await;
     let c = client(proxy.addr);
-    let r = c
-        .get("http://api.cleancloud.io/clouds?page=1")
-        .send()
-        .await
-        .unwrap();
+    let r = get(&c, "http://api.cleancloud.io/clouds?page=1").await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     let r = c
         .post("http://api.cleancloud.io/clouds")
@@ -582,8 +565,7 @@ routes:
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 413);
-    assert_eq!(r.headers()["x-credproxy-error"], "body_too_large");
+    assert_refused(&r, 413, "body_too_large");
     let msg: serde_json::Value = r.json().await.unwrap();
     assert!(
         msg["message"]
@@ -664,11 +646,7 @@ routes:
         format!("/onboarding/license/{LICENSE}/licenseAccounts"),
         format!("/audit/license/{LICENSE}/account/acc-1/healthstatus"),
     ] {
-        let r = c
-            .get(format!("http://api.cloudneeti.com{path}"))
-            .send()
-            .await
-            .unwrap();
+        let r = get(&c, format!("http://api.cloudneeti.com{path}")).await;
         assert_eq!(r.status(), 200, "{path}: {}", r.text().await.unwrap());
     }
     assert_eq!(issuer.token_requests(), 2);
@@ -708,7 +686,7 @@ async fn a_hundred_simultaneous_401s_cause_one_refresh() {
     let proxy = env.proxy(&oauth_yaml(fake.addr, "basic", "")).await;
     let c = client(proxy.addr);
     let url = "http://acme.api.openvpn.com/api/v1/networks";
-    assert_eq!(c.get(url).send().await.unwrap().status(), 200);
+    assert_eq!(get(&c, url).await.status(), 200);
     issuer.revoke_all();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..100 {

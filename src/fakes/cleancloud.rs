@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use super::issuer::{Issuer, Mode, json_or_string, read_body, status_of};
-use super::{FakeServer, respond, serve};
+use super::{FakeServer, respond, serve_with_issuer};
 use crate::body::Body;
 use crate::providers::cleancloud::authorization;
 
@@ -32,12 +32,7 @@ pub fn start(
     settings: Settings,
     issuer: Arc<Issuer>,
 ) -> FakeServer {
-    let settings = Arc::new(settings);
-    serve(listener, tls, move |req, _peer| {
-        let settings = settings.clone();
-        let issuer = issuer.clone();
-        async move { handle(&settings, &issuer, req).await }
-    })
+    serve_with_issuer(listener, tls, settings, issuer, handle)
 }
 
 /// The scope of every access code: there is one API.
@@ -68,7 +63,12 @@ fn credential(header: &str) -> Option<&str> {
         .find_map(|f| f.trim().strip_prefix("Credential="))
 }
 
-async fn handle(settings: &Settings, issuer: &Issuer, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    settings: Arc<Settings>,
+    issuer: Arc<Issuer>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let (settings, issuer) = (&*settings, &*issuer);
     if req.uri().path() == "/api_tokens" && req.method() == Method::GET {
         return api_tokens(settings, issuer, req).await;
     }

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use super::issuer::{Issuer, Mode, bearer, form_pairs, guid, json_or_string, read_body, status_of};
-use super::{FakeServer, respond, serve};
+use super::{FakeServer, respond, serve_with_issuer};
 use crate::body::Body;
 
 #[derive(Debug, Clone)]
@@ -38,12 +38,7 @@ pub fn start(
     settings: Settings,
     issuer: Arc<Issuer>,
 ) -> FakeServer {
-    let settings = Arc::new(settings);
-    serve(listener, tls, move |req, _peer| {
-        let settings = settings.clone();
-        let issuer = issuer.clone();
-        async move { handle(&settings, &issuer, req).await }
-    })
+    serve_with_issuer(listener, tls, settings, issuer, handle)
 }
 
 const SUCCESS: &str = "Request Successful";
@@ -117,7 +112,12 @@ fn token_request<'a>(segs: &[&'a str], query: Option<&str>) -> Option<TokenReque
     }
 }
 
-async fn handle(settings: &Settings, issuer: &Issuer, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    settings: Arc<Settings>,
+    issuer: Arc<Issuer>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let (settings, issuer) = (&*settings, &*issuer);
     // The APIM gateway answers before the backend sees anything.
     match req.headers().get("ocp-apim-subscription-key") {
         None => {

@@ -116,6 +116,26 @@ where
     FakeServer { addr, log, task }
 }
 
+/// Serves a token provider's fake: `handle` gets the fake's settings and its issuer with each
+/// request.
+pub fn serve_with_issuer<S, F, Fut>(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    settings: S,
+    issuer: Arc<issuer::Issuer>,
+    handle: F,
+) -> FakeServer
+where
+    S: Send + Sync + 'static,
+    F: Fn(Arc<S>, Arc<issuer::Issuer>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let settings = Arc::new(settings);
+    serve(listener, tls, move |req, _peer| {
+        handle(settings.clone(), issuer.clone(), req)
+    })
+}
+
 /// `{"method","version","authority","uri","headers":{name:[values]},"peer"}` for the request as
 /// received.
 pub fn echo_response(req: &Request<Incoming>, peer: SocketAddr) -> Response<Body> {

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use super::issuer::{Issuer, Mode, bearer, form_pairs, guid, json_or_string, read_body, status_of};
-use super::{FakeServer, respond, serve};
+use super::{FakeServer, respond, serve_with_issuer};
 use crate::body::{Body, empty};
 
 #[derive(Debug, Clone)]
@@ -34,12 +34,7 @@ pub fn start(
     settings: Settings,
     issuer: Arc<Issuer>,
 ) -> FakeServer {
-    let settings = Arc::new(settings);
-    serve(listener, tls, move |req, _peer| {
-        let settings = settings.clone();
-        let issuer = issuer.clone();
-        async move { handle(&settings, &issuer, req).await }
-    })
+    serve_with_issuer(listener, tls, settings, issuer, handle)
 }
 
 const TOKEN_PATH: &str = "/api/v1/oauth/token";
@@ -84,7 +79,12 @@ fn request_host(headers: &HeaderMap, uri: &Uri) -> String {
     host.to_ascii_lowercase()
 }
 
-async fn handle(settings: &Settings, issuer: &Issuer, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    settings: Arc<Settings>,
+    issuer: Arc<Issuer>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let (settings, issuer) = (&*settings, &*issuer);
     let path = req.uri().path().to_string();
     if path == TOKEN_PATH && req.method() == Method::POST {
         return token(settings, issuer, req).await;

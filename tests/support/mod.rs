@@ -194,6 +194,17 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `GET url` through `c`; a request that gets no response at all fails the test.
+pub async fn get(c: &reqwest::Client, url: impl reqwest::IntoUrl) -> reqwest::Response {
+    c.get(url).send().await.expect("a response")
+}
+
+/// Asserts one of credproxy's own refusals: `status` and its `x-credproxy-error` code.
+pub fn assert_refused(r: &reqwest::Response, status: u16, code: &str) {
+    assert_eq!(r.status(), status, "{}", r.url());
+    assert_eq!(r.headers()["x-credproxy-error"], code, "{}", r.url());
+}
+
 /// The JSON body of an echo response: the headers the fake received.
 pub async fn echoed(resp: reqwest::Response) -> serde_json::Value {
     assert_eq!(resp.status(), 200, "echo should answer 200");
