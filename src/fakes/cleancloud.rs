@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use super::issuer::{Issuer, Mode, json_or_string, read_body, status_of};
+use super::issuer::{Issuer, Mode, Refusal, garbage, json_or_string, read_body};
 use super::{FakeServer, respond, serve_with_issuer};
 use crate::body::Body;
 use crate::providers::cleancloud::authorization;
@@ -117,27 +117,25 @@ async fn api_tokens(
     issuer: &Issuer,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    issuer.count_token_request();
-    let mode = issuer.mode();
-    match mode {
-        Mode::Normal | Mode::MissingToken => {}
-        Mode::Slow(d) => tokio::time::sleep(d).await,
-        Mode::Status(n) => {
-            let status = status_of(n);
-            return message(status, status.canonical_reason().unwrap_or("Error"));
+    let mode = match issuer.token_request().await {
+        Ok(mode) => mode,
+        Err(refusal) => {
+            return match refusal {
+                Refusal::Garbage => garbage(),
+                Refusal::Status(status) => {
+                    message(status, status.canonical_reason().unwrap_or("Error"))
+                }
+                Refusal::RateLimited(retry_after_secs) => {
+                    let mut r = message(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests");
+                    r.headers_mut().insert(
+                        http::header::RETRY_AFTER,
+                        HeaderValue::from(retry_after_secs),
+                    );
+                    r
+                }
+            };
         }
-        Mode::Garbage => {
-            return respond(StatusCode::OK, "text/html", "<html>gateway error</html>\n");
-        }
-        Mode::RateLimited { retry_after_secs } => {
-            let mut r = message(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests");
-            r.headers_mut().insert(
-                http::header::RETRY_AFTER,
-                HeaderValue::from(retry_after_secs),
-            );
-            return r;
-        }
-    }
+    };
     let expected = authorization(
         &settings.user_code,
         &settings.user_secret,

@@ -16,7 +16,9 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use super::issuer::{Issuer, Mode, bearer, form_pairs, guid, json_or_string, read_body, status_of};
+use super::issuer::{
+    Issuer, Mode, Refusal, bearer, form_pairs, garbage, guid, json_or_string, read_body,
+};
 use super::{FakeServer, respond, serve_with_issuer};
 use crate::body::Body;
 
@@ -151,30 +153,30 @@ async fn token(
     t: TokenRequest<'_>,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    issuer.count_token_request();
-    let mode = issuer.mode();
-    match mode {
-        Mode::Normal | Mode::MissingToken => {}
-        Mode::Slow(d) => tokio::time::sleep(d).await,
-        Mode::Status(n) => {
-            let status = status_of(n);
-            return error(status, status.canonical_reason().unwrap_or("Error"));
+    let mode = match issuer.token_request().await {
+        Ok(mode) => mode,
+        Err(refusal) => {
+            return match refusal {
+                Refusal::Garbage => garbage(),
+                Refusal::Status(status) => {
+                    error(status, status.canonical_reason().unwrap_or("Error"))
+                }
+                Refusal::RateLimited(retry_after_secs) => {
+                    let mut r = apim_error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        &format!(
+                            "Rate limit is exceeded. Try again in {retry_after_secs} seconds."
+                        ),
+                    );
+                    r.headers_mut().insert(
+                        http::header::RETRY_AFTER,
+                        HeaderValue::from(retry_after_secs),
+                    );
+                    r
+                }
+            };
         }
-        Mode::Garbage => {
-            return respond(StatusCode::OK, "text/html", "<html>gateway error</html>\n");
-        }
-        Mode::RateLimited { retry_after_secs } => {
-            let mut r = apim_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                &format!("Rate limit is exceeded. Try again in {retry_after_secs} seconds."),
-            );
-            r.headers_mut().insert(
-                http::header::RETRY_AFTER,
-                HeaderValue::from(retry_after_secs),
-            );
-            return r;
-        }
-    }
+    };
 
     if t.license.is_some_and(|l| l != settings.license_id) {
         return error(StatusCode::NOT_FOUND, "License not found");

@@ -49,6 +49,23 @@ struct State {
 
 /// Shared, interior-mutable token state; used as `Arc<Issuer>` by a fake and by the test or demo
 /// that drives it.
+/// A failure a token endpoint must answer with (see [`Issuer::token_request`]).
+pub enum Refusal {
+    Status(http::StatusCode),
+    /// A 200 whose body is not JSON, like a gateway's error page.
+    Garbage,
+    RateLimited(u64),
+}
+
+/// What every fake answers for [`Refusal::Garbage`].
+pub fn garbage() -> http::Response<crate::body::Body> {
+    super::respond(
+        http::StatusCode::OK,
+        "text/html",
+        "<html>gateway error</html>\n",
+    )
+}
+
 pub struct Issuer {
     state: Mutex<State>,
     token_requests: AtomicU64,
@@ -110,9 +127,21 @@ impl Issuer {
         self.token_requests.load(Ordering::SeqCst)
     }
 
-    /// Fakes call this on each token-endpoint hit.
-    pub fn count_token_request(&self) {
+    /// Fakes call this on each token-endpoint hit: it is counted, and the mode's delay is played.
+    /// `Err` is the failure the mode asks for, which each fake renders in its provider's shape.
+    pub async fn token_request(&self) -> Result<Mode, Refusal> {
         self.token_requests.fetch_add(1, Ordering::SeqCst);
+        let mode = self.mode();
+        match mode {
+            Mode::Normal | Mode::MissingToken => Ok(mode),
+            Mode::Slow(d) => {
+                tokio::time::sleep(d).await;
+                Ok(mode)
+            }
+            Mode::Status(n) => Err(Refusal::Status(status_of(n))),
+            Mode::Garbage => Err(Refusal::Garbage),
+            Mode::RateLimited { retry_after_secs } => Err(Refusal::RateLimited(retry_after_secs)),
+        }
     }
 
     /// A new JWT-looking bearer token, valid for the current TTL and only for `scope`.

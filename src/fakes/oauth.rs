@@ -18,7 +18,9 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use super::issuer::{Issuer, Mode, bearer, form_pairs, guid, json_or_string, read_body, status_of};
+use super::issuer::{
+    Issuer, Mode, Refusal, bearer, form_pairs, garbage, guid, json_or_string, read_body,
+};
 use super::{FakeServer, respond, serve_with_issuer};
 use crate::body::{Body, empty};
 
@@ -203,30 +205,29 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
 }
 
 async fn token(settings: &Settings, issuer: &Issuer, req: Request<Incoming>) -> Response<Body> {
-    issuer.count_token_request();
-    let mode = issuer.mode();
-    match mode {
-        Mode::Normal | Mode::MissingToken => {}
-        Mode::Slow(d) => tokio::time::sleep(d).await,
-        Mode::Status(n) => return gateway_error(status_of(n), TOKEN_PATH),
-        Mode::Garbage => {
-            return respond(StatusCode::OK, "text/html", "<html>gateway error</html>\n");
+    let mode = match issuer.token_request().await {
+        Ok(mode) => mode,
+        Err(refusal) => {
+            return match refusal {
+                Refusal::Garbage => garbage(),
+                Refusal::Status(status) => gateway_error(status, TOKEN_PATH),
+                Refusal::RateLimited(retry_after_secs) => {
+                    let mut r = Response::new(empty());
+                    *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                    let h = r.headers_mut();
+                    h.insert("x-ratelimit-replenish-rate", HeaderValue::from(1u32));
+                    h.insert(
+                        "x-ratelimit-replenish-time",
+                        HeaderValue::from(retry_after_secs),
+                    );
+                    h.insert("x-ratelimit-remaining", HeaderValue::from(0u32));
+                    h.insert("x-ratelimit-burst-capacity", HeaderValue::from(20u32));
+                    h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(0u32));
+                    r
+                }
+            };
         }
-        Mode::RateLimited { retry_after_secs } => {
-            let mut r = Response::new(empty());
-            *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-            let h = r.headers_mut();
-            h.insert("x-ratelimit-replenish-rate", HeaderValue::from(1u32));
-            h.insert(
-                "x-ratelimit-replenish-time",
-                HeaderValue::from(retry_after_secs),
-            );
-            h.insert("x-ratelimit-remaining", HeaderValue::from(0u32));
-            h.insert("x-ratelimit-burst-capacity", HeaderValue::from(20u32));
-            h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(0u32));
-            return r;
-        }
-    }
+    };
 
     let host = request_host(req.headers(), req.uri());
     let (parts, body) = read_body(req).await;
