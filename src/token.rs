@@ -151,6 +151,9 @@ struct Slot {
     fetching: tokio::sync::Mutex<()>,
     /// Wakes every caller waiting on a fetch at once when it lands (or is cancelled).
     landed: tokio::sync::Notify,
+    /// How many times the lock was taken by a caller, for the tests.
+    #[cfg(test)]
+    locks: AtomicU64,
     failure: Mutex<Option<Failure>>,
     generation: AtomicU64,
     /// Set by every use, cleared by the refresh timer: an idle scope is not refreshed.
@@ -404,6 +407,8 @@ impl Slot {
             let mut landed = std::pin::pin!(landed);
             landed.as_mut().enable();
             if let Ok(guard) = self.fetching.try_lock() {
+                #[cfg(test)]
+                self.locks.fetch_add(1, Ordering::SeqCst);
                 let flight = Flight {
                     guard: Some(guard),
                     slot: self,
@@ -418,6 +423,15 @@ impl Slot {
                 return Turn::Fetch(flight);
             }
             landed.await;
+            // A flight that failed leaves its error for all its waiters at once. Without this
+            // check they would take the lock one per wake-up round to read it: N rounds waking
+            // every remaining waiter, N² wake-ups for N requests on a failing provider.
+            if let Some(t) = self.valid() {
+                return Turn::Ready(Ok(t));
+            }
+            if let Some(err) = self.backing_off() {
+                return Turn::Ready(Err(err));
+            }
         }
     }
 
@@ -650,12 +664,13 @@ mod tests {
     }
 
     /// `n` callers at once on an empty slot; each one given the turn to fetch runs `fetch` (which
-    /// may leave a token or not) and drops its flight. Returns how many fetches were made and how
-    /// many callers ended with a token; fails if a caller is never woken.
+    /// may leave a token, a failure or nothing) and drops its flight. Returns how many fetches
+    /// were made, how many callers ended with a token, and how many times the lock was taken;
+    /// fails if a caller is never woken.
     async fn callers(
         n: usize,
         fetch: impl Fn(&Slot, usize) + Send + Sync + 'static,
-    ) -> (usize, usize) {
+    ) -> (usize, usize, usize) {
         let slot = Arc::new(Slot::default());
         let fetch = Arc::new(fetch);
         let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -683,12 +698,13 @@ mod tests {
         })
         .await;
         assert!(all.is_ok(), "a caller was never woken");
-        (fetches.load(Ordering::SeqCst), tokens)
+        let locks = slot.locks.load(Ordering::SeqCst) as usize;
+        (fetches.load(Ordering::SeqCst), tokens, locks)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_fetch_wakes_every_waiter() {
-        let (fetches, tokens) = callers(200, |slot, k| {
+        let (fetches, tokens, _) = callers(200, |slot, k| {
             *slot.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(token(k as u64));
         })
         .await;
@@ -697,10 +713,33 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_fetch_is_shared_by_all_its_waiters_at_once() {
+        let (fetches, tokens, locks) = callers(200, |slot, _| {
+            *slot.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(Failure {
+                error: TokenError::Timeout {
+                    endpoint: "https://auth.example.com/token".into(),
+                    after: Duration::from_secs(1),
+                },
+                retry_at: Instant::now() + Duration::from_secs(60),
+                attempts: 1,
+            });
+        })
+        .await;
+        assert_eq!(fetches, 1);
+        assert_eq!(tokens, 0);
+        // The fetcher's lock only, plus a few callers that arrive after the flight has landed:
+        // not one lock per waiter.
+        assert!(
+            locks < 20,
+            "the lock was taken {locks} times for one failed fetch"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_abandoned_fetch_hands_the_turn_to_one_waiter() {
         // The first fetch ends with nothing (as when its client goes away mid-fetch): exactly one
         // of the waiters fetches again, and everybody gets that token.
-        let (fetches, tokens) = callers(200, |slot, k| {
+        let (fetches, tokens, _) = callers(200, |slot, k| {
             if k > 0 {
                 *slot.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(token(k as u64));
             }
