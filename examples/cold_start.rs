@@ -184,6 +184,7 @@ routes:
     // does nothing else, on as many threads as credproxy.
     let bearer =
         http::HeaderValue::try_from(format!("Bearer {direct_token}")).map_err(|e| e.to_string())?;
+    let bare_bearer = bearer.clone();
     let (bare_addr, _bare) = on_thread(threads, move || async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -193,7 +194,7 @@ routes:
             listener,
             fake_api,
             http::header::AUTHORIZATION,
-            bearer,
+            bare_bearer,
         ));
         Ok(addr)
     })?;
@@ -220,27 +221,18 @@ routes:
         let mut conns = connect(bare_addr, n).await?;
         burst(&mut conns, via_proxy("/api/v1/networks")).await?;
         let (bare, bare_statuses) = burst(&mut conns, via_proxy("/api/v1/networks")).await?;
-        if bare_statuses.get(&200) != Some(&n) {
-            return Err(format!(
-                "burst through the bare forwarder: statuses {bare_statuses:?}"
-            ));
-        }
+        all_200("burst through the bare forwarder", &bare_statuses, n)?;
         drop(conns);
         let straight = || {
             Request::get("/api/v1/networks")
                 .header(http::header::HOST, host)
-                .header(
-                    http::header::AUTHORIZATION,
-                    format!("Bearer {direct_token}"),
-                )
+                .header(http::header::AUTHORIZATION, bearer.clone())
                 .body(Empty::new())
         };
         let mut conns = connect(fake_api, n).await?;
         burst(&mut conns, straight).await?;
         let (direct, direct_statuses) = burst(&mut conns, straight).await?;
-        if direct_statuses.get(&200) != Some(&n) {
-            return Err(format!("direct burst: statuses {direct_statuses:?}"));
-        }
+        all_200("direct burst", &direct_statuses, n)?;
         eprintln!(
             "opening the connections: p99 {:.1} ms",
             connect_burst[connect_burst.len() * 99 / 100].as_secs_f64() * 1000.0
@@ -297,6 +289,18 @@ routes:
 }
 
 type Conn = SendRequest<Empty<Bytes>>;
+
+/// A yardstick burst is worth nothing unless every request was answered 200.
+fn all_200(
+    what: &str,
+    statuses: &std::collections::BTreeMap<u16, usize>,
+    n: usize,
+) -> Result<(), String> {
+    match statuses.get(&200) == Some(&n) {
+        true => Ok(()),
+        false => Err(format!("{what}: statuses {statuses:?}")),
+    }
+}
 
 /// `n` HTTP/1.1 connections to `addr`, opened one after another.
 async fn connect(addr: SocketAddr, n: usize) -> Result<Vec<Conn>, String> {

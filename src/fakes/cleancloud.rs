@@ -9,12 +9,12 @@
 
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use super::issuer::{Issuer, Mode, Refusal, garbage, json_or_string, read_body};
+use super::issuer::{Issuer, Mode, Refusal, garbage, json_or_string, read_body, with_retry_after};
 use super::{FakeServer, respond, serve_with_issuer};
 use crate::body::Body;
 use crate::providers::cleancloud::authorization;
@@ -125,14 +125,10 @@ async fn api_tokens(
                 Refusal::Status(status) => {
                     message(status, status.canonical_reason().unwrap_or("Error"))
                 }
-                Refusal::RateLimited(retry_after_secs) => {
-                    let mut r = message(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests");
-                    r.headers_mut().insert(
-                        http::header::RETRY_AFTER,
-                        HeaderValue::from(retry_after_secs),
-                    );
-                    r
-                }
+                Refusal::RateLimited(secs) => with_retry_after(
+                    message(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests"),
+                    secs,
+                ),
             };
         }
     };

@@ -11,13 +11,14 @@
 
 use std::sync::Arc;
 
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use super::issuer::{
     Issuer, Mode, Refusal, bearer, form_pairs, garbage, guid, json_or_string, read_body,
+    with_retry_after,
 };
 use super::{FakeServer, respond, serve_with_issuer};
 use crate::body::Body;
@@ -161,19 +162,13 @@ async fn token(
                 Refusal::Status(status) => {
                     error(status, status.canonical_reason().unwrap_or("Error"))
                 }
-                Refusal::RateLimited(retry_after_secs) => {
-                    let mut r = apim_error(
+                Refusal::RateLimited(secs) => with_retry_after(
+                    apim_error(
                         StatusCode::TOO_MANY_REQUESTS,
-                        &format!(
-                            "Rate limit is exceeded. Try again in {retry_after_secs} seconds."
-                        ),
-                    );
-                    r.headers_mut().insert(
-                        http::header::RETRY_AFTER,
-                        HeaderValue::from(retry_after_secs),
-                    );
-                    r
-                }
+                        &format!("Rate limit is exceeded. Try again in {secs} seconds."),
+                    ),
+                    secs,
+                ),
             };
         }
     };

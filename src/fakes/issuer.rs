@@ -66,6 +66,16 @@ pub fn garbage() -> http::Response<crate::body::Body> {
     )
 }
 
+/// `r` with `Retry-After: secs`, as rate-limited answers carry it.
+pub fn with_retry_after(
+    mut r: http::Response<crate::body::Body>,
+    secs: u64,
+) -> http::Response<crate::body::Body> {
+    r.headers_mut()
+        .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+    r
+}
+
 pub struct Issuer {
     state: Mutex<State>,
     token_requests: AtomicU64,
