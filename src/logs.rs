@@ -260,58 +260,69 @@ struct Fields<'a, 'w> {
 }
 
 impl Fields<'_, '_> {
-    fn field(&mut self, field: &Field, value: std::fmt::Arguments<'_>) {
+    /// Writes ` name=` (or nothing before the message), then the value with `value`.
+    fn field(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> std::fmt::Result) {
         if self.result.is_err() {
             return;
         }
-        self.result = write_field(self.writer, self.first, field.name(), value);
+        self.result = (|| {
+            if !self.first {
+                self.writer.write_char(' ')?;
+            }
+            let name = field.name();
+            if name != "message" {
+                self.writer
+                    .write_str(name.strip_prefix("r#").unwrap_or(name))?;
+                self.writer.write_char('=')?;
+            }
+            value(self.writer)
+        })();
         self.first = false;
     }
 }
 
-fn write_field(
-    writer: &mut Writer<'_>,
-    first: bool,
-    name: &str,
-    value: std::fmt::Arguments<'_>,
-) -> std::fmt::Result {
-    if !first {
-        writer.write_char(' ')?;
+/// `value:?` for a string: quoted, escaped as `Debug` escapes it. Most logged strings (hosts,
+/// route and provider names) need no escaping, and those are written without `core::fmt`.
+fn write_quoted(w: &mut Writer<'_>, value: &str) -> std::fmt::Result {
+    let plain = value
+        .bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\');
+    if plain {
+        w.write_char('"')?;
+        w.write_str(value)?;
+        w.write_char('"')
+    } else {
+        write!(w, "{value:?}")
     }
-    if name != "message" {
-        writer.write_str(name.strip_prefix("r#").unwrap_or(name))?;
-        writer.write_char('=')?;
-    }
-    writer.write_fmt(value)
 }
 
 impl Visit for Fields<'_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "message" {
-            self.field(field, format_args!("{value}"));
+            self.field(field, |w| w.write_str(value));
         } else {
-            self.field(field, format_args!("{value:?}"));
+            self.field(field, |w| write_quoted(w, value));
         }
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.field(field, format_args!("{value}"));
+        self.field(field, |w| w.write_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.field(field, format_args!("{value}"));
+        self.field(field, |w| w.write_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.field(field, format_args!("{value}"));
+        self.field(field, |w| w.write_str(if value { "true" } else { "false" }));
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.field(field, format_args!("{value}"));
+        self.field(field, |w| write!(w, "{value}"));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.field(field, format_args!("{value:?}"));
+        self.field(field, |w| write!(w, "{value:?}"));
     }
 }
 
@@ -446,10 +457,18 @@ mod tests {
             method = %http::Method::GET,
             host = %"api.example.com",
             route = "r \"quoted\"",
+            path = "/caf\u{e9}\ttab",
+            provider_id = u64::MAX,
             latency_ms = 3u64,
             "request"
         );
-        tracing::warn!(delta = -4i64, "a warning with {} args", 2);
+        tracing::warn!(
+            delta = -4i64,
+            min = i64::MIN,
+            ok = true,
+            "a warning with {} args",
+            2
+        );
         tracing::error!("no fields");
         tracing::info!(r#type = "raw", "raw identifier");
     }
