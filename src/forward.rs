@@ -596,25 +596,42 @@ async fn prepare_body(
     Ok(Prepared::Whole(whole.freeze()))
 }
 
+/// `host`, `[v6]`, `host:port`: one allocation, no `format!` (this runs for every request).
 fn authority(host: &str, port: Option<u16>, scheme: Scheme) -> String {
-    let host = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    };
-    match port {
-        Some(p) if p != scheme.default_port() => format!("{host}:{p}"),
-        _ => host,
+    let mut out = String::with_capacity(host.len() + 8);
+    let v6 = host.contains(':');
+    if v6 {
+        out.push('[');
     }
+    out.push_str(host);
+    if v6 {
+        out.push(']');
+    }
+    if let Some(p) = port.filter(|p| *p != scheme.default_port()) {
+        out.push(':');
+        out.push_str(itoa::Buffer::new().format(p));
+    }
+    out
+}
+
+/// `.` or `..`, each dot possibly written `%2e` or `%2E`.
+fn is_dot_segment(seg: &str) -> bool {
+    let mut rest = seg.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() && dots < 3 {
+        rest = match rest {
+            [b'.', tail @ ..] => tail,
+            [b'%', b'2', b'e' | b'E', tail @ ..] => tail,
+            _ => return false,
+        };
+        dots += 1;
+    }
+    rest.is_empty() && (1..=2).contains(&dots)
 }
 
 /// `/v1/customers/../../v3/invoices` must not pick the Customers route and reach Billing.
 fn reject_dot_segments(path: &str) -> Result<(), ProxyError> {
-    let dotty = path.split('/').any(|seg| {
-        let s = seg.to_ascii_lowercase().replace("%2e", ".");
-        s == "." || s == ".."
-    });
-    if dotty {
+    if path.split('/').any(is_dot_segment) {
         return Err(ProxyError::bad_request(
             "dot_segments",
             "the path contains `.` or `..` segments; send the normalised path",
@@ -729,5 +746,47 @@ fn describe_tls(e: &rustls::Error, host: &str) -> String {
         }
         rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "certificate expired".into(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments_are_found_however_they_are_written() {
+        for seg in [".", "..", "%2e", "%2E", "%2e%2E", ".%2e", "%2e."] {
+            assert!(is_dot_segment(seg), "{seg}");
+        }
+        for seg in [
+            "",
+            "...",
+            "%2e%2e%2e",
+            "a.",
+            ".a",
+            "%2",
+            "%2f",
+            "%2e%",
+            "v1",
+            "%3e",
+        ] {
+            assert!(!is_dot_segment(seg), "{seg}");
+        }
+        assert!(reject_dot_segments("/a/%2E%2e/b").is_err());
+        assert!(reject_dot_segments("/a/.../b.c/").is_ok());
+    }
+
+    #[test]
+    fn authority_brackets_v6_and_drops_the_default_port() {
+        assert_eq!(
+            authority("api.example.com", Some(443), Scheme::Https),
+            "api.example.com"
+        );
+        assert_eq!(
+            authority("api.example.com", Some(443), Scheme::Http),
+            "api.example.com:443"
+        );
+        assert_eq!(authority("::1", Some(8080), Scheme::Http), "[::1]:8080");
+        assert_eq!(authority("10.0.0.1", None, Scheme::Http), "10.0.0.1");
     }
 }
