@@ -260,25 +260,30 @@ struct Fields<'a, 'w> {
 }
 
 impl Fields<'_, '_> {
-    /// Writes ` name=` (or nothing before the message), then the value with `value`.
     fn field(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> std::fmt::Result) {
         if self.result.is_err() {
             return;
         }
-        self.result = (|| {
-            if !self.first {
-                self.writer.write_char(' ')?;
-            }
-            let name = field.name();
-            if name != "message" {
-                self.writer
-                    .write_str(name.strip_prefix("r#").unwrap_or(name))?;
-                self.writer.write_char('=')?;
-            }
-            value(self.writer)
-        })();
+        self.result = write_field(self.writer, self.first, field.name(), value);
         self.first = false;
     }
+}
+
+/// ` name=value` (no space before the first field; the message is written bare).
+fn write_field(
+    writer: &mut Writer<'_>,
+    first: bool,
+    name: &str,
+    value: impl FnOnce(&mut Writer<'_>) -> std::fmt::Result,
+) -> std::fmt::Result {
+    if !first {
+        writer.write_char(' ')?;
+    }
+    if name != "message" {
+        writer.write_str(name.strip_prefix("r#").unwrap_or(name))?;
+        writer.write_char('=')?;
+    }
+    value(writer)
 }
 
 /// `value:?` for a string: quoted, escaped as `Debug` escapes it. Most logged strings (hosts,
