@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credproxy::fakes::issuer::Issuer;
-use credproxy::fakes::{echo, oauth, twotcloud};
+use credproxy::fakes::twotcloud;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -51,25 +51,10 @@ async fn setup() -> Setup {
     let two_t = twotcloud::start(
         listener().await,
         Some(env.tls.clone()),
-        vec![twotcloud::Key {
-            account_id: "100234".into(),
-            api_key: KEY.into(),
-            api: twotcloud::Api::Billing,
-            bound_ip: None,
-            active: true,
-        }],
+        vec![billing_key(KEY)],
     );
-    let issuer = Issuer::new(Duration::from_secs(3600));
-    let connexa = oauth::start(
-        listener().await,
-        Some(env.tls.clone()),
-        oauth::Settings {
-            client_id: "cid".into(),
-            client_secret: "csecret".into(),
-        },
-        issuer.clone(),
-    );
-    let echo = echo::start(listener().await, Some(env.tls.clone()));
+    let (connexa, issuer) = env.oauth_fake("cid", "csecret").await;
+    let echo = env.tls_echo().await;
     Setup {
         env,
         two_t,
@@ -102,13 +87,7 @@ async fn static_and_token_credentials_over_intercepted_http1_and_http2() {
         assert_eq!(r.status(), 200);
         assert_eq!(r.version(), want);
         assert!(r.text().await.unwrap().starts_with("<ConsolidatedInvoice>"));
-        let echo = echoed(
-            c.get("https://api.cloudnet.services/v3/__echo")
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let echo = echoed(get(&c, "https://api.cloudnet.services/v3/__echo").await).await;
         assert_eq!(
             header_values(&echo, "authorization"),
             [basic("100234", KEY)]
@@ -119,12 +98,11 @@ async fn static_and_token_credentials_over_intercepted_http1_and_http2() {
         // The 401 → fresh token → replay path, inside the intercepted connection.
         s.issuer.revoke_all();
         let body = r#"{"name":"over-tls"}"#;
-        let r = c
-            .post("https://acme.api.openvpn.com/api/v1/networks")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let r = send(
+            c.post("https://acme.api.openvpn.com/api/v1/networks")
+                .body(body),
+        )
+        .await;
         assert_eq!(r.status(), 201);
         let answer: serde_json::Value = r.json().await.unwrap();
         assert_eq!(answer["received"]["name"], "over-tls");
@@ -139,14 +117,9 @@ async fn unmapped_hosts_are_tunnelled_untouched() {
     let proxy = s.env.proxy(&s.yaml("")).await;
     // Trusting only the fake's own CA proves the TLS session is the fake's, not credproxy's.
     let c = s.env.https_client(proxy.addr, vec![s.env.test_ca()], true);
-    let plain = echo::start(listener().await, Some(s.env.tls.clone()));
-    let echo = echoed(
-        c.get(format!("https://localhost:{}/__echo", plain.addr.port()))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let plain = s.env.tls_echo().await;
+    let url = format!("https://localhost:{}/__echo", plain.addr.port());
+    let echo = echoed(get(&c, url).await).await;
     assert!(header_values(&echo, "x-api-key").is_empty());
     assert!(header_values(&echo, "authorization").is_empty());
     assert_eq!(proxy.leaf_mints(), 0, "nothing was intercepted");
@@ -162,15 +135,22 @@ async fn unmapped_hosts_are_tunnelled_untouched() {
     assert!(answer.contains("connection refused"), "{answer}");
 }
 
-/// Opens CONNECT to `host` and completes TLS trusting `roots`; returns the leaf certificate.
-async fn handshake(proxy: SocketAddr, host: &str, roots: &rustls::RootCertStore) -> Vec<u8> {
+type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Opens CONNECT to `host` and starts TLS inside, trusting `roots`; returns the proxy's answer
+/// to the CONNECT and the TLS stream.
+async fn tls_tunnel(
+    proxy: SocketAddr,
+    host: &str,
+    roots: &rustls::RootCertStore,
+) -> (String, ClientTls) {
     let mut tcp = TcpStream::connect(proxy).await.unwrap();
     tcp.write_all(format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut buf = [0u8; 1024];
     let n = tcp.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
     let config =
         rustls::ClientConfig::builder_with_provider(credproxy::outbound::crypto_provider())
             .with_safe_default_protocol_versions()
@@ -182,6 +162,13 @@ async fn handshake(proxy: SocketAddr, host: &str, roots: &rustls::RootCertStore)
         .connect(name, tcp)
         .await
         .unwrap();
+    (answer, tls)
+}
+
+/// Opens CONNECT to `host` and completes TLS trusting `roots`; returns the leaf certificate.
+async fn handshake(proxy: SocketAddr, host: &str, roots: &rustls::RootCertStore) -> Vec<u8> {
+    let (answer, tls) = tls_tunnel(proxy, host, roots).await;
+    assert!(answer.starts_with("HTTP/1.1 200"));
     tls.get_ref().1.peer_certificates().unwrap()[0]
         .as_ref()
         .to_vec()
@@ -265,10 +252,8 @@ async fn the_ca_persists_and_its_key_must_be_private() {
         .env
         .https_client(second.addr, vec![s.env.proxy_ca()], true);
     assert_eq!(
-        c.get("https://api.cloudnet.services/v3/invoices")
-            .send()
+        get(&c, "https://api.cloudnet.services/v3/invoices")
             .await
-            .unwrap()
             .status(),
         200
     );
@@ -281,9 +266,7 @@ async fn the_ca_persists_and_its_key_must_be_private() {
         0o600
     );
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let path = s
-        .env
-        .write("config.yaml", &(s.env.base_yaml() + &s.yaml("")));
+    let path = s.env.write_config(&s.yaml(""));
     let config = credproxy::config::load(&path).unwrap();
     let err = credproxy::start(config)
         .await
@@ -333,10 +316,8 @@ async fn name_constraints_limit_the_ca_to_the_configured_hosts() {
         .env
         .https_client(proxy.addr, vec![s.env.proxy_ca()], false);
     assert_eq!(
-        c.get("https://acme.api.openvpn.com/api/v1/networks")
-            .send()
+        get(&c, "https://acme.api.openvpn.com/api/v1/networks")
             .await
-            .unwrap()
             .status(),
         200
     );
@@ -406,23 +387,7 @@ async fn a_request_for_another_host_inside_a_tunnel_is_refused() {
     let s = setup().await;
     let proxy = s.env.proxy(&s.yaml("")).await;
     let roots = proxy_roots(&s.env);
-    let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    tcp.write_all(b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = [0u8; 1024];
-    let _ = tcp.read(&mut buf).await.unwrap();
-    let config =
-        rustls::ClientConfig::builder_with_provider(credproxy::outbound::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let (_, mut tls) = tls_tunnel(proxy.addr, "api.example.com", &roots).await;
     tls.write_all(
         b"GET /__echo HTTP/1.1\r\nHost: api.cloudnet.services\r\nConnection: close\r\n\r\n",
     )
@@ -438,21 +403,24 @@ async fn a_request_for_another_host_inside_a_tunnel_is_refused() {
     assert!(s.echo.requests().is_empty());
 }
 
-const BIN: &str = env!("CARGO_BIN_EXE_credproxy");
+/// Runs `credproxy ca <args> --config <config>` to completion.
+fn ca_command(args: &[&str], config: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_credproxy"))
+        .arg("ca")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("credproxy runs")
+}
 
 #[tokio::test]
 async fn a_client_that_rejects_the_ca_is_warned_about_once_and_the_ca_cli_works() {
     let s = setup().await;
-    let config = s
-        .env
-        .write("config.yaml", &(s.env.base_yaml() + &s.yaml("")));
+    let config = s.env.write_config(&s.yaml(""));
 
     // `ca export` makes the CA on first use and prints it; `--der` prints the DER bytes.
-    let out = Command::new(BIN)
-        .args(["ca", "export", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = ca_command(&["export"], &config);
     assert!(
         out.status.success(),
         "{}",
@@ -460,11 +428,7 @@ async fn a_client_that_rejects_the_ca_is_warned_about_once_and_the_ca_cli_works(
     );
     let pem = std::fs::read_to_string(s.env.state_dir().join("ca.pem")).unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), pem);
-    let der = Command::new(BIN)
-        .args(["ca", "export", "--der", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let der = ca_command(&["export", "--der"], &config);
     use rustls::pki_types::pem::PemObject;
     assert_eq!(
         der.stdout,
@@ -472,11 +436,7 @@ async fn a_client_that_rejects_the_ca_is_warned_about_once_and_the_ca_cli_works(
             .unwrap()
             .as_ref()
     );
-    let path = Command::new(BIN)
-        .args(["ca", "path", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let path = ca_command(&["path"], &config);
     assert!(String::from_utf8_lossy(&path.stdout).contains("ca.pem"));
 
     let proxy = Binary::run(&config, &[("RUST_LOG", "info".as_ref())]);
@@ -495,11 +455,7 @@ async fn a_client_that_rejects_the_ca_is_warned_about_once_and_the_ca_cli_works(
     assert_eq!(warnings, 1, "warned once per client and host:\n{text}");
 
     // `ca rotate` makes a new CA and keeps the old one.
-    let out = Command::new(BIN)
-        .args(["ca", "rotate", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = ca_command(&["rotate"], &config);
     assert!(
         out.status.success(),
         "{}",

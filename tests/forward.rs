@@ -11,18 +11,13 @@ const ACCOUNT: &str = "100234";
 const CUSTOMERS_KEY: &str = "cust-key-AAA111";
 const BILLING_KEY: &str = "bill-key-BBB222";
 
+/// One key per API of account `ACCOUNT` (100234, as `billing_key` makes them).
 fn twotcloud_keys() -> Vec<twotcloud::Key> {
-    let key = |k: &str, api| twotcloud::Key {
-        account_id: ACCOUNT.into(),
-        api_key: k.into(),
-        api,
-        bound_ip: None,
-        active: true,
+    let customers = twotcloud::Key {
+        api: twotcloud::Api::Customers,
+        ..billing_key(CUSTOMERS_KEY)
     };
-    vec![
-        key(CUSTOMERS_KEY, twotcloud::Api::Customers),
-        key(BILLING_KEY, twotcloud::Api::Billing),
-    ]
+    vec![customers, billing_key(BILLING_KEY)]
 }
 
 /// Providers and routes for 2tCloud with one key per API, pointed at `fake`.
@@ -61,24 +56,22 @@ async fn basic_credentials_are_chosen_by_path_and_replace_the_clients() {
     let c = client(proxy.addr);
 
     // Without the proxy's credentials the fake answers 403, as 2tCloud does.
-    let bad = c
-        .get("http://api.cloudnet.services/v1/customers")
-        .header("authorization", basic(ACCOUNT, BILLING_KEY))
-        .send()
-        .await
-        .unwrap();
+    let bad = send(
+        c.get("http://api.cloudnet.services/v1/customers")
+            .header("authorization", basic(ACCOUNT, BILLING_KEY)),
+    )
+    .await;
     assert_eq!(
         bad.status(),
         200,
         "the client's own (wrong-API) header must be replaced"
     );
 
-    let customers = c
-        .get("http://api.cloudnet.services/v1/customers")
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap();
+    let customers = send(
+        c.get("http://api.cloudnet.services/v1/customers")
+            .header("accept", "application/json"),
+    )
+    .await;
     assert_eq!(customers.status(), 200);
     assert!(customers.text().await.unwrap().contains("\"CompanyName\""));
 
@@ -95,24 +88,18 @@ async fn basic_credentials_are_chosen_by_path_and_replace_the_clients() {
 
     // Exactly the right key arrived for each API, once, and the client's value is gone.
     let echo = echoed(
-        c.get("http://api.cloudnet.services/v3/__echo")
-            .header("authorization", "Basic c3RvbGVuOmtleQ==")
-            .send()
-            .await
-            .unwrap(),
+        send(
+            c.get("http://api.cloudnet.services/v3/__echo")
+                .header("authorization", "Basic c3RvbGVuOmtleQ=="),
+        )
+        .await,
     )
     .await;
     assert_eq!(
         header_values(&echo, "authorization"),
         [basic(ACCOUNT, BILLING_KEY)]
     );
-    let echo = echoed(
-        c.get("http://api.cloudnet.services/v1/customers/__echo")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let echo = echoed(get(&c, "http://api.cloudnet.services/v1/customers/__echo").await).await;
     assert_eq!(
         header_values(&echo, "authorization"),
         [basic(ACCOUNT, CUSTOMERS_KEY)]
@@ -150,21 +137,20 @@ routes:
         ))
         .await;
     let c = client(proxy.addr);
-    let r = c
-        .get("http://portal.stackbill.example/restapi/zone/zonelist")
-        .header("apikey", "not-mine")
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        c.get("http://portal.stackbill.example/restapi/zone/zonelist")
+            .header("apikey", "not-mine"),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert!(r.text().await.unwrap().contains("listZoneResponse"));
 
     let echo = echoed(
-        c.get("http://portal.stackbill.example/__echo")
-            .header("APIKEY", "not-mine")
-            .send()
-            .await
-            .unwrap(),
+        send(
+            c.get("http://portal.stackbill.example/__echo")
+                .header("APIKEY", "not-mine"),
+        )
+        .await,
     )
     .await;
     assert_eq!(header_values(&echo, "apikey"), ["sb-api-key-123"]);
@@ -186,21 +172,28 @@ unmapped: deny
     )
 }
 
+/// A proxy that routes api.example.com to `mapped` and passes every other host through.
+async fn passthrough_proxy(env: &Env, mapped: std::net::SocketAddr) -> credproxy::Running {
+    let yaml = echo_route_yaml(mapped, "api.example.com", "replace")
+        .replace("unmapped: deny", "unmapped: passthrough");
+    env.proxy(&yaml).await
+}
+
 #[tokio::test]
 async fn client_auth_keep_and_reject() {
     let env = Env::new();
-    let fake = echo::start(listener().await, Some(env.tls.clone()));
+    let fake = env.tls_echo().await;
 
     let keep = env
         .proxy(&echo_route_yaml(fake.addr, "api.example.com", "keep"))
         .await;
     let c = client(keep.addr);
     let echo = echoed(
-        c.get("http://api.example.com/__echo")
-            .header("x-api-key", "mine")
-            .send()
-            .await
-            .unwrap(),
+        send(
+            c.get("http://api.example.com/__echo")
+                .header("x-api-key", "mine"),
+        )
+        .await,
     )
     .await;
     assert_eq!(header_values(&echo, "x-api-key"), ["mine"]);
@@ -212,12 +205,11 @@ async fn client_auth_keep_and_reject() {
         .await;
     let c = client(reject.addr);
     let seen_before = fake.requests().len();
-    let r = c
-        .get("http://api.example.com/__echo")
-        .header("x-api-key", "mine")
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        c.get("http://api.example.com/__echo")
+            .header("x-api-key", "mine"),
+    )
+    .await;
     assert_refused(&r, 400, "client_credentials_rejected");
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["route"], "api.example.com");
@@ -232,19 +224,13 @@ async fn client_auth_keep_and_reject() {
 #[tokio::test]
 async fn wildcard_routes_cover_one_label() {
     let env = Env::new();
-    let fake = echo::start(listener().await, Some(env.tls.clone()));
+    let fake = env.tls_echo().await;
     let proxy = env
         .proxy(&echo_route_yaml(fake.addr, "*.api.openvpn.com", "replace"))
         .await;
     let c = client(proxy.addr);
     for host in ["acme.api.openvpn.com", "OTHER.api.openvpn.com"] {
-        let echo = echoed(
-            c.get(format!("http://{host}/api/v1/networks/__echo"))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let echo = echoed(get(&c, format!("http://{host}/api/v1/networks/__echo")).await).await;
         assert_eq!(
             header_values(&echo, "x-api-key"),
             ["injected-value"],
@@ -261,20 +247,12 @@ async fn wildcard_routes_cover_one_label() {
 #[tokio::test]
 async fn unmapped_hosts_pass_through_without_credentials_or_are_denied() {
     let env = Env::new();
-    let mapped = echo::start(listener().await, Some(env.tls.clone()));
+    let mapped = env.tls_echo().await;
     let plain = echo::start(listener().await, None);
 
-    let yaml = echo_route_yaml(mapped.addr, "api.example.com", "replace")
-        .replace("unmapped: deny", "unmapped: passthrough");
-    let proxy = env.proxy(&yaml).await;
+    let proxy = passthrough_proxy(&env, mapped.addr).await;
     let c = client(proxy.addr);
-    let echo = echoed(
-        c.get(format!("http://{}/__echo?q=1", plain.addr))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let echo = echoed(get(&c, format!("http://{}/__echo?q=1", plain.addr)).await).await;
     assert!(
         header_values(&echo, "x-api-key").is_empty(),
         "no credentials for an unmapped host"
@@ -313,7 +291,7 @@ async fn hop_by_hop_headers_and_proxy_authorization_never_cross() {
             r
         },
     );
-    let echo_fake = echo::start(listener().await, Some(env.tls.clone()));
+    let echo_fake = env.tls_echo().await;
     let yaml = format!(
         "providers:
   p:
@@ -361,11 +339,7 @@ X-Normal: yes\r\n\r\n";
     assert_eq!(header_values(&echo, "x-normal"), ["yes"]);
     assert_eq!(header_values(&echo, "x-api-key"), ["injected-value"]);
 
-    let r = client(proxy.addr)
-        .get("http://portal.stackbill.example/")
-        .send()
-        .await
-        .unwrap();
+    let r = get(&client(proxy.addr), "http://portal.stackbill.example/").await;
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("x-up-hop").is_none());
     assert!(r.headers().get("proxy-authenticate").is_none());
@@ -375,11 +349,9 @@ X-Normal: yes\r\n\r\n";
 #[tokio::test]
 async fn redirects_go_back_to_the_client_and_credentials_stay_home() {
     let env = Env::new();
-    let mapped = echo::start(listener().await, Some(env.tls.clone()));
+    let mapped = env.tls_echo().await;
     let elsewhere = echo::start(listener().await, None);
-    let yaml = echo_route_yaml(mapped.addr, "api.example.com", "replace")
-        .replace("unmapped: deny", "unmapped: passthrough");
-    let proxy = env.proxy(&yaml).await;
+    let proxy = passthrough_proxy(&env, mapped.addr).await;
     let c = client(proxy.addr);
 
     let landing = format!("http://{}/landing/__echo", elsewhere.addr);
@@ -486,7 +458,7 @@ routes:
 #[tokio::test]
 async fn malformed_requests_get_precise_4xx() {
     let env = Env::new();
-    let fake = echo::start(listener().await, Some(env.tls.clone()));
+    let fake = env.tls_echo().await;
     let proxy = env
         .proxy(&echo_route_yaml(fake.addr, "api.example.com", "replace"))
         .await;
@@ -551,11 +523,7 @@ async fn malformed_requests_get_precise_4xx() {
     );
 
     // The proxy is still healthy afterwards.
-    let r = client(proxy.addr)
-        .get("http://api.example.com/__echo")
-        .send()
-        .await
-        .unwrap();
+    let r = get(&client(proxy.addr), "http://api.example.com/__echo").await;
     assert_eq!(r.status(), 200);
 }
 
@@ -579,13 +547,7 @@ async fn local_endpoint_forwards_to_its_route_with_host_rewritten() {
             .contains("<Endpoint>invoices</Endpoint>")
     );
 
-    let echo = echoed(
-        c.get(format!("http://{addr}/v3/__echo?x=1"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let echo = echoed(get(&c, format!("http://{addr}/v3/__echo?x=1")).await).await;
     assert_eq!(echo["authority"], "api.cloudnet.services");
     assert_eq!(
         header_values(&echo, "authorization"),
@@ -600,7 +562,7 @@ async fn local_endpoint_forwards_to_its_route_with_host_rewritten() {
 #[tokio::test]
 async fn upstream_connections_are_pooled_and_reused() {
     let env = Env::new();
-    let fake = echo::start(listener().await, Some(env.tls.clone()));
+    let fake = env.tls_echo().await;
     let proxy = env
         .proxy(&echo_route_yaml(fake.addr, "api.example.com", "replace"))
         .await;

@@ -3,13 +3,13 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use credproxy::fakes::issuer::Issuer;
-use credproxy::fakes::{echo, oauth};
+use credproxy::fakes::echo;
 use support::*;
 
 fn yaml(
@@ -39,27 +39,14 @@ routes:
 #[tokio::test]
 async fn reload_under_load_loses_nothing_refuses_broken_files_and_keeps_tokens() {
     let env = Env::new();
-    let fake = echo::start(listener().await, Some(env.tls.clone()));
-    let issuer = Issuer::new(Duration::from_secs(3600));
-    let connexa = oauth::start(
-        listener().await,
-        Some(env.tls.clone()),
-        oauth::Settings {
-            client_id: "cid".into(),
-            client_secret: "cs".into(),
-        },
-        issuer.clone(),
-    );
+    let fake = env.tls_echo().await;
+    let (connexa, issuer) = env.oauth_fake("cid", "cs").await;
     let path = env.write("config.yaml", &yaml(&env, fake.addr, connexa.addr, "v1"));
-    let proxy = credproxy::start(credproxy::config::load(&path).unwrap())
-        .await
-        .unwrap();
+    let proxy = start_proxy(&path).await;
     let c = client(proxy.addr);
     assert_eq!(
-        c.get("http://acme.api.openvpn.com/api/v1/networks")
-            .send()
+        get(&c, "http://acme.api.openvpn.com/api/v1/networks")
             .await
-            .unwrap()
             .status(),
         200
     );
@@ -132,9 +119,7 @@ async fn changing_listeners_needs_a_restart() {
     let env = Env::new();
     let fake = echo::start(listener().await, None);
     let path = env.write("config.yaml", &yaml(&env, fake.addr, fake.addr, "v1"));
-    let proxy = credproxy::start(credproxy::config::load(&path).unwrap())
-        .await
-        .unwrap();
+    let proxy = start_proxy(&path).await;
     std::fs::write(
         &path,
         yaml(&env, fake.addr, fake.addr, "v1")
@@ -148,7 +133,7 @@ async fn changing_listeners_needs_a_restart() {
 #[tokio::test]
 async fn sighup_reloads_the_running_binary() {
     let env = Env::new();
-    let fake = echo::start(listener().await, Some(env.tls.clone()));
+    let fake = env.tls_echo().await;
     let path = env.write("config.yaml", &yaml(&env, fake.addr, fake.addr, "before"));
     let proxy = Binary::run(&path, &[]);
     let addr = proxy.addr;
@@ -156,14 +141,7 @@ async fn sighup_reloads_the_running_binary() {
     let echo = echoed(get(&c, "http://api.example.com/__echo").await).await;
     assert_eq!(header_values(&echo, "x-k"), ["before"]);
     std::fs::write(&path, yaml(&env, fake.addr, fake.addr, "after")).unwrap();
-    let pid = proxy.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    kill(&proxy.child, "-HUP");
     let mut seen = String::new();
     for _ in 0..100 {
         let echo = echoed(get(&c, "http://api.example.com/__echo").await).await;
@@ -181,29 +159,27 @@ async fn sighup_reloads_the_running_binary() {
     );
 }
 
+/// Sends `signal` (`-HUP`, `-TERM`) to a child process with kill(1).
+fn kill(child: &std::process::Child, signal: &str) {
+    let pid = child.id().to_string();
+    let status = Command::new("kill").args([signal, &pid]).status();
+    assert!(status.expect("kill runs").success(), "kill {signal} {pid}");
+}
+
 async fn admin_get(admin: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let r = direct_client()
-        .get(format!("http://{admin}{path}"))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&direct_client(), format!("http://{admin}{path}")).await;
     (r.status().as_u16(), r.text().await.unwrap())
+}
+
+async fn admin_reload(admin: std::net::SocketAddr) -> reqwest::Response {
+    send(direct_client().post(format!("http://{admin}/reload"))).await
 }
 
 #[tokio::test]
 async fn admin_endpoints_health_metrics_status_and_reload() {
     let env = Env::new();
-    let fake = echo::start(listener().await, Some(env.tls.clone()));
-    let issuer = Issuer::new(Duration::from_secs(3600));
-    let connexa = oauth::start(
-        listener().await,
-        Some(env.tls.clone()),
-        oauth::Settings {
-            client_id: "cid".into(),
-            client_secret: "cs-secret-value-Z".into(),
-        },
-        issuer.clone(),
-    );
+    let fake = env.tls_echo().await;
+    let (connexa, _issuer) = env.oauth_fake("cid", "cs-secret-value-Z").await;
     let down = closed_port().await;
     let body = |value: &str| {
         env.base_yaml()
@@ -228,9 +204,7 @@ routes:
             )
     };
     let path = env.write("config.yaml", &body("static-secret-value-Q"));
-    let proxy = credproxy::start(credproxy::config::load(&path).unwrap())
-        .await
-        .unwrap();
+    let proxy = start_proxy(&path).await;
     let admin = proxy.admin_addr.expect("admin listener");
     assert_eq!(admin_get(admin, "/healthz").await, (200, "ok\n".into()));
     assert_eq!(admin_get(admin, "/readyz").await.0, 200);
@@ -238,38 +212,14 @@ routes:
     // A known sequence: 3 good, 1 upstream down, 1 denied, 1 token route.
     let c = client(proxy.addr);
     for _ in 0..3 {
-        assert_eq!(
-            c.get("http://api.example.com/x")
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(get(&c, "http://api.example.com/x").await.status(), 200);
     }
+    assert_eq!(get(&c, "http://down.example.com/x").await.status(), 502);
     assert_eq!(
-        c.get("http://down.example.com/x")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        502
-    );
-    assert_eq!(
-        c.get("http://elsewhere.example.com/x")
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        get(&c, "http://elsewhere.example.com/x").await.status(),
         403
     );
-    let echo = echoed(
-        c.get("http://acme.api.openvpn.com/__echo")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let echo = echoed(get(&c, "http://acme.api.openvpn.com/__echo").await).await;
     let token = header_values(&echo, "authorization")[0]
         .trim_start_matches("Bearer ")
         .to_string();
@@ -335,20 +285,12 @@ routes:
 
     // Reload through the admin endpoint, and through the CLI; a broken file is refused.
     std::fs::write(&path, body("v2")).unwrap();
-    let r = direct_client()
-        .post(format!("http://{admin}/reload"))
-        .send()
-        .await
-        .unwrap();
+    let r = admin_reload(admin).await;
     assert_eq!(r.status(), 200);
     let echo = echoed(get(&c, "http://api.example.com/__echo").await).await;
     assert_eq!(header_values(&echo, "x-k"), ["v2"]);
     std::fs::write(&path, body("v3") + "bogus: 1\n").unwrap();
-    let r = direct_client()
-        .post(format!("http://{admin}/reload"))
-        .send()
-        .await
-        .unwrap();
+    let r = admin_reload(admin).await;
     assert_eq!(r.status(), 409);
     assert!(r.text().await.unwrap().contains("unknown field `bogus`"));
     // `credproxy reload` needs a file that parses to find the admin port.
@@ -377,50 +319,23 @@ routes:
     );
 
     // DNS rebinding: a page on evil.example resolving to 127.0.0.1 cannot read the admin port.
-    let r = direct_client()
-        .get(format!("http://{admin}/status"))
-        .header("host", format!("evil.example:{}", admin.port()))
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        direct_client()
+            .get(format!("http://{admin}/status"))
+            .header("host", format!("evil.example:{}", admin.port())),
+    )
+    .await;
     assert_eq!(r.status(), 403);
 }
 
-/// Starts the binary with `NOTIFY_SOCKET` pointing at a socket of ours; returns the child, its
-/// log, the proxy address and the socket.
-fn run_with_notify(
-    env: &Env,
-    path: &std::path::Path,
-) -> (
-    std::process::Child,
-    Arc<std::sync::Mutex<String>>,
-    std::net::SocketAddr,
-    std::os::unix::net::UnixDatagram,
-) {
+/// Starts the binary with `NOTIFY_SOCKET` pointing at a socket of ours; returns it and the
+/// socket, which has received `READY=1`.
+fn run_with_notify(env: &Env, path: &std::path::Path) -> (Binary, UnixDatagram) {
     let sock_path = env.dir.path().join("notify.sock");
-    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_credproxy"))
-        .args(["run", "--config"])
-        .arg(path)
-        .env("NOTIFY_SOCKET", &sock_path)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let log = Arc::new(std::sync::Mutex::new(String::new()));
-    let stderr = child.stderr.take().unwrap();
-    let l = log.clone();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            l.lock().unwrap().push_str(&(line + "\n"));
-        }
-    });
+    let proxy = Binary::run(path, &[("NOTIFY_SOCKET", sock_path.as_os_str())]);
     let mut buf = [0u8; 256];
     let n = sock.recv(&mut buf).unwrap();
     assert_eq!(
@@ -428,25 +343,7 @@ fn run_with_notify(
         b"READY=1\n",
         "READY=1 once the listeners are bound"
     );
-    // Logs are written by a background thread: the line may land just after READY.
-    let mut addr = None;
-    for _ in 0..500 {
-        let text = log.lock().unwrap().clone();
-        addr = text
-            .split("forward proxy listening on http://")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|a| {
-                a.trim_end_matches(|c: char| !c.is_ascii_digit())
-                    .parse()
-                    .ok()
-            });
-        if addr.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (child, log, addr.expect("address logged"), sock)
+    (proxy, sock)
 }
 
 #[tokio::test]
@@ -463,21 +360,18 @@ async fn sigterm_lets_a_slow_upload_finish_and_refuses_new_connections() {
             .unwrap_or(0);
         credproxy::fakes::respond(http::StatusCode::OK, "text/plain", format!("{n}"))
     });
-    let path = env.write(
-        "config.yaml",
-        &(env.base_yaml()
-            + &format!(
-                "limits: {{drain_timeout: 20s}}
+    let path = env.write_config(&format!(
+        "limits: {{drain_timeout: 20s}}
 providers:
   p:
     headers: {{x-k: v}}
 routes:
   - {{host: slow.example.com, provider: p, upstream_scheme: http, connect_to: '{}'}}
 ",
-                upstream.addr
-            )),
-    );
-    let (mut child, log, addr, sock) = run_with_notify(&env, &path);
+        upstream.addr
+    ));
+    let (mut proxy, sock) = run_with_notify(&env, &path);
+    let addr = proxy.addr;
 
     // 20 chunks, 100 ms apart: about 2 s of upload.
     let chunks = futures_util::stream::iter(0..20).then(|i| async move {
@@ -494,14 +388,7 @@ routes:
             .map(|r| r.status())
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    kill(&proxy.child, "-TERM");
     let mut buf = [0u8; 256];
     let n = tokio::task::spawn_blocking(move || sock.recv(&mut buf).map(|n| buf[..n].to_vec()))
         .await
@@ -520,15 +407,15 @@ routes:
         .unwrap()
         .expect("the in-flight upload completes");
     assert_eq!(status, 200);
+    let log = proxy.log.clone();
     let exited = tokio::task::spawn_blocking(move || {
         for _ in 0..200 {
-            if let Ok(Some(s)) = child.try_wait() {
+            if let Ok(Some(s)) = proxy.child.try_wait() {
                 return Some(s);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = child.kill();
-        None
+        None // dropping `proxy` kills it
     })
     .await
     .unwrap();
@@ -545,17 +432,8 @@ routes:
 #[tokio::test]
 async fn prefetch_makes_readiness_wait_for_the_first_token_and_recover_without_traffic() {
     let env = Env::new();
-    let issuer = Issuer::new(Duration::from_secs(3600));
+    let (connexa, issuer) = env.oauth_fake("cid", "cs").await;
     issuer.set_mode(credproxy::fakes::issuer::Mode::Status(500));
-    let connexa = oauth::start(
-        listener().await,
-        Some(env.tls.clone()),
-        oauth::Settings {
-            client_id: "cid".into(),
-            client_secret: "cs".into(),
-        },
-        issuer.clone(),
-    );
     let proxy = env
         .proxy(&format!(
             "tokens: {{prefetch: true, backoff_initial: 200ms, backoff_max: 500ms}}
@@ -631,30 +509,16 @@ async fn shutdown_drains_requests_inside_intercepted_https_tunnels() {
 #[tokio::test]
 async fn an_open_https_tunnel_follows_a_reload() {
     let env = Env::new();
-    let fake = echo::start(listener().await, Some(env.tls.clone()));
+    let fake = env.tls_echo().await;
     let path = env.write("config.yaml", &yaml(&env, fake.addr, fake.addr, "v1"));
-    let proxy = credproxy::start(credproxy::config::load(&path).unwrap())
-        .await
-        .unwrap();
+    let proxy = start_proxy(&path).await;
     // HTTP/1.1 with keep-alive: both requests travel in the same intercepted tunnel.
     let c = env.https_client(proxy.addr, vec![env.proxy_ca()], false);
-    let echo = echoed(
-        c.get("https://api.example.com/__echo")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let echo = echoed(get(&c, "https://api.example.com/__echo").await).await;
     assert_eq!(header_values(&echo, "x-k"), ["v1"]);
     std::fs::write(&path, yaml(&env, fake.addr, fake.addr, "v2")).unwrap();
     proxy.reload().unwrap();
-    let echo = echoed(
-        c.get("https://api.example.com/__echo")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let echo = echoed(get(&c, "https://api.example.com/__echo").await).await;
     assert_eq!(
         header_values(&echo, "x-k"),
         ["v2"],

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credproxy::ca::Ca;
+use credproxy::fakes::issuer::Issuer;
+use credproxy::fakes::{FakeServer, echo, oauth, twotcloud};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -123,15 +125,61 @@ impl Env {
         )
     }
 
+    /// Writes `base_yaml() + rest` to `config.yaml` (again on every call, for reload tests) and
+    /// returns its path, for the binary or for a proxy that is reloaded from it.
+    pub fn write_config(&self, rest: &str) -> PathBuf {
+        self.write("config.yaml", &(self.base_yaml() + rest))
+    }
+
     /// Starts a proxy from `base_yaml() + rest`, loaded through the real config loader.
     pub async fn proxy(&self, rest: &str) -> credproxy::Running {
-        let yaml = self.base_yaml() + rest;
-        let path = self.write("config.yaml", &yaml);
-        let config = match credproxy::config::load(&path) {
-            Ok(c) => c,
-            Err(e) => panic!("test config rejected:\n{e}\n---\n{yaml}"),
+        start_proxy(&self.write_config(rest)).await
+    }
+
+    /// An echo fake behind TLS with the test CA's leaf, as routed hosts are.
+    pub async fn tls_echo(&self) -> FakeServer {
+        echo::start(listener().await, Some(self.tls.clone()))
+    }
+
+    /// A CloudConnexa OAuth fake (TLS) taking these client credentials; its tokens last an hour
+    /// (`Issuer::set_ttl` changes that).
+    pub async fn oauth_fake(&self, client_id: &str, secret: &str) -> (FakeServer, Arc<Issuer>) {
+        let issuer = Issuer::new(Duration::from_secs(3600));
+        let settings = oauth::Settings {
+            client_id: client_id.into(),
+            client_secret: secret.into(),
         };
-        credproxy::start(config).await.expect("proxy starts")
+        let fake = oauth::start(
+            listener().await,
+            Some(self.tls.clone()),
+            settings,
+            issuer.clone(),
+        );
+        (fake, issuer)
+    }
+}
+
+/// Starts a proxy from a config file through the real config loader; a rejected file fails the
+/// test with the loader's message and the file.
+pub async fn start_proxy(path: &std::path::Path) -> credproxy::Running {
+    let config = match credproxy::config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            let yaml = std::fs::read_to_string(path).unwrap_or_default();
+            panic!("test config rejected:\n{e}\n---\n{yaml}")
+        }
+    };
+    credproxy::start(config).await.expect("proxy starts")
+}
+
+/// The 2tCloud Billing API key `api_key` of account 100234: active, usable from any address.
+pub fn billing_key(api_key: &str) -> twotcloud::Key {
+    twotcloud::Key {
+        account_id: "100234".into(),
+        api_key: api_key.into(),
+        api: twotcloud::Api::Billing,
+        bound_ip: None,
+        active: true,
     }
 }
 
@@ -194,9 +242,14 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Sends a request built on a client; a request that gets no response at all fails the test.
+pub async fn send(request: reqwest::RequestBuilder) -> reqwest::Response {
+    request.send().await.expect("a response")
+}
+
 /// `GET url` through `c`; a request that gets no response at all fails the test.
 pub async fn get(c: &reqwest::Client, url: impl reqwest::IntoUrl) -> reqwest::Response {
-    c.get(url).send().await.expect("a response")
+    send(c.get(url)).await
 }
 
 /// Asserts one of credproxy's own refusals: `status` and its `x-credproxy-error` code.
