@@ -6,20 +6,28 @@ mod support;
 
 use std::time::Duration;
 
-use credproxy::fakes::echo;
+use credproxy::fakes::FakeServer;
 use support::*;
 
-fn routes(fake: std::net::SocketAddr) -> String {
-    format!(
-        "providers:
+/// A TLS echo fake as api.example.com, also behind a local endpoint, and a proxy with the
+/// `access` section given.
+async fn start(env: &Env, access: &str) -> (FakeServer, credproxy::Running) {
+    let fake = env.tls_echo().await;
+    let proxy = env
+        .proxy(&format!(
+            "{access}
+providers:
   p:
     headers: {{x-k: v}}
 routes:
-  - {{name: api, host: api.example.com, provider: p, connect_to: '{fake}'}}
+  - {{name: api, host: api.example.com, provider: p, connect_to: '{}'}}
 local_endpoints:
   - {{listen: '127.0.0.1:0', route: api}}
-"
-    )
+",
+            fake.addr
+        ))
+        .await;
+    (fake, proxy)
 }
 
 async fn refused(r: reqwest::Response, status: u16, code: &str) {
@@ -32,23 +40,9 @@ async fn refused(r: reqwest::Response, status: u16, code: &str) {
 #[tokio::test]
 async fn clients_outside_allow_clients_are_refused() {
     let env = Env::new();
-    let fake = echo::start(listener().await, Some(env.tls.clone()));
-    let proxy = env
-        .proxy(&format!(
-            "access: {{allow_clients: ['127.0.0.2/32']}}\n{}",
-            routes(fake.addr)
-        ))
-        .await;
-    refused(
-        client(proxy.addr)
-            .get("http://api.example.com/x")
-            .send()
-            .await
-            .unwrap(),
-        403,
-        "client_not_allowed",
-    )
-    .await;
+    let (fake, proxy) = start(&env, "access: {allow_clients: ['127.0.0.2/32']}").await;
+    let r = get(&client(proxy.addr), "http://api.example.com/x").await;
+    refused(r, 403, "client_not_allowed").await;
     let from_two = reqwest::Client::builder()
         .proxy(reqwest::Proxy::http(format!("http://{}", proxy.addr)).unwrap())
         .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
@@ -64,20 +58,11 @@ async fn clients_outside_allow_clients_are_refused() {
 #[tokio::test]
 async fn the_forward_proxy_can_require_a_password() {
     let env = Env::new();
-    let fake = echo::start(listener().await, Some(env.tls.clone()));
     let hash = credproxy::access::PasswordHash::make("proxy-pass-123").unwrap();
-    let proxy = env
-        .proxy(&format!(
-            "access:\n  proxy_users: {{alice: '{hash}'}}\n{}",
-            routes(fake.addr)
-        ))
-        .await;
+    let access = format!("access:\n  proxy_users: {{alice: '{hash}'}}");
+    let (_fake, proxy) = start(&env, &access).await;
 
-    let r = client(proxy.addr)
-        .get("http://api.example.com/x")
-        .send()
-        .await
-        .unwrap();
+    let r = get(&client(proxy.addr), "http://api.example.com/x").await;
     assert_eq!(
         r.headers()["proxy-authenticate"],
         "Basic realm=\"credproxy\""
@@ -95,37 +80,16 @@ async fn the_forward_proxy_can_require_a_password() {
             .build()
             .unwrap()
     };
-    refused(
-        with("wrong")
-            .get("http://api.example.com/x")
-            .send()
-            .await
-            .unwrap(),
-        407,
-        "proxy_auth_required",
-    )
-    .await;
+    let r = get(&with("wrong"), "http://api.example.com/x").await;
+    refused(r, 407, "proxy_auth_required").await;
     let ok = with("proxy-pass-123");
-    let echo = echoed(
-        ok.get("http://api.example.com/__echo")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let echo = echoed(get(&ok, "http://api.example.com/__echo").await).await;
     assert!(
         header_values(&echo, "proxy-authorization").is_empty(),
         "the proxy password stays here"
     );
     // CONNECT is checked too, then the intercepted requests go through.
-    assert_eq!(
-        ok.get("https://api.example.com/x")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(get(&ok, "https://api.example.com/x").await.status(), 200);
     assert!(
         with("wrong")
             .get("https://api.example.com/x")
@@ -135,99 +99,72 @@ async fn the_forward_proxy_can_require_a_password() {
     );
     // The local endpoint is not a proxy: no password there, only loopback clients.
     let local = proxy.local_endpoints[0].1;
-    assert_eq!(
-        direct_client()
-            .get(format!("http://{local}/x"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    let r = get(&direct_client(), format!("http://{local}/x")).await;
+    assert_eq!(r.status(), 200);
 }
 
 #[tokio::test]
 async fn local_endpoints_refuse_rebinding_hosts_and_cross_site_browsers() {
     let env = Env::new();
-    let fake = echo::start(listener().await, Some(env.tls.clone()));
-    let proxy = env
-        .proxy(&format!(
-            "access: {{allow_origins: ['https://tool.example.org']}}\n{}",
-            routes(fake.addr)
-        ))
-        .await;
+    let (fake, proxy) = start(
+        &env,
+        "access: {allow_origins: ['https://tool.example.org']}",
+    )
+    .await;
     let local = proxy.local_endpoints[0].1;
     let c = direct_client();
     let url = format!("http://{local}/x");
     // A page on evil.example whose name now resolves to 127.0.0.1.
     refused(
-        c.get(&url)
-            .header("host", format!("evil.example:{}", local.port()))
-            .send()
-            .await
-            .unwrap(),
+        send(
+            c.get(&url)
+                .header("host", format!("evil.example:{}", local.port())),
+        )
+        .await,
         403,
         "host_not_allowed",
     )
     .await;
     assert_eq!(
-        c.get(&url)
-            .header("host", format!("localhost:{}", local.port()))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        send(
+            c.get(&url)
+                .header("host", format!("localhost:{}", local.port()))
+        )
+        .await
+        .status(),
         200
     );
     // Cross-site browser requests, marked either way, to the local endpoint and to the proxy.
     refused(
-        c.get(&url)
-            .header("sec-fetch-site", "cross-site")
-            .send()
-            .await
-            .unwrap(),
+        send(c.get(&url).header("sec-fetch-site", "cross-site")).await,
         403,
         "browser_request_refused",
     )
     .await;
     refused(
-        c.get(&url)
-            .header("origin", "https://evil.example")
-            .send()
-            .await
-            .unwrap(),
+        send(c.get(&url).header("origin", "https://evil.example")).await,
         403,
         "browser_request_refused",
     )
     .await;
-    refused(
-        client(proxy.addr)
-            .get("http://api.example.com/x")
-            .header("origin", "https://evil.example")
-            .send()
-            .await
-            .unwrap(),
-        403,
-        "browser_request_refused",
-    )
-    .await;
+    let from_evil = client(proxy.addr)
+        .get("http://api.example.com/x")
+        .header("origin", "https://evil.example");
+    refused(send(from_evil).await, 403, "browser_request_refused").await;
     // An allowed origin, and a same-origin or user-initiated navigation, pass.
     assert_eq!(
-        c.get(&url)
-            .header("origin", "https://tool.example.org")
-            .header("sec-fetch-site", "cross-site")
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        send(
+            c.get(&url)
+                .header("origin", "https://tool.example.org")
+                .header("sec-fetch-site", "cross-site")
+        )
+        .await
+        .status(),
         200
     );
     assert_eq!(
-        c.get(&url)
-            .header("sec-fetch-site", "none")
-            .send()
+        send(c.get(&url).header("sec-fetch-site", "none"))
             .await
-            .unwrap()
             .status(),
         200
     );

@@ -8,8 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use credproxy::fakes::issuer::Issuer;
-use credproxy::fakes::{oauth, stackbill, twotcloud};
+use credproxy::fakes::{stackbill, twotcloud};
 use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_credproxy");
@@ -168,13 +167,7 @@ async fn secrets_never_reach_the_logs_even_at_trace_level() {
     let two_t = twotcloud::start(
         listener().await,
         Some(env.tls.clone()),
-        vec![twotcloud::Key {
-            account_id: "100234".into(),
-            api_key: KEY.into(),
-            api: twotcloud::Api::Billing,
-            bound_ip: None,
-            active: true,
-        }],
+        vec![billing_key(KEY)],
     );
     let sb = stackbill::start(
         listener().await,
@@ -185,21 +178,10 @@ async fn secrets_never_reach_the_logs_even_at_trace_level() {
         },
     );
     const OAUTH_SECRET: &str = "SECRET-oauth-client-secret-do-not-log";
-    let issuer = Issuer::new(Duration::from_secs(3600));
-    let connexa = oauth::start(
-        listener().await,
-        Some(env.tls.clone()),
-        oauth::Settings {
-            client_id: "client.acme".into(),
-            client_secret: OAUTH_SECRET.into(),
-        },
-        issuer.clone(),
-    );
+    let (connexa, _issuer) = env.oauth_fake("client.acme", OAUTH_SECRET).await;
     let key_file = env.write("key", KEY);
-    let config = env.write(
-        "config.yaml",
-        &format!(
-            "{}providers:
+    let config = env.write_config(&format!(
+        "providers:
   billing:
     basic: {{username: '100234', password: 'file:{}'}}
   sb:
@@ -217,14 +199,12 @@ routes:
   - {{host: down.example.com, provider: sb, connect_to: '127.0.0.1:{}'}}
   - {{host: '*.api.openvpn.com', provider: connexa, connect_to: '{connexa}'}}
 ",
-            env.base_yaml(),
-            key_file.display(),
-            two_t.addr,
-            sb.addr,
-            closed_port().await,
-            connexa = connexa.addr,
-        ),
-    );
+        key_file.display(),
+        two_t.addr,
+        sb.addr,
+        closed_port().await,
+        connexa = connexa.addr,
+    ));
     let proxy = Binary::run(
         &config,
         &[
@@ -236,24 +216,17 @@ routes:
     let addr = proxy.addr;
 
     let c = client(addr);
-    let r = c
-        .get("http://api.cloudnet.services/v3/invoices?apikey=query-is-not-logged")
-        .header("authorization", format!("Bearer {CLIENT_OWN}"))
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        c.get("http://api.cloudnet.services/v3/invoices?apikey=query-is-not-logged")
+            .header("authorization", format!("Bearer {CLIENT_OWN}")),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let r = get(&c, "http://portal.stackbill.example/restapi/zone/zonelist").await;
     assert_eq!(r.status(), 200);
     let r = get(&c, "http://acme.api.openvpn.com/api/v1/networks").await;
     assert_eq!(r.status(), 200);
-    let echo = echoed(
-        c.get("http://acme.api.openvpn.com/__echo")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let echo = echoed(get(&c, "http://acme.api.openvpn.com/__echo").await).await;
     let bearer = header_values(&echo, "authorization")[0].clone();
     let access_token = bearer.trim_start_matches("Bearer ").to_string();
     assert!(access_token.len() > 20, "{bearer}");
@@ -393,20 +366,16 @@ async fn runtime_threads_shape_the_runtime_and_logs_off_a_terminal_have_no_colou
     for threads in [1, 3] {
         let env = Env::new();
         let upstream = credproxy::fakes::echo::start(listener().await, None);
-        let config = env.write(
-            "config.yaml",
-            &format!(
-                "{}runtime: {{threads: {threads}}}
+        let config = env.write_config(&format!(
+            "runtime: {{threads: {threads}}}
 providers:
   p:
     headers: {{x-api-key: 'env:CREDPROXY_TEST_KEY'}}
 routes:
   - {{host: api.example.com, provider: p, upstream_scheme: http, connect_to: '{}'}}
 ",
-                env.base_yaml(),
-                upstream.addr
-            ),
-        );
+            upstream.addr
+        ));
         let proxy = tokio::task::spawn_blocking(move || {
             Binary::run(&config, &[("CREDPROXY_TEST_KEY", "k-123".as_ref())])
         })

@@ -5,11 +5,8 @@
 
 mod support;
 
+use credproxy::fakes::{echo, proxy, twotcloud};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Duration;
-
-use credproxy::fakes::issuer::Issuer;
-use credproxy::fakes::{echo, oauth, proxy, twotcloud};
 use support::*;
 
 const TWO: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
@@ -17,11 +14,8 @@ const THREE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
 
 fn bound_key(ip: IpAddr) -> Vec<twotcloud::Key> {
     vec![twotcloud::Key {
-        account_id: "100234".into(),
-        api_key: "bound-key".into(),
-        api: twotcloud::Api::Billing,
         bound_ip: Some(ip),
-        active: true,
+        ..billing_key("bound-key")
     }]
 }
 
@@ -29,16 +23,7 @@ fn bound_key(ip: IpAddr) -> Vec<twotcloud::Key> {
 async fn a_bound_source_address_satisfies_an_ip_bound_key_and_token_requests_use_it_too() {
     let env = Env::new();
     let fake = twotcloud::start(listener().await, Some(env.tls.clone()), bound_key(TWO));
-    let issuer = Issuer::new(Duration::from_secs(3600));
-    let connexa = oauth::start(
-        listener().await,
-        Some(env.tls.clone()),
-        oauth::Settings {
-            client_id: "cid".into(),
-            client_secret: "cs".into(),
-        },
-        issuer.clone(),
-    );
+    let (connexa, _issuer) = env.oauth_fake("cid", "cs").await;
     let yaml = format!(
         "providers:
   billing:
@@ -90,7 +75,7 @@ routes:
 #[tokio::test]
 async fn routes_with_different_source_addresses_never_share_connections() {
     let env = Env::new();
-    let fake = echo::start(listener().await, Some(env.tls.clone()));
+    let fake = env.tls_echo().await;
     let yaml = format!(
         "providers:
   p:
@@ -152,11 +137,26 @@ fn proxy_auth(user: &str, pass: &str) -> String {
     basic(user, pass)
 }
 
+/// Routes whose traffic leaves through `egress` (`egress: {proxy: …}`): api.example.com to the
+/// TLS upstream `tls`, and the plain HTTP upstream `plain` by its own address.
+fn routes_through(egress: &str, tls: SocketAddr, plain: SocketAddr) -> String {
+    format!(
+        "providers:
+  p:
+    headers: {{x-k: v}}
+routes:
+  - {{host: api.example.com, provider: p, connect_to: '{tls}', {egress}}}
+  - {{host: '127.0.0.1:{pp}', provider: p, upstream_scheme: http, {egress}}}
+",
+        pp = plain.port()
+    )
+}
+
 #[tokio::test]
 async fn traffic_goes_through_the_upstream_proxy_with_its_credentials_only_there() {
     let env = Env::new();
     let corp = proxy::start(listener().await, proxy_auth("svc", "proxy-pass"));
-    let tls_upstream = echo::start(listener().await, Some(env.tls.clone()));
+    let tls_upstream = env.tls_echo().await;
     let plain_upstream = echo::start(listener().await, None);
     let pass_file = env.write("proxy-pass", "proxy-pass\n");
     let egress = format!(
@@ -164,17 +164,7 @@ async fn traffic_goes_through_the_upstream_proxy_with_its_credentials_only_there
         corp.addr,
         pass_file.display()
     );
-    let yaml = format!(
-        "providers:
-  p:
-    headers: {{x-k: v}}
-routes:
-  - {{host: api.example.com, provider: p, connect_to: '{t}', {egress}}}
-  - {{host: '127.0.0.1:{pp}', provider: p, upstream_scheme: http, {egress}}}
-",
-        t = tls_upstream.addr,
-        pp = plain_upstream.addr.port()
-    );
+    let yaml = routes_through(&egress, tls_upstream.addr, plain_upstream.addr);
     let proxy = env.proxy(&yaml).await;
     let c = client(proxy.addr);
 
@@ -183,16 +173,8 @@ routes:
     assert_eq!(header_values(&echo, "x-k"), ["v"]);
     assert!(header_values(&echo, "proxy-authorization").is_empty());
     // HTTP upstream: absolute form through it.
-    let echo = echoed(
-        c.get(format!(
-            "http://127.0.0.1:{}/__echo",
-            plain_upstream.addr.port()
-        ))
-        .send()
-        .await
-        .unwrap(),
-    )
-    .await;
+    let url = format!("http://127.0.0.1:{}/__echo", plain_upstream.addr.port());
+    let echo = echoed(get(&c, url).await).await;
     assert!(
         header_values(&echo, "proxy-authorization").is_empty(),
         "{echo}"
@@ -213,23 +195,13 @@ routes:
 async fn a_wrong_proxy_password_is_a_502_naming_the_proxy() {
     let env = Env::new();
     let corp = proxy::start(listener().await, proxy_auth("svc", "right"));
-    let tls_upstream = echo::start(listener().await, Some(env.tls.clone()));
+    let tls_upstream = env.tls_echo().await;
     let plain_upstream = echo::start(listener().await, None);
     let egress = format!(
         "egress: {{proxy: 'http://{}', proxy_username: svc, proxy_password: wrong}}",
         corp.addr
     );
-    let yaml = format!(
-        "providers:
-  p:
-    headers: {{x-k: v}}
-routes:
-  - {{host: api.example.com, provider: p, connect_to: '{t}', {egress}}}
-  - {{host: '127.0.0.1:{pp}', provider: p, upstream_scheme: http, {egress}}}
-",
-        t = tls_upstream.addr,
-        pp = plain_upstream.addr.port()
-    );
+    let yaml = routes_through(&egress, tls_upstream.addr, plain_upstream.addr);
     let proxy = env.proxy(&yaml).await;
     let c = client(proxy.addr);
     for url in [
@@ -249,28 +221,33 @@ routes:
     assert!(tls_upstream.requests().is_empty() && plain_upstream.requests().is_empty());
 }
 
+/// Runs `credproxy egress-check <args> --config <config>` to completion.
+fn egress_check(args: &[&str], config: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_credproxy"))
+        .arg("egress-check")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("credproxy runs")
+}
+
 #[test]
 fn egress_check_prints_the_address_the_service_saw() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let env = Env::new();
     let whatismyip = rt.block_on(async { echo::start(listener().await, None) });
-    let config = env.write(
-        "config.yaml",
-        &(env.base_yaml()
-            + "providers:
+    let config = env.write_config(
+        "providers:
   p:
     headers: {x-k: v}
 routes:
   - {name: bound, host: a.example.com, provider: p, egress: {bind: 127.0.0.2}}
   - {name: default, host: b.example.com, provider: p}
-"),
+",
     );
     let url = format!("http://{}/ip", whatismyip.addr);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_credproxy"))
-        .args(["egress-check", "--url", &url, "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = egress_check(&["--url", &url], &config);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -290,18 +267,7 @@ routes:
         "{text}"
     );
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_credproxy"))
-        .args([
-            "egress-check",
-            "--route",
-            "bound",
-            "--url",
-            &url,
-            "--config",
-        ])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = egress_check(&["--route", "bound", "--url", &url], &config);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.lines().count(), 1, "{text}");
     let _: SocketAddr = whatismyip.addr;

@@ -27,6 +27,11 @@ async fn json_of(r: reqwest::Response) -> (u16, Value) {
     (status, value)
 }
 
+/// Sends `request`: the status and the body, as JSON where it is JSON (else a JSON string).
+async fn answer(request: reqwest::RequestBuilder) -> (u16, Value) {
+    json_of(request.send().await.unwrap()).await
+}
+
 // ---------------------------------------------------------------------------------------------
 // Cloudneeti
 
@@ -70,16 +75,15 @@ impl Neeti {
         format!("http://{}{path}", self.fake.addr)
     }
 
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(self.url(path))
+    /// A request to `path` through the APIM gateway with the right subscription key.
+    fn keyed(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(path))
             .header("Ocp-Apim-Subscription-Key", SUB_KEY)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        json_of(r).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        answer(self.keyed(reqwest::Method::POST, path).json(&body)).await
     }
 
     async fn token(&self, path: &str, body: Value) -> String {
@@ -107,15 +111,7 @@ impl Neeti {
     }
 
     async fn get(&self, path: &str, token: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(self.url(path))
-            .header("Ocp-Apim-Subscription-Key", SUB_KEY)
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
-        json_of(r).await
+        answer(self.keyed(reqwest::Method::GET, path).bearer_auth(token)).await
     }
 }
 
@@ -137,28 +133,19 @@ async fn cloudneeti_apim_rejects_missing_and_wrong_subscription_keys_on_every_pa
         if let Some(k) = key {
             req = req.header("Ocp-Apim-Subscription-Key", k);
         }
-        assert_eq!(
-            json_of(req.send().await.unwrap()).await,
-            (401, expected.clone())
-        );
+        assert_eq!(answer(req).await, (401, expected.clone()));
 
         let mut req = n.http.get(n.url(&data_path)).bearer_auth("whatever");
         if let Some(k) = key {
             req = req.header("Ocp-Apim-Subscription-Key", k);
         }
-        assert_eq!(
-            json_of(req.send().await.unwrap()).await,
-            (401, expected.clone())
-        );
+        assert_eq!(answer(req).await, (401, expected.clone()));
 
         let mut req = n.http.get(n.url("/no/such/path"));
         if let Some(k) = key {
             req = req.header("Ocp-Apim-Subscription-Key", k);
         }
-        assert_eq!(
-            json_of(req.send().await.unwrap()).await,
-            (401, expected.clone())
-        );
+        assert_eq!(answer(req).await, (401, expected.clone()));
     }
     // The gateway answered; the token endpoint never saw those requests.
     assert_eq!(n.issuer.token_requests(), 0);
@@ -210,14 +197,8 @@ async fn cloudneeti_license_and_account_tokens_have_separate_scopes() {
         (401, unauthorized_envelope())
     );
     // No token, or one that was never issued.
-    let r = n
-        .http
-        .get(n.url(&health_a))
-        .header("Ocp-Apim-Subscription-Key", SUB_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(json_of(r).await, (401, unauthorized_envelope()));
+    let no_token = n.keyed(reqwest::Method::GET, &health_a);
+    assert_eq!(answer(no_token).await, (401, unauthorized_envelope()));
     assert_eq!(
         n.get(&health_a, "eyJforged.token.here").await,
         (401, unauthorized_envelope())
@@ -301,46 +282,21 @@ async fn cloudneeti_onboarding_echoes_the_received_body() {
     let license = n.license_token().await;
     let path = format!("/onboarding/license/{LICENSE}/account/azure");
     let sent = json!({"name": "prod", "tenantId": "t-1", "nested": [1, 2]});
-    let r = n
-        .http
-        .post(n.url(&path))
-        .header("Ocp-Apim-Subscription-Key", SUB_KEY)
-        .bearer_auth(&license)
-        .json(&sent)
-        .send()
-        .await
-        .unwrap();
-    let (status, v) = json_of(r).await;
+    let post = || n.keyed(reqwest::Method::POST, &path);
+    let (status, v) = answer(post().bearer_auth(&license).json(&sent)).await;
     assert_eq!(status, 200);
     assert_eq!(
         v,
         json!({"result": {"received": sent}, "statusCode": 200, "message": "Request Successful"})
     );
 
-    let r = n
-        .http
-        .post(n.url(&path))
-        .header("Ocp-Apim-Subscription-Key", SUB_KEY)
-        .bearer_auth(&license)
-        .body("not json")
-        .send()
-        .await
-        .unwrap();
-    let (_, v) = json_of(r).await;
+    let (_, v) = answer(post().bearer_auth(&license).body("not json")).await;
     assert_eq!(v["result"]["received"], "not json");
 
     // Onboarding takes the license token, not an account token.
     let acc = n.account_token(ACC_A).await;
-    let r = n
-        .http
-        .post(n.url(&path))
-        .header("Ocp-Apim-Subscription-Key", SUB_KEY)
-        .bearer_auth(&acc)
-        .json(&sent)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(json_of(r).await, (401, unauthorized_envelope()));
+    let r = answer(post().bearer_auth(&acc).json(&sent)).await;
+    assert_eq!(r, (401, unauthorized_envelope()));
 }
 
 #[tokio::test]
@@ -381,9 +337,7 @@ async fn cloudneeti_token_endpoint_modes() {
         }
     );
     let r = n
-        .http
-        .post(n.url(&path))
-        .header("Ocp-Apim-Subscription-Key", SUB_KEY)
+        .keyed(reqwest::Method::POST, &path)
         .json(&body)
         .send()
         .await
@@ -450,17 +404,20 @@ fn token_url(addr: SocketAddr) -> String {
     format!("http://{addr}/api/v1/oauth/token")
 }
 
+/// A token request with the right client credentials as HTTP Basic, as the official Go client
+/// sends them; the body is up to the caller.
+fn basic_token_request(addr: SocketAddr) -> reqwest::RequestBuilder {
+    client()
+        .post(token_url(addr))
+        .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
+}
+
 /// A token for `host`, using HTTP Basic and a JSON body like the official Go client.
 async fn oauth_token(addr: SocketAddr, host: &str) -> String {
-    let r = client()
-        .post(token_url(addr))
+    let request = basic_token_request(addr)
         .header(reqwest::header::HOST, host)
-        .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
-        .json(&json!({"grant_type": "client_credentials", "scope": "default"}))
-        .send()
-        .await
-        .unwrap();
-    let (status, v) = json_of(r).await;
+        .json(&json!({"grant_type": "client_credentials", "scope": "default"}));
+    let (status, v) = answer(request).await;
     assert_eq!(status, 200, "{v}");
     v["access_token"].as_str().unwrap().to_string()
 }
@@ -512,7 +469,7 @@ async fn oauth_accepts_basic_query_and_form_client_auth_and_records_each() {
 
     let mut tokens = Vec::new();
     for req in [basic, query, form] {
-        let (status, v) = json_of(req.send().await.unwrap()).await;
+        let (status, v) = answer(req).await;
         assert_eq!(status, 200, "{v}");
         let token = v["access_token"].as_str().unwrap().to_string();
         assert!(token.starts_with("eyJ"), "{token}");
@@ -543,33 +500,23 @@ async fn oauth_token_errors() {
     let http = client();
     let bad = json!({"error": "unauthorized", "error_description": "Bad credentials"});
 
-    let r = http
+    let wrong_secret = http
         .post(token_url(fake.addr))
         .basic_auth(CLIENT_ID, Some("wrong"))
-        .json(&json!({"grant_type": "client_credentials"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(json_of(r).await, (401, bad.clone()));
+        .json(&json!({"grant_type": "client_credentials"}));
+    assert_eq!(answer(wrong_secret).await, (401, bad.clone()));
 
-    let r = http
-        .post(format!(
-            "{}?grant_type=client_credentials",
-            token_url(fake.addr)
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(json_of(r).await, (401, bad.clone()));
+    let no_credentials = http.post(format!(
+        "{}?grant_type=client_credentials",
+        token_url(fake.addr)
+    ));
+    assert_eq!(answer(no_credentials).await, (401, bad.clone()));
 
-    let r = http
-        .post(token_url(fake.addr))
-        .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
-        .json(&json!({"scope": "default"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(json_of(r).await, (400, json!({"error": "invalid_request"})));
+    let no_grant_type = basic_token_request(fake.addr).json(&json!({"scope": "default"}));
+    assert_eq!(
+        answer(no_grant_type).await,
+        (400, json!({"error": "invalid_request"}))
+    );
 
     assert_eq!(issuer.token_requests(), 3);
     assert_eq!(issuer.auth_methods(), ["basic", "basic"]);
@@ -582,14 +529,11 @@ async fn oauth_tokens_are_scoped_to_the_host_they_were_requested_from() {
 
     let r = networks(fake.addr, ACME, &acme).await;
     assert_eq!(r.status(), 200);
-    let r = client()
+    let users = client()
         .get(format!("http://{}/api/v1/users?page=2&size=10", fake.addr))
         .header(reqwest::header::HOST, "ACME.api.openvpn.com:8443")
-        .bearer_auth(&acme)
-        .send()
-        .await
-        .unwrap();
-    let (status, v) = json_of(r).await;
+        .bearer_auth(&acme);
+    let (status, v) = answer(users).await;
     assert_eq!(status, 200);
     assert_eq!((&v["page"], &v["size"]), (&json!(2), &json!(10)));
 
@@ -601,15 +545,15 @@ async fn oauth_tokens_are_scoped_to_the_host_they_were_requested_from() {
     assert_invalid_token(networks(fake.addr, ACME, &other).await).await;
 
     // POST /networks reports the body it received.
-    let r = client()
+    let post = client()
         .post(format!("http://{}/api/v1/networks", fake.addr))
         .header(reqwest::header::HOST, ACME)
         .bearer_auth(&acme)
-        .json(&json!({"name": "n1"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(json_of(r).await, (201, json!({"received": {"name": "n1"}})));
+        .json(&json!({"name": "n1"}));
+    assert_eq!(
+        answer(post).await,
+        (201, json!({"received": {"name": "n1"}}))
+    );
 }
 
 #[tokio::test]
@@ -618,9 +562,7 @@ async fn oauth_rate_limit_is_an_empty_429_with_gateway_headers() {
     issuer.set_mode(Mode::RateLimited {
         retry_after_secs: 15,
     });
-    let r = client()
-        .post(token_url(fake.addr))
-        .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
+    let r = basic_token_request(fake.addr)
         .json(&json!({"grant_type": "client_credentials"}))
         .send()
         .await
@@ -649,15 +591,10 @@ async fn oauth_revoke_and_expiry() {
     assert_invalid_token(networks(fake.addr, ACME, &t).await).await;
 
     issuer.set_ttl(Duration::from_millis(200));
-    let r = client()
-        .post(token_url(fake.addr))
+    let request = basic_token_request(fake.addr)
         .header(reqwest::header::HOST, ACME)
-        .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
-        .json(&json!({"grant_type": "client_credentials"}))
-        .send()
-        .await
-        .unwrap();
-    let (_, v) = json_of(r).await;
+        .json(&json!({"grant_type": "client_credentials"}));
+    let (_, v) = answer(request).await;
     assert_eq!(v["expires_in"], 1, "at least one second");
     let short = v["access_token"].as_str().unwrap().to_string();
     assert_eq!(networks(fake.addr, ACME, &short).await.status(), 200);
@@ -685,17 +622,16 @@ async fn start_cleancloud() -> (credproxy::fakes::FakeServer, Arc<Issuer>) {
     (fake, issuer)
 }
 
-async fn api_token(addr: SocketAddr) -> (String, String) {
-    let r = client()
+/// `GET /api_tokens` signed with the user token, as every access code is asked for.
+fn api_tokens_request(addr: SocketAddr) -> reqwest::RequestBuilder {
+    let header = authorization(USER_CODE, USER_SECRET, "GET", "/api_tokens", b"");
+    client()
         .get(format!("http://{addr}/api_tokens"))
-        .header(
-            "Authorization",
-            authorization(USER_CODE, USER_SECRET, "GET", "/api_tokens", b""),
-        )
-        .send()
-        .await
-        .unwrap();
-    let (status, v) = json_of(r).await;
+        .header("Authorization", header)
+}
+
+async fn api_token(addr: SocketAddr) -> (String, String) {
+    let (status, v) = answer(api_tokens_request(addr)).await;
     assert_eq!(status, 200, "{v}");
     (
         v["accessCode"].as_str().unwrap().to_string(),
@@ -713,15 +649,12 @@ async fn signed(
     signed_body: &[u8],
 ) -> (u16, Value) {
     let header = authorization(code, secret, method.as_str(), path, signed_body);
-    let r = client()
+    let request = client()
         .request(method, format!("http://{addr}{path}"))
         .header("Authorization", header)
         .header("Content-Type", "application/json")
-        .body(body.to_vec())
-        .send()
-        .await
-        .unwrap();
-    json_of(r).await
+        .body(body.to_vec());
+    answer(request).await
 }
 
 #[tokio::test]
@@ -748,7 +681,7 @@ async fn cleancloud_api_tokens_needs_the_user_signature() {
         if let Some(h) = header {
             req = req.header("Authorization", h);
         }
-        assert_eq!(json_of(req.send().await.unwrap()).await, unauthorized);
+        assert_eq!(answer(req).await, unauthorized);
     }
     assert_eq!(issuer.token_requests(), 5);
 }
@@ -821,13 +754,10 @@ async fn cleancloud_signature_covers_method_path_and_body() {
         unauthorized
     );
     let header = authorization(&code, &secret, "GET", "/clouds/other", b"");
-    let r = client()
+    let request = client()
         .get(format!("http://{}/clouds", fake.addr))
-        .header("Authorization", header)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(json_of(r).await, unauthorized);
+        .header("Authorization", header);
+    assert_eq!(answer(request).await, unauthorized);
     // The user token itself is not an access code.
     assert_eq!(
         signed(
@@ -868,19 +798,7 @@ async fn cleancloud_signature_covers_method_path_and_body() {
 #[tokio::test]
 async fn cleancloud_token_endpoint_modes() {
     let (fake, issuer) = start_cleancloud().await;
-    let url = format!("http://{}/api_tokens", fake.addr);
-    let header = authorization(USER_CODE, USER_SECRET, "GET", "/api_tokens", b"");
-    let fetch = || async {
-        json_of(
-            client()
-                .get(&url)
-                .header("Authorization", &header)
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await
-    };
+    let fetch = || answer(api_tokens_request(fake.addr));
 
     issuer.set_mode(Mode::Status(500));
     assert_eq!(fetch().await.0, 500);

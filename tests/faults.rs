@@ -14,14 +14,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn yaml(upstream: std::net::SocketAddr, extra: &str) -> String {
-    format!(
-        "{extra}providers:
-  p:
-    headers: {{x-k: v}}
-routes:
-  - {{host: api.example.com, provider: p, upstream_scheme: http, connect_to: '{upstream}'}}
-"
-    )
+    format!("{extra}{}", http_route_yaml(upstream))
+}
+
+/// One request for `http://api.example.com/` on an open connection to the proxy.
+const GET_ROOT: &[u8] = b"GET http://api.example.com/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
+
+/// Sends `GET_ROOT` on `s`; returns what the first read brings back (the answer's head).
+async fn get_root_on(s: &mut TcpStream) -> String {
+    s.write_all(GET_ROOT).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
 /// An upstream that answers every request `200 ok`.
@@ -74,16 +78,8 @@ async fn an_upstream_reset_mid_response_is_a_clean_error_and_the_proxy_keeps_ser
         "the client sees the body break, not a short success"
     );
     for _ in 0..3 {
-        assert_eq!(
-            c.get("http://api.example.com/ok")
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap(),
-            "fine"
-        );
+        let r = get(&c, "http://api.example.com/ok").await;
+        assert_eq!(r.text().await.unwrap(), "fine");
     }
 }
 
@@ -156,32 +152,15 @@ async fn connections_over_the_limit_get_a_503_and_the_rest_keep_working() {
         held.push(TcpStream::connect(proxy.addr).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let answer = raw(
-        proxy.addr,
-        b"GET http://api.example.com/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
-    )
-    .await;
+    let answer = raw(proxy.addr, GET_ROOT).await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("too_many_connections"), "{answer}");
     // A held connection still works.
-    let s = &mut held[0];
-    s.write_all(b"GET http://api.example.com/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = [0u8; 512];
-    let n = s.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    assert!(get_root_on(&mut held[0]).await.starts_with("HTTP/1.1 200"));
     drop(held);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        client(proxy.addr)
-            .get("http://api.example.com/")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    let r = get(&client(proxy.addr), "http://api.example.com/").await;
+    assert_eq!(r.status(), 200);
 }
 
 /// VmRSS of a process, in KiB.
@@ -199,10 +178,7 @@ fn rss_kib(pid: u32) -> u64 {
 async fn five_thousand_idle_connections_with_bounded_memory() {
     let env = Env::new();
     let upstream = ok_upstream().await;
-    let path = env.write(
-        "config.yaml",
-        &(env.base_yaml() + &yaml(upstream.addr, "limits: {header_read_timeout: 60s}\n")),
-    );
+    let path = env.write_config(&yaml(upstream.addr, "limits: {header_read_timeout: 60s}\n"));
     let proxy = Binary::run(&path, &[]);
     let addr = proxy.addr;
     let before = rss_kib(proxy.child.id());
@@ -213,11 +189,7 @@ async fn five_thousand_idle_connections_with_bounded_memory() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let with = rss_kib(proxy.child.id());
     // Still serving while they all sit there.
-    let r = client(addr)
-        .get("http://api.example.com/")
-        .send()
-        .await
-        .unwrap();
+    let r = get(&client(addr), "http://api.example.com/").await;
     assert_eq!(r.status(), 200);
     drop(conns);
     drop(proxy);
@@ -233,13 +205,9 @@ async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
     let (_upstream, proxy) =
         proxy_to_ok_upstream(&env, "limits: {header_read_timeout: 1s}\n").await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET http://api.example.com/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = [0u8; 1024];
-    let n = s.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    assert!(get_root_on(&mut s).await.starts_with("HTTP/1.1 200"));
     // Then silence on the kept-alive connection: it is closed, not held forever.
+    let mut buf = [0u8; 1024];
     let read = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await;
     assert!(
         matches!(read, Ok(Ok(0)) | Ok(Err(_))),

@@ -128,12 +128,7 @@ fn arbitrary_requests_never_break_the_proxy() {
     let env = Env::new();
     let (proxy, fake) = rt.block_on(async {
         let fake = credproxy::fakes::echo::start(listener().await, None);
-        let proxy = env
-            .proxy(&format!(
-                "providers:\n  p:\n    headers: {{x-k: v}}\nroutes:\n  - {{host: api.example.com, provider: p, upstream_scheme: http, connect_to: '{}'}}\n",
-                fake.addr
-            ))
-            .await;
+        let proxy = env.proxy(&http_route_yaml(fake.addr)).await;
         (proxy, fake)
     });
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
@@ -159,11 +154,7 @@ fn arbitrary_requests_never_break_the_proxy() {
         .unwrap();
     // Still healthy after all of that.
     rt.block_on(async {
-        let r = client(proxy.addr)
-            .get("http://api.example.com/__echo")
-            .send()
-            .await
-            .unwrap();
+        let r = get(&client(proxy.addr), "http://api.example.com/__echo").await;
         assert_eq!(r.status(), 200);
     });
     drop(fake);

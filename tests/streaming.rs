@@ -43,6 +43,22 @@ async fn wait_for_peer(sent: u64, peer_count: &AtomicU64) {
     GAVE_UP.store(true, Ordering::SeqCst);
 }
 
+/// Before producing chunk `i`: lets the peer catch up (`wait_for_peer`), then records in
+/// `max_gap` how far ahead of the peer the producer still is.
+async fn before_chunk(i: u64, peer_count: &AtomicU64, max_gap: &AtomicU64) {
+    let sent = i * CHUNK as u64;
+    wait_for_peer(sent, peer_count).await;
+    let gap = sent.saturating_sub(peer_count.load(Ordering::SeqCst));
+    max_gap.fetch_max(gap, Ordering::SeqCst);
+}
+
+/// How many bytes of `data`, found at `offset` in the body, are not what `chunk` made there.
+fn wrong_bytes(offset: u64, data: &[u8]) -> u64 {
+    let expected = |k: usize| (((offset + k as u64) / CHUNK as u64) % 251) as u8;
+    let wrong = data.iter().enumerate().filter(|(k, b)| **b != expected(*k));
+    wrong.count() as u64
+}
+
 fn route_yaml(upstream: std::net::SocketAddr) -> String {
     format!(
         "providers:
@@ -71,14 +87,9 @@ async fn a_256_mib_upload_streams_through() {
             while let Some(frame) = body.frame().await {
                 let Ok(frame) = frame else { break };
                 if let Some(data) = frame.data_ref() {
-                    let offset = received.load(Ordering::SeqCst);
                     // Content check: chunk i is all bytes (i % 251).
-                    for (k, byte) in data.iter().enumerate() {
-                        let i = (offset + k as u64) / CHUNK as u64;
-                        if *byte != (i % 251) as u8 {
-                            bad.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
+                    let offset = received.load(Ordering::SeqCst);
+                    bad.fetch_add(wrong_bytes(offset, data), Ordering::SeqCst);
                     received.fetch_add(data.len() as u64, Ordering::SeqCst);
                 }
             }
@@ -94,22 +105,16 @@ async fn a_256_mib_upload_streams_through() {
         async move {
             // Let the upstream catch up a little, so a streaming proxy shows a small gap; a
             // buffering one never lets the upstream see a byte before the end, whatever we wait.
-            let sent = i * CHUNK as u64;
-            wait_for_peer(sent, &rc).await;
-            let sent = i * CHUNK as u64;
-            gap.fetch_max(
-                sent.saturating_sub(rc.load(Ordering::SeqCst)),
-                Ordering::SeqCst,
-            );
+            before_chunk(i, &rc, &gap).await;
             Ok::<_, std::io::Error>(chunk(i))
         }
     });
-    let r = client(proxy.addr)
-        .post("http://bulk.example.com/upload")
-        .body(reqwest::Body::wrap_stream(body))
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        client(proxy.addr)
+            .post("http://bulk.example.com/upload")
+            .body(reqwest::Body::wrap_stream(body)),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "stored");
     assert_eq!(received.load(Ordering::SeqCst), TOTAL, "every byte arrived");
@@ -137,12 +142,7 @@ async fn a_256_mib_download_streams_through() {
             let stream = futures_util::stream::iter(0..TOTAL / CHUNK as u64).then(move |i| {
                 let (consumed, gap) = (consumed.clone(), gap.clone());
                 async move {
-                    wait_for_peer(i * CHUNK as u64, &consumed).await;
-                    let sent = i * CHUNK as u64;
-                    gap.fetch_max(
-                        sent.saturating_sub(consumed.load(Ordering::SeqCst)),
-                        Ordering::SeqCst,
-                    );
+                    before_chunk(i, &consumed, &gap).await;
                     Ok::<_, credproxy::body::BoxError>(hyper::body::Frame::data(chunk(i)))
                 }
             });
@@ -154,23 +154,14 @@ async fn a_256_mib_download_streams_through() {
         }
     });
     let proxy = env.proxy(&route_yaml(upstream.addr)).await;
-    let r = client(proxy.addr)
-        .get("http://bulk.example.com/download")
-        .send()
-        .await
-        .unwrap();
+    let r = get(&client(proxy.addr), "http://bulk.example.com/download").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-length"], TOTAL.to_string().as_str());
     let mut stream = r.bytes_stream();
     let mut bad = 0u64;
     while let Some(data) = stream.next().await {
         let data = data.unwrap();
-        let offset = consumed.load(Ordering::SeqCst);
-        for (k, byte) in data.iter().enumerate() {
-            if *byte != (((offset + k as u64) / CHUNK as u64) % 251) as u8 {
-                bad += 1;
-            }
-        }
+        bad += wrong_bytes(consumed.load(Ordering::SeqCst), &data);
         consumed.fetch_add(data.len() as u64, Ordering::SeqCst);
     }
     assert_eq!(consumed.load(Ordering::SeqCst), TOTAL);

@@ -9,24 +9,14 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use credproxy::fakes::issuer::{Issuer, Mode};
-use credproxy::fakes::{cleancloud, cloudneeti, oauth};
+use credproxy::fakes::{FakeServer, cleancloud, cloudneeti};
 use support::*;
 
 const CLIENT_ID: &str = "0123456789abcdef0123456789abcdef.acme";
 const CLIENT_SECRET: &str = "oauth-client-secret-Zz9";
 
-async fn oauth_fake(env: &Env, ttl: Duration) -> (credproxy::fakes::FakeServer, Arc<Issuer>) {
-    let issuer = Issuer::new(ttl);
-    let fake = oauth::start(
-        listener().await,
-        Some(env.tls.clone()),
-        oauth::Settings {
-            client_id: CLIENT_ID.into(),
-            client_secret: CLIENT_SECRET.into(),
-        },
-        issuer.clone(),
-    );
-    (fake, issuer)
+async fn oauth_fake(env: &Env) -> (FakeServer, Arc<Issuer>) {
+    env.oauth_fake(CLIENT_ID, CLIENT_SECRET).await
 }
 
 /// A CloudConnexa-style route: the wildcard host, tokens per matched host.
@@ -52,13 +42,20 @@ routes:
     )
 }
 
+/// The usual set-up: the OAuth fake (tokens for an hour) and a proxy with its route, `basic`
+/// client authentication and no extra settings.
+async fn oauth_proxy(env: &Env) -> (FakeServer, Arc<Issuer>, credproxy::Running) {
+    let (fake, issuer) = oauth_fake(env).await;
+    let proxy = env.proxy(&oauth_yaml(fake.addr, "basic", "")).await;
+    (fake, issuer, proxy)
+}
+
 #[tokio::test]
 async fn a_cold_cache_under_1000_concurrent_requests_fetches_one_token() {
     let env = Env::new();
-    let (fake, issuer) = oauth_fake(&env, Duration::from_secs(3600)).await;
+    let (_fake, issuer, proxy) = oauth_proxy(&env).await;
     // The token endpoint takes its time, so every request arrives while the fetch is in flight.
     issuer.set_mode(Mode::Slow(Duration::from_millis(300)));
-    let proxy = env.proxy(&oauth_yaml(fake.addr, "basic", "")).await;
     let c = client(proxy.addr);
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..1000 {
@@ -86,8 +83,8 @@ async fn a_cold_cache_under_1000_concurrent_requests_fetches_one_token() {
 #[tokio::test]
 async fn short_lived_tokens_are_refreshed_before_they_expire() {
     let env = Env::new();
-    let (fake, issuer) = oauth_fake(&env, Duration::from_secs(2)).await;
-    let proxy = env.proxy(&oauth_yaml(fake.addr, "basic", "")).await;
+    let (_fake, issuer, proxy) = oauth_proxy(&env).await;
+    issuer.set_ttl(Duration::from_secs(2));
     let c = client(proxy.addr);
     let started = Instant::now();
     let mut requests = 0;
@@ -121,7 +118,7 @@ const SUB_KEY: &str = "apim-subscription-key-Qq1";
 const APP_ID: &str = "app-id-7f3e";
 const APP_SECRET: &str = "app-secret-Hh2";
 
-async fn cloudneeti_fake(env: &Env) -> (credproxy::fakes::FakeServer, Arc<Issuer>) {
+async fn cloudneeti_fake(env: &Env) -> (FakeServer, Arc<Issuer>) {
     let issuer = Issuer::new(Duration::from_secs(3600));
     let fake = cloudneeti::start(
         listener().await,
@@ -206,13 +203,7 @@ async fn cloudneeti_picks_license_or_account_tokens_by_path_for_both_endpoint_sh
                 .iter()
                 .all(|r| r.headers["ocp-apim-subscription-key"] == SUB_KEY)
         );
-        let echo = echoed(
-            c.get("http://api.cloudneeti.com/x/__echo")
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let echo = echoed(get(&c, "http://api.cloudneeti.com/x/__echo").await).await;
         assert_eq!(header_values(&echo, "ocp-apim-subscription-key"), [SUB_KEY]);
         assert!(header_values(&echo, "authorization")[0].starts_with("Bearer "));
     }
@@ -226,24 +217,21 @@ async fn a_revoked_token_is_replaced_and_the_post_replayed_byte_for_byte() {
     let c = client(proxy.addr);
     let path = format!("/onboarding/license/{LICENSE}/account/aws");
     let url = format!("http://api.cloudneeti.com{path}");
-    let warm = c
-        .get(format!(
-            "http://api.cloudneeti.com/onboarding/license/{LICENSE}/licenseAccounts"
-        ))
-        .send()
-        .await
-        .unwrap();
+    let warm = get(
+        &c,
+        format!("http://api.cloudneeti.com/onboarding/license/{LICENSE}/licenseAccounts"),
+    )
+    .await;
     assert_eq!(warm.status(), 200);
     issuer.revoke_all();
 
     let body = r#"{"name":"prod-aws","roleArn":"arn:aws:iam::123:role/x","note":"ünïcode ✓"}"#;
-    let r = c
-        .post(&url)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        c.post(&url)
+            .header("content-type", "application/json")
+            .body(body),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("x-credproxy-retry").is_none());
     let answer: serde_json::Value = r.json().await.unwrap();
@@ -284,11 +272,11 @@ async fn a_body_over_the_replay_buffer_is_streamed_and_not_retried() {
     let c = client(proxy.addr);
     let path = format!("/onboarding/license/{LICENSE}/account/azure");
     let url = format!("http://api.cloudneeti.com{path}");
-    let small = c.post(&url).body("{}").send().await.unwrap();
+    let small = send(c.post(&url).body("{}")).await;
     assert_eq!(small.status(), 200);
     issuer.revoke_all();
     let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(4096));
-    let r = c.post(&url).body(big).send().await.unwrap();
+    let r = send(c.post(&url).body(big)).await;
     assert_eq!(
         r.status(),
         401,
@@ -305,23 +293,23 @@ async fn a_body_over_the_replay_buffer_is_streamed_and_not_retried() {
         "the small request and one attempt of the big one"
     );
     // The next request still gets a fresh token and succeeds.
-    let r = c.post(&url).body("{}").send().await.unwrap();
+    let r = send(c.post(&url).body("{}")).await;
     assert_eq!(r.status(), 200);
 }
 
 #[tokio::test]
 async fn a_persistent_401_is_passed_on_after_exactly_two_attempts() {
     let env = Env::new();
-    let (fake, issuer) = oauth_fake(&env, Duration::from_secs(3600)).await;
+    let (fake, issuer) = oauth_fake(&env).await;
     // Tokens come from other.api.openvpn.com, so acme.api.openvpn.com refuses every one of them.
     let yaml = oauth_yaml(fake.addr, "basic", "")
         .replace("https://{host}/api", "https://other.api.openvpn.com/api");
     let proxy = env.proxy(&yaml).await;
-    let r = client(proxy.addr)
-        .get("http://acme.api.openvpn.com/api/v1/networks")
-        .send()
-        .await
-        .unwrap();
+    let r = get(
+        &client(proxy.addr),
+        "http://acme.api.openvpn.com/api/v1/networks",
+    )
+    .await;
     assert_eq!(r.status(), 401);
     assert!(
         r.headers()["www-authenticate"]
@@ -354,8 +342,7 @@ async fn token_error(c: &reqwest::Client, url: &str) -> (String, serde_json::Val
 #[tokio::test]
 async fn token_endpoint_failures_give_503_back_off_and_recover() {
     let env = Env::new();
-    let (fake, issuer) = oauth_fake(&env, Duration::from_secs(3600)).await;
-    let proxy = env.proxy(&oauth_yaml(fake.addr, "basic", "")).await;
+    let (_fake, issuer, proxy) = oauth_proxy(&env).await;
     let c = client(proxy.addr);
     let url = "http://acme.api.openvpn.com/api/v1/networks";
 
@@ -395,9 +382,8 @@ async fn slow_garbage_and_incomplete_token_answers_are_named() {
     ];
     for (mode, words) in cases {
         let env = Env::new();
-        let (fake, issuer) = oauth_fake(&env, Duration::from_secs(3600)).await;
+        let (_fake, issuer, proxy) = oauth_proxy(&env).await;
         issuer.set_mode(mode);
-        let proxy = env.proxy(&oauth_yaml(fake.addr, "basic", "")).await;
         let (msg, body) = token_error(
             &client(proxy.addr),
             "http://acme.api.openvpn.com/api/v1/networks",
@@ -411,11 +397,10 @@ async fn slow_garbage_and_incomplete_token_answers_are_named() {
 #[tokio::test]
 async fn a_429_from_the_token_endpoint_honours_the_rate_limit_headers() {
     let env = Env::new();
-    let (fake, issuer) = oauth_fake(&env, Duration::from_secs(3600)).await;
+    let (_fake, issuer, proxy) = oauth_proxy(&env).await;
     issuer.set_mode(Mode::RateLimited {
         retry_after_secs: 3,
     });
-    let proxy = env.proxy(&oauth_yaml(fake.addr, "basic", "")).await;
     let c = client(proxy.addr);
     let url = "http://acme.api.openvpn.com/api/v1/networks";
     let (msg, _) = token_error(&c, url).await;
@@ -432,7 +417,7 @@ async fn a_429_from_the_token_endpoint_honours_the_rate_limit_headers() {
 #[tokio::test]
 async fn bad_client_credentials_and_an_unreachable_endpoint_are_named_without_the_secret() {
     let env = Env::new();
-    let (fake, _issuer) = oauth_fake(&env, Duration::from_secs(3600)).await;
+    let (fake, _issuer) = oauth_fake(&env).await;
     let yaml = oauth_yaml(fake.addr, "basic", "").replace(CLIENT_SECRET, "wrong-secret-Yy8");
     let proxy = env.proxy(&yaml).await;
     let (msg, body) = token_error(
@@ -469,13 +454,13 @@ async fn bad_client_credentials_and_an_unreachable_endpoint_are_named_without_th
 async fn oauth2_client_authentication_basic_form_and_query() {
     for method in ["basic", "form", "query"] {
         let env = Env::new();
-        let (fake, issuer) = oauth_fake(&env, Duration::from_secs(3600)).await;
+        let (fake, issuer) = oauth_fake(&env).await;
         let proxy = env.proxy(&oauth_yaml(fake.addr, method, "")).await;
-        let r = client(proxy.addr)
-            .get("http://acme.api.openvpn.com/api/v1/networks")
-            .send()
-            .await
-            .unwrap();
+        let r = get(
+            &client(proxy.addr),
+            "http://acme.api.openvpn.com/api/v1/networks",
+        )
+        .await;
         assert_eq!(r.status(), 200, "{method}");
         assert_eq!(issuer.auth_methods(), [method]);
     }
@@ -484,8 +469,7 @@ async fn oauth2_client_authentication_basic_form_and_query() {
 #[tokio::test]
 async fn wildcard_routes_get_one_token_per_matched_host() {
     let env = Env::new();
-    let (fake, issuer) = oauth_fake(&env, Duration::from_secs(3600)).await;
-    let proxy = env.proxy(&oauth_yaml(fake.addr, "basic", "")).await;
+    let (fake, issuer, proxy) = oauth_proxy(&env).await;
     let c = client(proxy.addr);
     for _ in 0..3 {
         for host in ["acme.api.openvpn.com", "other.api.openvpn.com"] {
@@ -548,23 +532,21 @@ routes:
     let c = client(proxy.addr);
     let r = get(&c, "http://api.cleancloud.io/clouds?page=1").await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    let r = c
-        .post("http://api.cleancloud.io/clouds")
-        .body(r#"{"name":"a"}"#)
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        c.post("http://api.cleancloud.io/clouds")
+            .body(r#"{"name":"a"}"#),
+    )
+    .await;
     assert_eq!(r.status(), 201, "the signature covers the body");
     assert_eq!(issuer.token_requests(), 1);
 
     // Declared too large, and chunked too large: 413 before anything is sent.
     let before = fake.requests().len();
-    let r = c
-        .post("http://api.cleancloud.io/clouds")
-        .body("x".repeat(4096))
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        c.post("http://api.cleancloud.io/clouds")
+            .body("x".repeat(4096)),
+    )
+    .await;
     assert_refused(&r, 413, "body_too_large");
     let msg: serde_json::Value = r.json().await.unwrap();
     assert!(
@@ -576,12 +558,11 @@ routes:
     );
     let chunks =
         futures_util::stream::iter((0..4).map(|_| Ok::<_, std::io::Error>(vec![b'y'; 1024])));
-    let r = c
-        .post("http://api.cleancloud.io/clouds")
-        .body(reqwest::Body::wrap_stream(chunks))
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        c.post("http://api.cleancloud.io/clouds")
+            .body(reqwest::Body::wrap_stream(chunks)),
+    )
+    .await;
     assert_eq!(r.status(), 413);
     assert_eq!(
         fake.requests().len(),
@@ -591,12 +572,11 @@ routes:
 
     // An expired access code: refreshed on the 401 and the signed request retried.
     issuer.revoke_all();
-    let r = c
-        .post("http://api.cleancloud.io/clouds")
-        .body(r#"{"name":"b"}"#)
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        c.post("http://api.cleancloud.io/clouds")
+            .body(r#"{"name":"b"}"#),
+    )
+    .await;
     assert_eq!(r.status(), 201);
     assert_eq!(issuer.token_requests(), 2);
 }
@@ -682,8 +662,7 @@ fn token_exchange_templates_are_checked_at_load() {
 #[tokio::test]
 async fn a_hundred_simultaneous_401s_cause_one_refresh() {
     let env = Env::new();
-    let (fake, issuer) = oauth_fake(&env, Duration::from_secs(3600)).await;
-    let proxy = env.proxy(&oauth_yaml(fake.addr, "basic", "")).await;
+    let (_fake, issuer, proxy) = oauth_proxy(&env).await;
     let c = client(proxy.addr);
     let url = "http://acme.api.openvpn.com/api/v1/networks";
     assert_eq!(get(&c, url).await.status(), 200);

@@ -172,6 +172,19 @@ pub async fn start_proxy(path: &std::path::Path) -> credproxy::Running {
     credproxy::start(config).await.expect("proxy starts")
 }
 
+/// Provider `p`, which sets `x-k: v`, and one route: api.example.com to `upstream` over plain
+/// HTTP. The smallest working proxy config for tests about the proxy rather than a provider.
+pub fn http_route_yaml(upstream: SocketAddr) -> String {
+    format!(
+        "providers:
+  p:
+    headers: {{x-k: v}}
+routes:
+  - {{host: api.example.com, provider: p, upstream_scheme: http, connect_to: '{upstream}'}}
+"
+    )
+}
+
 /// The 2tCloud Billing API key `api_key` of account 100234: active, usable from any address.
 pub fn billing_key(api_key: &str) -> twotcloud::Key {
     twotcloud::Key {
