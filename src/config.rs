@@ -308,12 +308,17 @@ fn d1h() -> Duration {
     Duration::from_secs(3600)
 }
 
-fn default_max_header_bytes() -> Spanned<usize> {
+/// A default value: it was not written in the file, so it has no place there to point at.
+fn unlocated<T>(value: T) -> Spanned<T> {
     Spanned::new(
-        64 * 1024,
+        value,
         serde_saphyr::Location::UNKNOWN,
         serde_saphyr::Location::UNKNOWN,
     )
+}
+
+fn default_max_header_bytes() -> Spanned<usize> {
+    unlocated(64 * 1024)
 }
 /// `runtime.threads: 0` picks by core count: with 2 cores or fewer, the proxy shares them with
 /// its clients and upstreams, and one thread measured fastest (BENCHMARKS.md).
@@ -401,11 +406,7 @@ struct CloudneetiFile {
 }
 
 fn cloudneeti_host() -> Spanned<String> {
-    Spanned::new(
-        "api.cloudneeti.com".into(),
-        serde_saphyr::Location::UNKNOWN,
-        serde_saphyr::Location::UNKNOWN,
-    )
+    unlocated("api.cloudneeti.com".into())
 }
 
 #[derive(Deserialize)]
@@ -426,11 +427,7 @@ struct CleanCloudFile {
 }
 
 fn cleancloud_base() -> Spanned<String> {
-    Spanned::new(
-        "https://api.cleancloud.io".into(),
-        serde_saphyr::Location::UNKNOWN,
-        serde_saphyr::Location::UNKNOWN,
-    )
+    unlocated("https://api.cleancloud.io".into())
 }
 
 fn default_max_signed_body() -> usize {
