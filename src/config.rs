@@ -320,6 +320,7 @@ fn unlocated<T>(value: T) -> Spanned<T> {
 fn default_max_header_bytes() -> Spanned<usize> {
     unlocated(64 * 1024)
 }
+
 /// `runtime.threads: 0` picks by core count: with 2 cores or fewer, the proxy shares them with
 /// its clients and upstreams, and one thread measured fastest (BENCHMARKS.md).
 fn resolve_threads(asked: usize) -> usize {
