@@ -96,6 +96,10 @@ struct UpstreamFile {
     /// Idle pooled connections are closed after this; keep it below the providers' keep-alive.
     #[serde(default = "d30s", deserialize_with = "duration")]
     pool_idle_timeout: Duration,
+    /// A keep-alive client connection gets an HTTP/1.1 upstream connection of its own for its
+    /// repeated requests to one host, instead of a pool checkout per request.
+    #[serde(default = "yes")]
+    pin_connections: bool,
 }
 
 impl Default for UpstreamFile {
@@ -105,6 +109,7 @@ impl Default for UpstreamFile {
             connect_timeout: d10s(),
             response_timeout: d60s(),
             pool_idle_timeout: d30s(),
+            pin_connections: true,
         }
     }
 }
@@ -542,6 +547,7 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub pool_idle_timeout: Duration,
+    pub pin_connections: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -933,6 +939,7 @@ impl Validator<'_> {
             connect_timeout: raw.connect_timeout,
             response_timeout: raw.response_timeout,
             pool_idle_timeout: raw.pool_idle_timeout,
+            pin_connections: raw.pin_connections,
         }
     }
 

@@ -135,12 +135,18 @@ async fn intercept(
     let entry = Entry::Intercepted(Arc::new((host.clone(), port)));
     let server = crate::listen::http_server(&state.config);
     let state2 = state.clone();
+    let pinned = Arc::new(crate::pinned::Pinned::new());
     let service = service_fn(move |req| {
         // Like the listeners: each request runs on the config current when it arrives, so a
         // long-lived tunnel follows reloads.
         let state = state2.current().unwrap_or_else(|| state2.clone());
         let entry = entry.clone();
-        async move { Ok::<_, std::convert::Infallible>(forward::handle(state, entry, req, peer).await) }
+        let pinned = pinned.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                forward::handle(state, entry, req, peer, pinned).await,
+            )
+        }
     });
     let conn = server
         .serve_connection(TokioIo::new(tls), service)

@@ -17,6 +17,7 @@ use crate::credentials;
 use crate::error::ProxyError;
 use crate::listen::{Entry, State};
 use crate::outbound::DialError;
+use crate::pinned::{self, Pinned};
 use crate::route::{Route, Scheme, normalize_host, path_under};
 
 /// Where a request is going, as the client asked for it.
@@ -38,14 +39,15 @@ impl Target {
 /// Serves one request and never fails: every error becomes a JSON response.
 ///
 /// Boxed because it recurses through CONNECT: an intercepted tunnel serves its requests with
-/// this same function.
+/// this same function. `pinned` is the client connection's own upstream connection, if any.
 pub fn handle(
     state: Arc<State>,
     entry: Entry,
     req: Request<Incoming>,
     peer: SocketAddr,
+    pinned: Arc<Pinned>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> {
-    Box::pin(serve(state, entry, req, peer))
+    Box::pin(serve(state, entry, req, peer, pinned))
 }
 
 async fn serve(
@@ -53,6 +55,7 @@ async fn serve(
     entry: Entry,
     req: Request<Incoming>,
     peer: SocketAddr,
+    pinned: Arc<Pinned>,
 ) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
@@ -133,7 +136,7 @@ async fn serve(
                 .cloned(),
         };
         route_slot.clone_from(&route);
-        forward(&state, route.as_deref(), target, req)
+        forward(&state, route.as_deref(), target, req, &pinned)
             .await
             .map_err(|e| (e, route))
     }
@@ -306,6 +309,7 @@ async fn forward(
     route: Option<&Route>,
     target: &Target,
     req: Request<Incoming>,
+    pinned: &Pinned,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -382,7 +386,13 @@ async fn forward(
                 .insert(header::PROXY_AUTHORIZATION, auth.clone());
         }
         let sent = Instant::now();
-        let mut response = send(state, client, upstream_req, &authority).await?;
+        let out = Outgoing {
+            client,
+            pinned,
+            https: scheme == Scheme::Https,
+            authority: &authority,
+        };
+        let mut response = send(state, &out, upstream_req).await?;
         state
             .stats(route.map(|r| r.name.as_str()))
             .upstream_latency(sent.elapsed().as_secs_f64());
@@ -474,19 +484,31 @@ fn ip_bound_hint(route: &Route, host: &str, response: &mut Response<Body>) {
     }
 }
 
+/// How a request leaves: the route's client (pool and dialer), this client connection's pinned
+/// upstream connection, and the destination.
+struct Outgoing<'a> {
+    client: &'a crate::outbound::Client,
+    pinned: &'a Pinned,
+    https: bool,
+    authority: &'a str,
+}
+
 async fn send(
     state: &State,
-    client: &crate::outbound::Client,
+    out: &Outgoing<'_>,
     req: Request<Body>,
-    authority: &str,
 ) -> Result<Response<Body>, ProxyError> {
     let timeout = state.config.upstream.response_timeout;
-    let response = match tokio::time::timeout(timeout, client.request(req)).await {
+    let sent = pinned::request(out.pinned, out.client, req, out.https, out.authority);
+    let response = match tokio::time::timeout(timeout, sent).await {
         Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => return Err(upstream_error(authority, &e)),
+        Ok(Err(e)) => {
+            let (err, connecting) = e.cause();
+            return Err(upstream_error(out.authority, err, connecting));
+        }
         Err(_) => {
             return Err(ProxyError::UpstreamTimeout {
-                host: authority.to_string(),
+                host: out.authority.to_string(),
                 after: timeout,
                 setting: "response_timeout",
             });
@@ -680,7 +702,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Turns a client error into what the user needs to know: which host, and why.
-fn upstream_error(host: &str, err: &hyper_util::client::legacy::Error) -> ProxyError {
+fn upstream_error(
+    host: &str,
+    err: &(dyn std::error::Error + 'static),
+    connecting: bool,
+) -> ProxyError {
     let host = host.to_string();
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
@@ -705,11 +731,11 @@ fn upstream_error(host: &str, err: &hyper_util::client::legacy::Error) -> ProxyE
         }
         source = e.source();
     }
-    let cause = std::iter::successors(Some(err as &dyn std::error::Error), |e| e.source())
+    let cause = std::iter::successors(Some(err), |e| e.source())
         .last()
         .map(|e| e.to_string())
         .unwrap_or_default();
-    if err.is_connect() {
+    if connecting {
         ProxyError::UpstreamConnect { host, cause }
     } else {
         ProxyError::Upstream { host, cause }
@@ -718,7 +744,7 @@ fn upstream_error(host: &str, err: &hyper_util::client::legacy::Error) -> ProxyE
 
 /// What went wrong with a client call, for token-endpoint errors.
 pub fn describe_client_error(host: &str, err: &hyper_util::client::legacy::Error) -> String {
-    match upstream_error(host, err) {
+    match upstream_error(host, err, err.is_connect()) {
         ProxyError::UpstreamConnect { cause, .. }
         | ProxyError::UpstreamTls { cause, .. }
         | ProxyError::Upstream { cause, .. } => cause,

@@ -23,6 +23,7 @@ pub mod logs;
 pub mod metrics;
 pub mod mitm;
 pub mod outbound;
+pub mod pinned;
 pub mod providers;
 pub mod route;
 pub mod secret;

@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::forward;
 use crate::mitm::Leaves;
 use crate::outbound::Outbound;
+use crate::pinned::Pinned;
 use crate::token::Tokens;
 
 /// What a request arriving on a listener is.
@@ -453,11 +454,13 @@ async fn accept_loop(
         let open = OpenConnection::new(shared.load().metrics.clone());
         let shared = shared.clone();
         let entry = entry.clone();
+        let pinned = Arc::new(Pinned::new());
         let service = service_fn(move |req| {
             // Each request runs on the state current when it arrives, to its end.
             let state = shared.load_full();
             let entry = entry.clone();
-            async move { Ok::<_, Infallible>(forward::handle(state, entry, req, peer).await) }
+            let pinned = pinned.clone();
+            async move { Ok::<_, Infallible>(forward::handle(state, entry, req, peer, pinned).await) }
         });
         let conn = server.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let conn = graceful.watch(conn.into_owned());

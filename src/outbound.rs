@@ -24,7 +24,34 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::body::Body;
 use crate::config::{Config, Upstream};
 
-pub type Client = HyperClient<HttpsConnector<Dialer>, Body>;
+/// One way of dialling (`connect_to` × egress) with its pool. Clones share the pool.
+#[derive(Clone)]
+pub struct Client {
+    pool: HyperClient<HttpsConnector<Dialer>, Body>,
+    /// Dials the HTTP/1.1-only connections that `pinned` keeps for one client connection.
+    pin_connector: Option<HttpsConnector<Dialer>>,
+    /// Tells clients apart (a reload builds new ones), for pinned connections.
+    id: u64,
+    pub(crate) pool_idle_timeout: Duration,
+}
+
+impl Client {
+    /// A request through the shared pool.
+    pub fn request(&self, req: http::Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
+        self.pool.request(req)
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The connector for a pinned connection, or `None` when this client must not pin
+    /// (`upstream.pin_connections: false`, or plain HTTP through an upstream proxy, which needs
+    /// requests in absolute form).
+    pub(crate) fn pin_connector(&self) -> Option<&HttpsConnector<Dialer>> {
+        self.pin_connector.as_ref()
+    }
+}
 
 /// Where traffic leaves from: a source address, an upstream proxy, both or neither.
 #[derive(Debug, Clone, Default)]
@@ -201,17 +228,33 @@ pub fn egress_client(config: &Config, egress: &Egress) -> Result<Client, String>
 }
 
 fn build_client(dialer: Dialer, tls: rustls::ClientConfig, settings: &Upstream) -> Client {
+    static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    // Offers only HTTP/1.1: a pinned connection serves one client connection's requests one at
+    // a time, which is what HTTP/2's shared connection does better in the pool.
+    let pin_connector = (settings.pin_connections && dialer.egress.proxy.is_none()).then(|| {
+        hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(dialer.clone())
+    });
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
         .wrap_connector(dialer);
-    HyperClient::builder(TokioExecutor::new())
+    let pool = HyperClient::builder(TokioExecutor::new())
         .pool_idle_timeout(settings.pool_idle_timeout)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(connector)
+        .build(connector);
+    Client {
+        pool,
+        pin_connector,
+        id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        pool_idle_timeout: settings.pool_idle_timeout,
+    }
 }
 
 /// Opens TCP connections: to the URI's host, or to `connect_to` when the route sets one (the
@@ -271,6 +314,17 @@ pub struct Conn {
     io: TokioIo<TcpStream>,
     absolute_form: bool,
     local: Option<std::net::SocketAddr>,
+}
+
+impl Conn {
+    /// The local address of a connection as the pinned dialer returns it (plain or TLS).
+    pub(crate) fn local_of(stream: &hyper_rustls::MaybeHttpsStream<Conn>) -> Option<LocalAddr> {
+        let conn = match stream {
+            hyper_rustls::MaybeHttpsStream::Http(c) => c,
+            hyper_rustls::MaybeHttpsStream::Https(tls) => tls.inner().get_ref().0.inner(),
+        };
+        conn.local.map(LocalAddr)
+    }
 }
 
 impl Connection for Conn {

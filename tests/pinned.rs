@@ -1,0 +1,196 @@
+//! Pinned upstream connections: a keep-alive client connection gets an HTTP/1.1 upstream
+//! connection of its own from its second request on (`upstream.pin_connections`), and what goes
+//! over it is the same request the pool would send.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use credproxy::fakes::{echo, twotcloud};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The test TLS server config, offering only HTTP/1.1 (as many APIs do).
+fn http1_only(env: &Env) -> Arc<rustls::ServerConfig> {
+    let mut config = (*env.tls).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+fn echo_yaml(fake: SocketAddr, extra_upstream: &str) -> String {
+    format!(
+        "{extra_upstream}providers:
+  p:
+    headers: {{x-api-key: injected-value}}
+routes:
+  - {{host: api.example.com, provider: p, connect_to: '{fake}'}}
+"
+    )
+}
+
+fn peers(fake: &credproxy::fakes::FakeServer) -> Vec<SocketAddr> {
+    fake.requests().iter().map(|r| r.peer).collect()
+}
+
+#[tokio::test]
+async fn a_keep_alive_client_gets_its_own_upstream_connection_from_its_second_request() {
+    let env = Env::new();
+    let fake = echo::start(listener().await, Some(http1_only(&env)));
+    let proxy = env.proxy(&echo_yaml(fake.addr, "")).await;
+
+    let first = client(proxy.addr);
+    let mut echoes = Vec::new();
+    for _ in 0..4 {
+        echoes.push(echoed(get(&first, "http://api.example.com/v1/__echo?n=1").await).await);
+    }
+    let p = peers(&fake);
+    assert_eq!(p.len(), 4);
+    // The first request goes through the shared pool; the rest share one pinned connection.
+    assert_ne!(p[0], p[1], "{p:?}");
+    assert!(p[1..].iter().all(|x| *x == p[1]), "{p:?}");
+
+    // Pooled or pinned, the upstream sees the same request: origin form, Host, credentials.
+    for (echo, seen) in echoes.iter().zip(fake.requests()) {
+        assert_eq!(echo["version"], "HTTP/1.1");
+        assert_eq!(echo["authority"], "api.example.com");
+        assert_eq!(echo["uri"], "/v1/__echo?n=1");
+        assert_eq!(header_values(echo, "host"), ["api.example.com"]);
+        assert_eq!(header_values(echo, "x-api-key"), ["injected-value"]);
+        assert!(seen.uri.authority().is_none(), "{:?}", seen.uri);
+    }
+
+    // Another client connection starts on the pool's connection (still open and idle there),
+    // then pins one of its own.
+    let second = client(proxy.addr);
+    for _ in 0..2 {
+        echoed(get(&second, "http://api.example.com/v1/__echo").await).await;
+    }
+    let p = peers(&fake);
+    assert_eq!(
+        p[4], p[0],
+        "the pool's connection serves first requests: {p:?}"
+    );
+    assert!(p[5] != p[0] && p[5] != p[1], "{p:?}");
+}
+
+#[tokio::test]
+async fn pin_connections_false_keeps_every_request_on_the_pool() {
+    let env = Env::new();
+    let fake = echo::start(listener().await, Some(http1_only(&env)));
+    let proxy = env
+        .proxy(&echo_yaml(fake.addr, "  pin_connections: false\n"))
+        .await;
+    let c = client(proxy.addr);
+    for _ in 0..4 {
+        echoed(get(&c, "http://api.example.com/__echo").await).await;
+    }
+    let p = peers(&fake);
+    assert_eq!(p.len(), 4);
+    assert!(p.iter().all(|x| *x == p[0]), "{p:?}");
+}
+
+#[tokio::test]
+async fn a_403_on_a_pinned_connection_still_names_the_source_address() {
+    let env = Env::new();
+    let key = twotcloud::Key {
+        bound_ip: Some("127.0.0.2".parse().unwrap()),
+        ..billing_key("bound-key")
+    };
+    let fake = twotcloud::start(listener().await, Some(http1_only(&env)), vec![key]);
+    let yaml = format!(
+        "providers:
+  billing:
+    basic: {{username: '100234', password: bound-key}}
+routes:
+  - {{host: api.cloudnet.services, provider: billing, connect_to: '{}', ip_bound: true}}
+",
+        fake.addr
+    );
+    let proxy = env.proxy(&yaml).await;
+    let c = client(proxy.addr);
+    for _ in 0..2 {
+        let r = get(&c, "http://api.cloudnet.services/v3/invoices").await;
+        assert_eq!(r.status(), 403);
+        assert_eq!(r.headers()["x-credproxy-source-address"], "127.0.0.1");
+    }
+    let p = peers(&fake);
+    assert_ne!(
+        p[0], p[1],
+        "the second request should go over the pinned connection"
+    );
+}
+
+/// A plain-HTTP upstream that answers one request per connection and then closes it without
+/// saying so (as a server does when its keep-alive timer fires). After `accept` connections it
+/// stops listening. Returns its address and the number of connections accepted.
+async fn one_request_per_connection(accept: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = listener().await;
+    let addr = l.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let counter = count.clone();
+    tokio::spawn(async move {
+        for _ in 0..accept {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let ok = String::from_utf8_lossy(&head).contains("x-k: v");
+                let answer: &[u8] = if ok {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                } else {
+                    b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n"
+                };
+                let _ = s.write_all(answer).await;
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test]
+async fn a_pinned_connection_the_upstream_closed_is_replaced() {
+    let env = Env::new();
+    let (upstream, accepted) = one_request_per_connection(usize::MAX).await;
+    let proxy = env.proxy(&http_route_yaml(upstream)).await;
+    let c = client(proxy.addr);
+    for i in 0..5 {
+        let r = get(&c, "http://api.example.com/x").await;
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.text().await.unwrap(), "ok");
+        // Let the upstream's close arrive before the next request, as after an idle period.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test]
+async fn an_upstream_gone_when_pinning_gets_a_502_naming_host_and_cause() {
+    let env = Env::new();
+    let (upstream, accepted) = one_request_per_connection(1).await;
+    let proxy = env.proxy(&http_route_yaml(upstream)).await;
+    let c = client(proxy.addr);
+    let r = get(&c, "http://api.example.com/x").await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+
+    // The second request dials its pinned connection, and nothing listens any more.
+    let r = get(&c, "http://api.example.com/x").await;
+    assert_refused(&r, 502, "upstream_unreachable");
+    let body = r.text().await.unwrap();
+    assert!(body.contains("api.example.com"), "{body}");
+    assert!(body.contains("connection refused"), "{body}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
