@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use credproxy::fakes::{echo, twotcloud};
+use credproxy::fakes::issuer::Issuer;
+use credproxy::fakes::{echo, oauth, twotcloud};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -120,6 +121,61 @@ routes:
     assert_ne!(
         p[0], p[1],
         "the second request should go over the pinned connection"
+    );
+}
+
+#[tokio::test]
+async fn a_401_on_a_pinned_connection_refreshes_the_token_and_retries_once() {
+    let env = Env::new();
+    let issuer = Issuer::new(std::time::Duration::from_secs(3600));
+    let settings = oauth::Settings {
+        client_id: "cid".into(),
+        client_secret: "cs".into(),
+    };
+    let fake = oauth::start(
+        listener().await,
+        Some(http1_only(&env)),
+        settings,
+        issuer.clone(),
+    );
+    let yaml = format!(
+        "providers:
+  connexa:
+    oauth2:
+      token_url: 'https://{{host}}/api/v1/oauth/token'
+      client_id: cid
+      client_secret: cs
+      connect_to: '{f}'
+routes:
+  - {{host: '*.api.openvpn.com', provider: connexa, connect_to: '{f}'}}
+",
+        f = fake.addr
+    );
+    let proxy = env.proxy(&yaml).await;
+    let c = client(proxy.addr);
+    let url = "http://acme.api.openvpn.com/api/v1/networks";
+    for _ in 0..2 {
+        assert_eq!(get(&c, url).await.status(), 200);
+    }
+    // The token is revoked: the next request, on the pinned connection, gets a 401 upstream.
+    issuer.revoke_all();
+    for _ in 0..2 {
+        let r = get(&c, url).await;
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().get("x-credproxy-retry").is_none());
+    }
+    assert_eq!(issuer.token_requests(), 2);
+    let tokens = proxy.tokens("connexa").unwrap();
+    assert_eq!(tokens.stats.retries_after_401.load(Ordering::Relaxed), 1);
+    let api: Vec<_> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.uri.path() == "/api/v1/networks")
+        .collect();
+    assert_eq!(api.len(), 5, "four requests and one retry");
+    assert_ne!(
+        api[0].peer, api[1].peer,
+        "the second request is on the pinned connection"
     );
 }
 
