@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use futures_util::StreamExt;
 use http::header::{self, HeaderMap, HeaderName};
+use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -27,13 +28,20 @@ struct Target {
     /// Explicit in the request, or the scheme's default.
     port: u16,
     explicit_port: bool,
-    path_and_query: String,
+    /// As the request carried it (shares the request's bytes).
+    path_and_query: PathAndQuery,
 }
 
 impl Target {
     fn path(&self) -> &str {
-        self.path_and_query.split('?').next().unwrap_or("/")
+        self.path_and_query.path()
     }
+}
+
+fn path_and_query(uri: &Uri) -> PathAndQuery {
+    uri.path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"))
 }
 
 /// Serves one request and never fails: every error becomes a JSON response.
@@ -208,7 +216,7 @@ fn target(
                     ),
                 ));
             }
-            let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+            let path_and_query = path_and_query(uri);
             let path = uri.path();
             if !path_under(path, &route.path_prefix) {
                 return fail(ProxyError::NotRouted {
@@ -268,7 +276,7 @@ fn target(
                 host: host.to_string(),
                 port,
                 explicit_port: port != 443,
-                path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+                path_and_query: path_and_query(uri),
             })
         }
     }
@@ -300,7 +308,7 @@ fn absolute_target(uri: &Uri) -> Result<Target, ProxyError> {
         host,
         port: uri.port_u16().unwrap_or(scheme.default_port()),
         explicit_port: uri.port().is_some(),
-        path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+        path_and_query: path_and_query(uri),
     })
 }
 
@@ -335,14 +343,9 @@ async fn forward(
         }
     };
     let authority = authority(&target.host, port_in_uri, scheme);
-    let uri = Uri::builder()
-        .scheme(scheme.as_str())
-        .authority(authority.as_str())
-        .path_and_query(target.path_and_query.as_str())
-        .build()
-        .map_err(|e| {
-            ProxyError::bad_request("bad_uri", format!("cannot build the upstream URL: {e}"))
-        })?;
+    let upstream_authority: Authority = authority.parse().map_err(|e| {
+        ProxyError::bad_request("bad_uri", format!("cannot build the upstream URL: {e}"))
+    })?;
 
     let mut body = prepare_body(state, route, &parts.headers, incoming).await?;
     let client = state.outbound.client(route.map(|r| r.name.as_str()));
@@ -361,7 +364,7 @@ async fn forward(
                 let req = credentials::Request {
                     host: &target.host,
                     method: &parts.method,
-                    path_and_query: &target.path_and_query,
+                    path_and_query: target.path_and_query.as_str(),
                     body: body.bytes(),
                 };
                 credentials::apply(state, route, &req, &mut headers).await?
@@ -370,7 +373,8 @@ async fn forward(
         };
         let mut upstream_req = Request::new(body.for_send());
         *upstream_req.method_mut() = parts.method.clone();
-        *upstream_req.uri_mut() = uri.clone();
+        // Origin form: `pinned::request` makes it absolute for the pool.
+        *upstream_req.uri_mut() = Uri::from(target.path_and_query.clone());
         *upstream_req.headers_mut() = headers;
         // The pool picks HTTP/1.1 or HTTP/2 per connection (ALPN); the client's version is not ours.
         *upstream_req.version_mut() = Version::HTTP_11;
@@ -390,7 +394,7 @@ async fn forward(
             client,
             pinned,
             https: scheme == Scheme::Https,
-            authority: &authority,
+            authority: &upstream_authority,
         };
         let mut response = send(state, &out, upstream_req).await?;
         state
@@ -490,7 +494,7 @@ struct Outgoing<'a> {
     client: &'a crate::outbound::Client,
     pinned: &'a Pinned,
     https: bool,
-    authority: &'a str,
+    authority: &'a Authority,
 }
 
 async fn send(
@@ -504,11 +508,11 @@ async fn send(
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
             let (err, connecting) = e.cause();
-            return Err(upstream_error(out.authority, err, connecting));
+            return Err(upstream_error(out.authority.as_str(), err, connecting));
         }
         Err(_) => {
             return Err(ProxyError::UpstreamTimeout {
-                host: out.authority.to_string(),
+                host: out.authority.as_str().to_string(),
                 after: timeout,
                 setting: "response_timeout",
             });

@@ -12,6 +12,7 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
+use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version, header};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -94,42 +95,40 @@ impl Failure {
     }
 }
 
-/// Sends `req` (absolute URI, no Host header) over this client connection's pinned upstream
-/// connection when there is one for its destination, else through `client`'s pool.
+/// Sends `req` (origin-form URI, no Host header) to `authority` over this client connection's
+/// pinned upstream connection when there is one for it, else through `client`'s pool.
 pub async fn request(
     pinned: &Pinned,
     client: &Client,
     mut req: Request<Body>,
     https: bool,
-    authority: &str,
+    authority: &Authority,
 ) -> Result<Response<Incoming>, Failure> {
     let Some(connector) = client.pin_connector() else {
+        absolute(&mut req, https, authority);
         return client.request(req).await.map_err(Failure::Pool);
     };
-    let upstream = match pinned.plan(client, https, authority) {
+    let authority_str = authority.as_str();
+    let upstream = match pinned.plan(client, https, authority_str) {
         Plan::Pool { learn } => {
+            absolute(&mut req, https, authority);
             let resp = client.request(req).await.map_err(Failure::Pool)?;
             if learn {
-                pinned.learn(client.id(), https, authority, resp.version());
+                pinned.learn(client.id(), https, authority_str, resp.version());
             }
             return Ok(resp);
         }
         Plan::Reuse(upstream) => Some(upstream),
         Plan::Dial => None,
     };
-    // The pool writes origin form and Host itself; a connection of our own needs them set.
-    let origin = req
-        .uri()
-        .path_and_query()
-        .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
-    *req.uri_mut() = origin;
-    if let Ok(host) = HeaderValue::from_str(authority) {
+    // The pool sets Host itself; a connection of our own needs it set.
+    if let Ok(host) = HeaderValue::from_str(authority_str) {
         req.headers_mut().insert(header::HOST, host);
     }
     let key = || Key {
         client: client.id(),
         https,
-        authority: authority.to_string(),
+        authority: authority_str.to_string(),
     };
     let reused = upstream.is_some();
     let mut upstream = match upstream {
@@ -170,6 +169,18 @@ pub async fn request(
             pinned.clear();
             Err(Failure::Http(e.into_error()))
         }
+    }
+}
+
+/// The pool takes absolute URIs (it picks its connection by scheme and authority).
+fn absolute(req: &mut Request<Body>, https: bool, authority: &Authority) {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(if https { Scheme::HTTPS } else { Scheme::HTTP });
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = req.uri().path_and_query().cloned();
+    // Cannot fail with all three parts set.
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
     }
 }
 
