@@ -173,7 +173,7 @@ async fn serve(
         provider = provider_name.unwrap_or("-"),
         retried,
         response_bytes = bytes,
-        %peer,
+        peer = %crate::logs::Addr(peer),
         %method,
         host = %target_slot.as_ref().map_or("", |t| t.host.as_str()),
         path = %target_slot.as_ref().map_or("", |t| t.path()),

@@ -203,7 +203,16 @@ where
     ) -> std::fmt::Result {
         write_timestamp(&mut writer)?;
         let meta = event.metadata();
-        write!(writer, " {:>5} {}: ", meta.level().as_str(), meta.target())?;
+        // ` {:>5} {}: ` without `core::fmt`: the five levels, padded as the default format does.
+        writer.write_str(match *meta.level() {
+            tracing::Level::ERROR => " ERROR ",
+            tracing::Level::WARN => "  WARN ",
+            tracing::Level::INFO => "  INFO ",
+            tracing::Level::DEBUG => " DEBUG ",
+            tracing::Level::TRACE => " TRACE ",
+        })?;
+        writer.write_str(meta.target())?;
+        writer.write_str(": ")?;
         let mut fields = Fields {
             writer: &mut writer,
             result: Ok(()),
@@ -248,7 +257,39 @@ fn write_timestamp(w: &mut Writer<'_>) -> std::fmt::Result {
         }
         w.write_str(&cached.1)
     })?;
-    write!(w, ".{:06}Z", now.subsec_micros())
+    w.write_str(std::str::from_utf8(&fraction(now.subsec_micros())).unwrap_or(".000000Z"))
+}
+
+/// `.{:06}Z` without `core::fmt`: microseconds (below 1,000,000), zero-padded.
+fn fraction(micros: u32) -> [u8; 8] {
+    let mut out = *b".000000Z";
+    let mut n = itoa::Buffer::new();
+    let digits = n.format(micros.min(999_999)).as_bytes();
+    out[7 - digits.len()..7].copy_from_slice(digits);
+    out
+}
+
+/// A socket address written as `Display` writes it, without `core::fmt`'s per-octet padding
+/// machinery for IPv4 (the peer of every request line).
+pub struct Addr(pub std::net::SocketAddr);
+
+impl std::fmt::Display for Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            std::net::SocketAddr::V4(a) => {
+                let mut n = itoa::Buffer::new();
+                for (i, octet) in a.ip().octets().iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(".")?;
+                    }
+                    f.write_str(n.format(*octet))?;
+                }
+                f.write_str(":")?;
+                f.write_str(n.format(a.port()))
+            }
+            v6 => std::fmt::Display::fmt(&v6, f),
+        }
+    }
 }
 
 /// Writes an event's fields as the default format does: the message bare, then ` name=value`,
@@ -476,6 +517,24 @@ mod tests {
         );
         tracing::error!("no fields");
         tracing::info!(r#type = "raw", "raw identifier");
+        tracing::debug!(peer = %Addr(([10, 0, 255, 1], 65535).into()), "debug");
+        tracing::trace!(peer = %Addr("[::1]:8080".parse().unwrap_or(peer)), "trace");
+    }
+
+    #[test]
+    fn addr_and_fraction_write_what_core_fmt_writes() {
+        for a in [
+            "0.0.0.0:0",
+            "127.0.0.1:5000",
+            "255.255.255.255:65535",
+            "[::1]:443",
+        ] {
+            let a: std::net::SocketAddr = a.parse().unwrap_or(([0, 0, 0, 0], 0).into());
+            assert_eq!(Addr(a).to_string(), a.to_string());
+        }
+        for us in [0, 7, 99, 100_000, 123_456, 999_999] {
+            assert_eq!(fraction(us).as_slice(), format!(".{us:06}Z").as_bytes());
+        }
     }
 
     #[test]
@@ -483,12 +542,14 @@ mod tests {
         let ours = Captured::default();
         let theirs = Captured::default();
         let plain = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
             .with_ansi(false)
             .with_writer(ours.clone())
             .event_format(Plain)
             .finish();
         tracing::subscriber::with_default(plain, emit_all);
         let default = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
             .with_ansi(false)
             .with_writer(theirs.clone())
             .finish();
@@ -499,7 +560,7 @@ mod tests {
             text.lines().map(str::to_string).collect()
         };
         let (ours, theirs) = (lines(&ours), lines(&theirs));
-        assert_eq!(ours.len(), 4, "{ours:?}");
+        assert_eq!(ours.len(), 6, "{ours:?}");
         assert_eq!(ours.len(), theirs.len());
         for (a, b) in ours.iter().zip(&theirs) {
             // The timestamps differ by when each ran; the shape and everything after must match.
