@@ -436,18 +436,8 @@ async fn prefetch_makes_readiness_wait_for_the_first_token_and_recover_without_t
     issuer.set_mode(credproxy::fakes::issuer::Mode::Status(500));
     let proxy = env
         .proxy(&format!(
-            "tokens: {{prefetch: true, backoff_initial: 200ms, backoff_max: 500ms}}
-providers:
-  connexa:
-    oauth2:
-      token_url: 'https://acme.api.openvpn.com/api/v1/oauth/token'
-      client_id: cid
-      client_secret: cs
-      connect_to: '{c}'
-routes:
-  - {{host: '*.api.openvpn.com', provider: connexa, connect_to: '{c}'}}
-",
-            c = connexa.addr
+            "tokens: {{prefetch: true, backoff_initial: 200ms, backoff_max: 500ms}}\n{}",
+            connexa_yaml(connexa.addr)
         ))
         .await;
     let admin = proxy.admin_addr.unwrap();

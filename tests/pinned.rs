@@ -138,20 +138,7 @@ async fn a_401_on_a_pinned_connection_refreshes_the_token_and_retries_once() {
         settings,
         issuer.clone(),
     );
-    let yaml = format!(
-        "providers:
-  connexa:
-    oauth2:
-      token_url: 'https://{{host}}/api/v1/oauth/token'
-      client_id: cid
-      client_secret: cs
-      connect_to: '{f}'
-routes:
-  - {{host: '*.api.openvpn.com', provider: connexa, connect_to: '{f}'}}
-",
-        f = fake.addr
-    );
-    let proxy = env.proxy(&yaml).await;
+    let proxy = env.proxy(&connexa_yaml(fake.addr)).await;
     let c = client(proxy.addr);
     let url = "http://acme.api.openvpn.com/api/v1/networks";
     for _ in 0..2 {

@@ -185,6 +185,23 @@ routes:
     )
 }
 
+/// Provider `connexa` (CloudConnexa OAuth, client `cid`, secret `cs`), whose token endpoint and
+/// `*.api.openvpn.com` route are both served by `fake` (tokens for acme.api.openvpn.com).
+pub fn connexa_yaml(fake: SocketAddr) -> String {
+    format!(
+        "providers:
+  connexa:
+    oauth2:
+      token_url: 'https://acme.api.openvpn.com/api/v1/oauth/token'
+      client_id: cid
+      client_secret: cs
+      connect_to: '{fake}'
+routes:
+  - {{host: '*.api.openvpn.com', provider: connexa, connect_to: '{fake}'}}
+"
+    )
+}
+
 /// The 2tCloud Billing API key `api_key` of account 100234: active, usable from any address.
 pub fn billing_key(api_key: &str) -> twotcloud::Key {
     twotcloud::Key {
