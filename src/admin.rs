@@ -6,14 +6,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use http::{Method, Request, Response, StatusCode, header};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::body::{Body, full};
+use crate::body::{Body, respond};
 use crate::listen::{Shared, reload};
 
 /// Serves the admin endpoints until `stop` changes.
@@ -44,22 +44,8 @@ pub async fn serve(
     }
 }
 
-fn reply(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<bytes::Bytes>,
-) -> Response<Body> {
-    let mut r = Response::new(full(body));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        http::HeaderValue::from_static(content_type),
-    );
-    r
-}
-
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
-    reply(status, "application/json", v.to_string() + "\n")
+    respond(status, "application/json", v.to_string() + "\n")
 }
 
 fn handle(shared: &Shared, ready: &AtomicBool, req: Request<Incoming>) -> Response<Body> {
@@ -72,7 +58,7 @@ fn handle(shared: &Shared, ready: &AtomicBool, req: Request<Incoming>) -> Respon
     }
     let state = shared.load_full();
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => {
             let missing: Vec<String> = if state.config.tokens.prefetch {
                 let mut m: Vec<String> = state
@@ -87,18 +73,18 @@ fn handle(shared: &Shared, ready: &AtomicBool, req: Request<Incoming>) -> Respon
                 Vec::new()
             };
             if !ready.load(Ordering::Relaxed) {
-                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n")
+                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n")
             } else if !missing.is_empty() {
-                reply(
+                respond(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
                     format!("waiting for the first token of: {}\n", missing.join(", ")),
                 )
             } else {
-                reply(StatusCode::OK, "text/plain", "ready\n")
+                respond(StatusCode::OK, "text/plain", "ready\n")
             }
         }
-        (&Method::GET, "/metrics") => reply(
+        (&Method::GET, "/metrics") => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             state.metrics.encode(&state),

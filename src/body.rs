@@ -27,3 +27,18 @@ where
 {
     body.map_err(Into::into).boxed_unsync()
 }
+
+/// A whole response with a content type: the admin endpoints' and the fakes' answers.
+pub fn respond(
+    status: http::StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> http::Response<Body> {
+    let mut r = http::Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    r
+}

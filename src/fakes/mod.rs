@@ -19,7 +19,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -27,7 +27,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::body::{Body, full};
+use crate::body::Body;
 
 /// What a fake saw of one request.
 #[derive(Debug, Clone)]
@@ -168,19 +168,7 @@ pub fn echo_response(req: &Request<Incoming>, peer: SocketAddr) -> Response<Body
     respond(StatusCode::OK, "application/json", body.to_string())
 }
 
-pub fn respond(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<bytes::Bytes>,
-) -> Response<Body> {
-    let mut r = Response::new(full(body));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static(content_type),
-    );
-    r
-}
+pub use crate::body::respond;
 
 /// True when the client asked for JSON (2tCloud answers XML otherwise).
 pub fn wants_json(headers: &HeaderMap) -> bool {
