@@ -518,9 +518,9 @@ async fn send(
             });
         }
     };
-    let (mut parts, incoming) = response.into_parts();
+    let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(parts, body::stream(incoming)))
+    Ok(Response::from_parts(parts, body))
 }
 
 /// A request body as the proxy holds it: streaming (sent once), or read whole (sendable again

@@ -46,8 +46,7 @@ impl Client {
     }
 
     /// The connector for a pinned connection, or `None` when this client must not pin
-    /// (`upstream.pin_connections: false`, or plain HTTP through an upstream proxy, which needs
-    /// requests in absolute form).
+    /// (`upstream.pin_connections: false`, or an egress through an upstream proxy).
     pub(crate) fn pin_connector(&self) -> Option<&HttpsConnector<Dialer>> {
         self.pin_connector.as_ref()
     }
@@ -229,8 +228,9 @@ pub fn egress_client(config: &Config, egress: &Egress) -> Result<Client, String>
 
 fn build_client(dialer: Dialer, tls: rustls::ClientConfig, settings: &Upstream) -> Client {
     static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    // Offers only HTTP/1.1: a pinned connection serves one client connection's requests one at
-    // a time, which is what HTTP/2's shared connection does better in the pool.
+    // HTTP/1.1 only (no ALPN offered, so TLS servers pick HTTP/1.1): a pinned connection serves
+    // one client connection's requests one at a time; HTTP/2's shared connection is the pool's.
+    // Not through an upstream proxy, where plain HTTP needs absolute-form requests.
     let pin_connector = (settings.pin_connections && dialer.egress.proxy.is_none()).then(|| {
         hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls.clone())

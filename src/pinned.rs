@@ -1,17 +1,22 @@
 //! An upstream connection pinned to one client connection. A keep-alive client that sends request
 //! after request to the same API gets them all over one HTTP/1.1 upstream connection of its own,
-//! instead of a pool checkout per request: the pool's lookup, its check-in task and its
-//! bookkeeping cost a third of a small request's user-space CPU (BENCHMARKS.md, "What was
-//! optimised").
+//! instead of a pool checkout per request: that saves 11–13% of the proxy's user-space
+//! instructions per request (bench/notes.md, "Pinned upstream connections").
 //!
 //! The first request of a client connection goes through the pool. If that answer came over
 //! HTTP/1.1, the next request to the same place dials a connection for this client connection and
 //! keeps it. An upstream that speaks HTTP/2 stays on the pool, where one connection serves every
-//! client. `upstream.pin_connections: false` turns this off.
+//! client; so does anything this client connection sends elsewhere meanwhile, and anything it
+//! sends while its pinned connection is busy. When dialling fails, the pool gets the request.
+//! `upstream.pin_connections: false` turns this off.
 
-use std::sync::Mutex;
-use std::time::Instant;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version, header};
 use hyper::body::Incoming;
@@ -19,7 +24,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_rustls::HttpsConnector;
 use tower_service::Service;
 
-use crate::body::Body;
+use crate::body::{self, Body};
 use crate::outbound::{Client, Conn, Dialer, LocalAddr};
 
 /// What one client connection keeps between its requests.
@@ -42,7 +47,7 @@ enum Slot {
     Empty,
     /// This upstream answered over HTTP/1.1 through the pool: pin on the next request.
     Learnt(Key),
-    /// This upstream speaks HTTP/2: leave it to the pool.
+    /// Leave this upstream to the pool: it speaks HTTP/2, or dialling it failed.
     Pooled(Key),
     Idle(Upstream),
     /// A request is using the pinned connection (an HTTP/2 client sends requests concurrently;
@@ -67,7 +72,8 @@ struct Upstream {
     key: Key,
     sender: SendRequest<Body>,
     local: Option<LocalAddr>,
-    idle_since: Instant,
+    /// When the connection last finished a response.
+    idle_since: IdleSince,
 }
 
 enum Plan {
@@ -103,23 +109,21 @@ pub async fn request(
     mut req: Request<Body>,
     https: bool,
     authority: &Authority,
-) -> Result<Response<Incoming>, Failure> {
+) -> Result<Response<Body>, Failure> {
     let Some(connector) = client.pin_connector() else {
-        absolute(&mut req, https, authority);
-        return client.request(req).await.map_err(Failure::Pool);
+        return pooled(client, req, https, authority).await;
     };
     let authority_str = authority.as_str();
-    let upstream = match pinned.plan(client, https, authority_str) {
+    let mut claim = match pinned.plan(client, https, authority_str) {
         Plan::Pool { learn } => {
-            absolute(&mut req, https, authority);
-            let resp = client.request(req).await.map_err(Failure::Pool)?;
+            let resp = pooled(client, req, https, authority).await?;
             if learn {
                 pinned.learn(client.id(), https, authority_str, resp.version());
             }
             return Ok(resp);
         }
-        Plan::Reuse(upstream) => Some(upstream),
-        Plan::Dial => None,
+        Plan::Reuse(upstream) => Claim::new(pinned, Some(upstream)),
+        Plan::Dial => Claim::new(pinned, None),
     };
     // The pool sets Host itself; a connection of our own needs it set.
     if let Ok(host) = HeaderValue::from_str(authority_str) {
@@ -130,50 +134,64 @@ pub async fn request(
         https,
         authority: authority_str.to_string(),
     };
-    let reused = upstream.is_some();
-    let mut upstream = match upstream {
+    let reused = claim.upstream.is_some();
+    let mut upstream = match claim.upstream.take() {
         Some(u) => u,
         None => match dial(connector, key()).await {
             Ok(u) => u,
-            Err(e) => {
-                pinned.clear();
-                return Err(e);
+            Err(_) => {
+                // The pool may still hold a live connection (an API that takes no more of them,
+                // say): it gets this request, and this client connection's next ones.
+                claim.settle(Slot::Pooled(key()));
+                return pooled(client, req, https, authority).await;
             }
         },
     };
     let mut result = upstream.sender.try_send_request(req).await;
-    if reused && let Err(e) = &mut result {
-        // The kept connection closed before the request went out: once on a new one.
-        if let Some(req) = e.take_message() {
-            match dial(connector, key()).await {
-                Ok(u) => {
-                    upstream = u;
-                    result = upstream.sender.try_send_request(req).await;
-                }
-                Err(e) => {
-                    pinned.clear();
-                    return Err(e);
-                }
+    if reused
+        && let Err(e) = &mut result
+        && let Some(req) = e.take_message()
+    {
+        // The kept connection closed before the request went out: a new one, or the pool.
+        match dial(connector, key()).await {
+            Ok(u) => {
+                upstream = u;
+                result = upstream.sender.try_send_request(req).await;
+            }
+            Err(_) => {
+                claim.settle(Slot::Pooled(key()));
+                return pooled(client, req, https, authority).await;
             }
         }
     }
     match result {
-        Ok(mut resp) => {
+        Ok(resp) => {
+            let (mut parts, incoming) = resp.into_parts();
             if let Some(local) = upstream.local {
-                resp.extensions_mut().insert(local);
+                parts.extensions.insert(local);
             }
-            pinned.keep(upstream);
-            Ok(resp)
+            upstream.idle_since.now();
+            let watched = Watched {
+                inner: incoming,
+                idle_since: upstream.idle_since.clone(),
+            };
+            claim.settle(Slot::Idle(upstream));
+            Ok(Response::from_parts(parts, body::stream(watched)))
         }
         Err(e) => {
-            pinned.clear();
+            claim.settle(Slot::Empty);
             Err(Failure::Http(e.into_error()))
         }
     }
 }
 
-/// The pool takes absolute URIs (it picks its connection by scheme and authority).
-fn absolute(req: &mut Request<Body>, https: bool, authority: &Authority) {
+/// Through the pool, which takes absolute URIs (it picks its connection by scheme and authority).
+async fn pooled(
+    client: &Client,
+    mut req: Request<Body>,
+    https: bool,
+    authority: &Authority,
+) -> Result<Response<Body>, Failure> {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(if https { Scheme::HTTPS } else { Scheme::HTTP });
     parts.authority = Some(authority.clone());
@@ -181,6 +199,42 @@ fn absolute(req: &mut Request<Body>, https: bool, authority: &Authority) {
     // Cannot fail with all three parts set.
     if let Ok(uri) = Uri::from_parts(parts) {
         *req.uri_mut() = uri;
+    }
+    let resp = client.request(req).await.map_err(Failure::Pool)?;
+    Ok(resp.map(body::stream))
+}
+
+/// A request's hold on the slot while it uses the pinned connection (the slot is `Busy`).
+/// However the request ends, even dropped by a timeout or a client gone away, the slot is
+/// settled: a dropped claim leaves it `Empty`, so pinning starts over.
+struct Claim<'a> {
+    pinned: &'a Pinned,
+    upstream: Option<Upstream>,
+    settled: bool,
+}
+
+impl<'a> Claim<'a> {
+    fn new(pinned: &'a Pinned, upstream: Option<Upstream>) -> Claim<'a> {
+        Claim {
+            pinned,
+            upstream,
+            settled: false,
+        }
+    }
+
+    fn settle(&mut self, slot: Slot) {
+        self.settled = true;
+        if let Ok(mut s) = self.pinned.0.lock() {
+            *s = slot;
+        }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.settle(Slot::Empty);
+        }
     }
 }
 
@@ -197,12 +251,16 @@ impl Pinned {
                 (Plan::Pool { learn: false }, Slot::Pooled(k))
             }
             Slot::Idle(u) if u.key.is(id, https, authority) => {
-                // An upstream closes idle connections on its own schedule: don't reuse one it may
-                // be closing (the pool's rule, `upstream.pool_idle_timeout`).
-                if u.sender.is_closed() || u.idle_since.elapsed() >= client.pool_idle_timeout {
+                if u.sender.is_ready() {
+                    // An upstream closes idle connections on its own schedule: don't reuse one
+                    // it may be closing (the pool's rule, `upstream.pool_idle_timeout`).
+                    if u.idle_since.elapsed() >= client.pool_idle_timeout {
+                        (Plan::Dial, Slot::Busy)
+                    } else {
+                        (Plan::Reuse(u), Slot::Busy)
+                    }
+                } else if u.sender.is_closed() {
                     (Plan::Dial, Slot::Busy)
-                } else if u.sender.is_ready() {
-                    (Plan::Reuse(u), Slot::Busy)
                 } else {
                     // Still busy with an earlier response's body: never wait behind it.
                     (Plan::Pool { learn: false }, Slot::Idle(u))
@@ -214,9 +272,11 @@ impl Pinned {
         plan
     }
 
+    /// After a request through the pool: pin this upstream next time if it answered over
+    /// HTTP/1.1. A pinned connection (busy, or idle for another host) is kept.
     fn learn(&self, client: u64, https: bool, authority: &str, version: Version) {
         let Ok(mut slot) = self.0.lock() else { return };
-        if matches!(*slot, Slot::Busy) {
+        if matches!(*slot, Slot::Busy | Slot::Idle(_)) {
             return;
         }
         let key = Key {
@@ -229,18 +289,64 @@ impl Pinned {
             _ => Slot::Pooled(key),
         };
     }
+}
 
-    fn keep(&self, mut upstream: Upstream) {
-        upstream.idle_since = Instant::now();
-        if let Ok(mut slot) = self.0.lock() {
-            *slot = Slot::Idle(upstream);
-        }
+/// A time shared by a pinned connection and the body of its latest response, in microseconds
+/// since the first use.
+#[derive(Clone)]
+struct IdleSince(Arc<AtomicU64>);
+
+impl IdleSince {
+    fn new() -> IdleSince {
+        let t = IdleSince(Arc::new(AtomicU64::new(0)));
+        t.now();
+        t
     }
 
-    fn clear(&self) {
-        if let Ok(mut slot) = self.0.lock() {
-            *slot = Slot::Empty;
-        }
+    fn clock() -> u64 {
+        static START: OnceLock<Instant> = OnceLock::new();
+        u64::try_from(START.get_or_init(Instant::now).elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn now(&self) {
+        self.0.store(Self::clock(), Ordering::Relaxed);
+    }
+
+    fn elapsed(&self) -> Duration {
+        Duration::from_micros(Self::clock().saturating_sub(self.0.load(Ordering::Relaxed)))
+    }
+}
+
+/// A pinned connection's response body: when it is done with (read to its end, or dropped),
+/// the connection's idle time starts. A long download does not count as idle.
+struct Watched {
+    inner: Incoming,
+    idle_since: IdleSince,
+}
+
+impl http_body::Body for Watched {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.idle_since.now();
     }
 }
 
@@ -260,16 +366,17 @@ async fn dial(connector: &HttpsConnector<Dialer>, key: Key) -> Result<Upstream, 
     let (sender, conn) = hyper::client::conn::http1::handshake(io)
         .await
         .map_err(Failure::Http)?;
+    let host = key.authority.clone();
     // Ends when the client connection (and so this sender) goes away, or the upstream closes.
     tokio::spawn(async move {
         if let Err(e) = conn.await {
-            tracing::debug!("pinned upstream connection ended: {e}");
+            tracing::debug!(host, "pinned upstream connection ended: {e}");
         }
     });
     Ok(Upstream {
         key,
         sender,
         local,
-        idle_since: Instant::now(),
+        idle_since: IdleSince::new(),
     })
 }

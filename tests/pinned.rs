@@ -164,6 +164,10 @@ async fn a_401_on_a_pinned_connection_refreshes_the_token_and_retries_once() {
         api[0].peer, api[1].peer,
         "the second request is on the pinned connection"
     );
+    assert!(
+        api[2..].iter().all(|r| r.peer == api[1].peer),
+        "the refused attempt, the retry and the next request stay on it"
+    );
 }
 
 /// A plain-HTTP upstream that answers one request per connection and then closes it without
@@ -236,4 +240,164 @@ async fn an_upstream_gone_when_pinning_gets_a_502_naming_host_and_cause() {
     assert!(body.contains("api.example.com"), "{body}");
     assert!(body.contains("connection refused"), "{body}");
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+/// A plain-HTTP keep-alive upstream that wants `x-k: v`. `/slow` answers after 2 s; `/stream`
+/// sends half its body, waits `stream_ms`, then the rest. It accepts `accept` connections, then
+/// stops listening (the accepted ones are still served). Returns its address and the number of
+/// connections accepted.
+async fn keep_alive_upstream(accept: usize, stream_ms: u64) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = listener().await;
+    let addr = l.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let counter = count.clone();
+    tokio::spawn(async move {
+        for _ in 0..accept {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    let written = if !head.contains("x-k: v") {
+                        s.write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n")
+                            .await
+                    } else if path == "/stream" {
+                        let first = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nab")
+                            .await;
+                        tokio::time::sleep(std::time::Duration::from_millis(stream_ms)).await;
+                        first.and(s.write_all(b"cd").await)
+                    } else {
+                        if path == "/slow" {
+                            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                        }
+                        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                    };
+                    if written.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test]
+async fn when_dialling_fails_the_pool_carries_on() {
+    let env = Env::new();
+    // One connection, then no more: the pool's stays usable, a pinned one cannot be opened.
+    let (upstream, accepted) = keep_alive_upstream(1, 0).await;
+    let proxy = env.proxy(&http_route_yaml(upstream)).await;
+    let c = client(proxy.addr);
+    for i in 0..4 {
+        let r = get(&c, "http://api.example.com/x").await;
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.text().await.unwrap(), "ok");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_request_cut_by_response_timeout_does_not_stop_pinning() {
+    let env = Env::new();
+    let (upstream, accepted) = keep_alive_upstream(usize::MAX, 0).await;
+    let yaml = format!("  response_timeout: 500ms\n{}", http_route_yaml(upstream));
+    let proxy = env.proxy(&yaml).await;
+    let c = client(proxy.addr);
+    assert_eq!(get(&c, "http://api.example.com/x").await.status(), 200);
+    // On the newly pinned connection, and cut at 500 ms.
+    assert_refused(
+        &get(&c, "http://api.example.com/slow").await,
+        504,
+        "upstream_timeout",
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // The pool, then a new pinned connection that the rest share.
+    for _ in 0..5 {
+        assert_eq!(get(&c, "http://api.example.com/x").await.status(), 200);
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_long_response_body_does_not_count_as_idle_time() {
+    let env = Env::new();
+    let (upstream, accepted) = keep_alive_upstream(usize::MAX, 1500).await;
+    let yaml = format!("  pool_idle_timeout: 1s\n{}", http_route_yaml(upstream));
+    let proxy = env.proxy(&yaml).await;
+    let c = client(proxy.addr);
+    for _ in 0..3 {
+        let r = get(&c, "http://api.example.com/stream").await;
+        assert_eq!(r.bytes().await.unwrap().as_ref(), b"abcd");
+    }
+    // The pool's connection and one pinned connection, though each body took 1.5 s.
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+/// One request on a raw keep-alive client connection to the proxy; returns the status.
+async fn raw_get(s: &mut tokio::net::TcpStream, host: &str) -> u16 {
+    let req = format!("GET http://{host}/x HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the proxy closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0usize);
+            if body.len() >= len {
+                return head.split_whitespace().nth(1).unwrap().parse().unwrap();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_connection_that_alternates_hosts_keeps_its_pinned_connection() {
+    let env = Env::new();
+    let (upstream, accepted) = keep_alive_upstream(usize::MAX, 0).await;
+    let yaml = http_route_yaml(upstream).replace(
+        "routes:\n",
+        &format!(
+            "routes:\n  - {{host: other.example.com, provider: p, upstream_scheme: http, connect_to: '{upstream}'}}\n"
+        ),
+    );
+    let proxy = env.proxy(&yaml).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    for i in 0..12 {
+        let host = if (i / 2) % 2 == 0 {
+            "api.example.com"
+        } else {
+            "other.example.com"
+        };
+        assert_eq!(raw_get(&mut s, host).await, 200, "request {i}");
+    }
+    // api's pooled and pinned connections, and other's pooled one: nothing dialled again.
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
