@@ -33,6 +33,8 @@ pub struct Client {
     /// Tells clients apart (a reload builds new ones), for pinned connections.
     id: u64,
     pub(crate) pool_idle_timeout: Duration,
+    /// Pinned connections left by closed client connections.
+    spares: crate::pinned::Spares,
 }
 
 impl Client {
@@ -43,6 +45,10 @@ impl Client {
 
     pub(crate) fn id(&self) -> u64 {
         self.id
+    }
+
+    pub(crate) fn spares(&self) -> &crate::pinned::Spares {
+        &self.spares
     }
 
     /// The connector for a pinned connection, or `None` when this client must not pin
@@ -254,6 +260,7 @@ fn build_client(dialer: Dialer, tls: rustls::ClientConfig, settings: &Upstream) 
         pin_connector,
         id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         pool_idle_timeout: settings.pool_idle_timeout,
+        spares: crate::pinned::Spares::default(),
     }
 }
 

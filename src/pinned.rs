@@ -8,6 +8,8 @@
 //! keeps it. An upstream that speaks HTTP/2 stays on the pool, where one connection serves every
 //! client; so does anything this client connection sends elsewhere meanwhile, and anything it
 //! sends while its pinned connection is busy. When dialling fails, the pool gets the request.
+//! When a client connection closes, its idle pinned connection is kept as a spare for the next
+//! client connection that would dial one (up to `SPARES` per client).
 //! `upstream.pin_connections: false` turns this off.
 
 use std::pin::Pin;
@@ -29,6 +31,50 @@ use crate::outbound::{Client, Conn, Dialer, LocalAddr};
 
 /// What one client connection keeps between its requests.
 pub struct Pinned(Mutex<Slot>);
+
+/// Most spare connections kept per client (dialer and pool).
+const SPARES: usize = 32;
+
+/// Pinned connections whose client connections closed, ready for the next ones. One list per
+/// client (dialer and pool); clones share it.
+#[derive(Clone, Default)]
+pub struct Spares(Arc<Mutex<Vec<Upstream>>>);
+
+impl Spares {
+    /// An idle connection to `https`/`authority` that is still usable, if any.
+    fn take(&self, https: bool, authority: &str, max_idle: Duration) -> Option<Upstream> {
+        let mut spares = self.0.lock().ok()?;
+        // Spares that closed or idled too long are dropped on the way.
+        spares.retain(|u| !u.sender.is_closed() && u.idle_since.elapsed() < max_idle);
+        let i = spares.iter().position(|u| {
+            u.key.https == https && u.key.authority == authority && u.sender.is_ready()
+        })?;
+        Some(spares.swap_remove(i))
+    }
+
+    fn put(&self, upstream: Upstream) {
+        if let Ok(mut spares) = self.0.lock()
+            && spares.len() < SPARES
+        {
+            spares.push(upstream);
+        }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let slot = match self.0.get_mut() {
+            Ok(slot) => std::mem::replace(slot, Slot::Empty),
+            Err(_) => return,
+        };
+        if let Slot::Idle(u) = slot
+            && u.sender.is_ready()
+            && let Some(spares) = u.spares.upgrade()
+        {
+            Spares(spares).put(u);
+        }
+    }
+}
 
 impl Pinned {
     pub fn new() -> Pinned {
@@ -74,6 +120,8 @@ struct Upstream {
     local: Option<LocalAddr>,
     /// When the connection last finished a response.
     idle_since: IdleSince,
+    /// Where it goes when its client connection closes (weak: a reload drops the old list).
+    spares: std::sync::Weak<Mutex<Vec<Upstream>>>,
 }
 
 enum Plan {
@@ -135,9 +183,14 @@ pub async fn request(
         authority: authority_str.to_string(),
     };
     let reused = claim.upstream.is_some();
-    let mut upstream = match claim.upstream.take() {
+    let spare = || {
+        client
+            .spares()
+            .take(https, authority_str, client.pool_idle_timeout)
+    };
+    let mut upstream = match claim.upstream.take().or_else(spare) {
         Some(u) => u,
-        None => match dial(connector, key()).await {
+        None => match dial(client, connector, key()).await {
             Ok(u) => u,
             Err(_) => {
                 // The pool may still hold a live connection (an API that takes no more of them,
@@ -153,7 +206,7 @@ pub async fn request(
         && let Some(req) = e.take_message()
     {
         // The kept connection closed before the request went out: a new one, or the pool.
-        match dial(connector, key()).await {
+        match dial(client, connector, key()).await {
             Ok(u) => {
                 upstream = u;
                 result = upstream.sender.try_send_request(req).await;
@@ -350,7 +403,11 @@ impl Drop for Watched {
     }
 }
 
-async fn dial(connector: &HttpsConnector<Dialer>, key: Key) -> Result<Upstream, Failure> {
+async fn dial(
+    client: &Client,
+    connector: &HttpsConnector<Dialer>,
+    key: Key,
+) -> Result<Upstream, Failure> {
     let uri = Uri::builder()
         .scheme(if key.https { "https" } else { "http" })
         .authority(key.authority.as_str())
@@ -378,5 +435,6 @@ async fn dial(connector: &HttpsConnector<Dialer>, key: Key) -> Result<Upstream, 
         sender,
         local,
         idle_since: IdleSince::new(),
+        spares: Arc::downgrade(&client.spares().0),
     })
 }

@@ -401,3 +401,24 @@ async fn a_client_connection_that_alternates_hosts_keeps_its_pinned_connection()
     // api's pooled and pinned connections, and other's pooled one: nothing dialled again.
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
+
+#[tokio::test]
+async fn a_closed_client_connection_leaves_its_pinned_connection_to_the_next() {
+    let env = Env::new();
+    let (upstream, accepted) = keep_alive_upstream(usize::MAX, 0).await;
+    let proxy = env.proxy(&http_route_yaml(upstream)).await;
+    for i in 0..5 {
+        let c = client(proxy.addr);
+        for _ in 0..2 {
+            let r = get(&c, "http://api.example.com/x").await;
+            assert_eq!(r.status(), 200, "client {i}");
+            r.bytes().await.unwrap();
+        }
+        drop(c);
+        // Let the proxy see the client connection close.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The pool's connection for each first request, one pinned connection handed down for
+    // each second request: no new connection (or TIME_WAIT socket) per client.
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
