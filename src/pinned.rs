@@ -188,15 +188,17 @@ pub async fn request(
             .spares()
             .take(https, authority_str, client.pool_idle_timeout)
     };
+    // The rare paths (dialling, falling back to the pool) are boxed: inline, their futures would
+    // make every request's future several kilobytes larger, and it is copied once per request.
     let mut upstream = match claim.upstream.take().or_else(spare) {
         Some(u) => u,
-        None => match dial(client, connector, key()).await {
+        None => match Box::pin(dial(client, connector, key())).await {
             Ok(u) => u,
             Err(_) => {
                 // The pool may still hold a live connection (an API that takes no more of them,
                 // say): it gets this request, and this client connection's next ones.
                 claim.settle(Slot::Pooled(key()));
-                return pooled(client, req, https, authority).await;
+                return Box::pin(pooled(client, req, https, authority)).await;
             }
         },
     };
@@ -206,14 +208,14 @@ pub async fn request(
         && let Some(req) = e.take_message()
     {
         // The kept connection closed before the request went out: a new one, or the pool.
-        match dial(client, connector, key()).await {
+        match Box::pin(dial(client, connector, key())).await {
             Ok(u) => {
                 upstream = u;
                 result = upstream.sender.try_send_request(req).await;
             }
             Err(_) => {
                 claim.settle(Slot::Pooled(key()));
-                return pooled(client, req, https, authority).await;
+                return Box::pin(pooled(client, req, https, authority)).await;
             }
         }
     }
