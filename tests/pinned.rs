@@ -422,3 +422,22 @@ async fn a_closed_client_connection_leaves_its_pinned_connection_to_the_next() {
     // each second request: no new connection (or TIME_WAIT socket) per client.
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn requests_inside_an_intercepted_tunnel_are_pinned_too() {
+    for h2 in [false, true] {
+        let env = Env::new();
+        let fake = echo::start(listener().await, Some(http1_only(&env)));
+        let proxy = env.proxy(&echo_yaml(fake.addr, "")).await;
+        // HTTPS through CONNECT, over HTTP/1.1 or HTTP/2 inside the tunnel.
+        let c = env.https_client(proxy.addr, vec![env.proxy_ca()], h2);
+        for _ in 0..3 {
+            let echo = echoed(get(&c, "https://api.example.com/__echo").await).await;
+            assert_eq!(header_values(&echo, "x-api-key"), ["injected-value"]);
+        }
+        let p = peers(&fake);
+        assert_eq!(p.len(), 3);
+        assert_ne!(p[0], p[1], "h2 {h2}: {p:?}");
+        assert_eq!(p[1], p[2], "h2 {h2}: {p:?}");
+    }
+}
