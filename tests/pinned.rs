@@ -170,46 +170,10 @@ async fn a_401_on_a_pinned_connection_refreshes_the_token_and_retries_once() {
     );
 }
 
-/// A plain-HTTP upstream that answers one request per connection and then closes it without
-/// saying so (as a server does when its keep-alive timer fires). After `accept` connections it
-/// stops listening. Returns its address and the number of connections accepted.
-async fn one_request_per_connection(accept: usize) -> (SocketAddr, Arc<AtomicUsize>) {
-    let l = listener().await;
-    let addr = l.local_addr().unwrap();
-    let count = Arc::new(AtomicUsize::new(0));
-    let counter = count.clone();
-    tokio::spawn(async move {
-        for _ in 0..accept {
-            let Ok((mut s, _)) = l.accept().await else {
-                return;
-            };
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let ok = String::from_utf8_lossy(&head).contains("x-k: v");
-                let answer: &[u8] = if ok {
-                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-                } else {
-                    b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n"
-                };
-                let _ = s.write_all(answer).await;
-            });
-        }
-    });
-    (addr, count)
-}
-
 #[tokio::test]
 async fn a_pinned_connection_the_upstream_closed_is_replaced() {
     let env = Env::new();
-    let (upstream, accepted) = one_request_per_connection(usize::MAX).await;
+    let (upstream, accepted) = fake_upstream(usize::MAX, 0, true).await;
     let proxy = env.proxy(&http_route_yaml(upstream)).await;
     let c = client(proxy.addr);
     for i in 0..5 {
@@ -225,7 +189,7 @@ async fn a_pinned_connection_the_upstream_closed_is_replaced() {
 #[tokio::test]
 async fn an_upstream_gone_when_pinning_gets_a_502_naming_host_and_cause() {
     let env = Env::new();
-    let (upstream, accepted) = one_request_per_connection(1).await;
+    let (upstream, accepted) = fake_upstream(1, 0, true).await;
     let proxy = env.proxy(&http_route_yaml(upstream)).await;
     let c = client(proxy.addr);
     let r = get(&c, "http://api.example.com/x").await;
@@ -242,11 +206,16 @@ async fn an_upstream_gone_when_pinning_gets_a_502_naming_host_and_cause() {
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
 
-/// A plain-HTTP keep-alive upstream that wants `x-k: v`. `/slow` answers after 2 s; `/stream`
-/// sends half its body, waits `stream_ms`, then the rest. It accepts `accept` connections, then
-/// stops listening (the accepted ones are still served). Returns its address and the number of
-/// connections accepted.
-async fn keep_alive_upstream(accept: usize, stream_ms: u64) -> (SocketAddr, Arc<AtomicUsize>) {
+/// A plain-HTTP upstream that wants `x-k: v` (401 without). `/slow` answers after 2 s; `/stream`
+/// sends half its body, waits `stream_ms`, then the rest. With `one_each`, it closes each
+/// connection after one answer without saying so (as a server does when its keep-alive timer
+/// fires); else it keeps them. It accepts `accept` connections, then stops listening (the
+/// accepted ones are still served). Returns its address and the number of connections accepted.
+async fn fake_upstream(
+    accept: usize,
+    stream_ms: u64,
+    one_each: bool,
+) -> (SocketAddr, Arc<AtomicUsize>) {
     let l = listener().await;
     let addr = l.local_addr().unwrap();
     let count = Arc::new(AtomicUsize::new(0));
@@ -289,7 +258,7 @@ async fn keep_alive_upstream(accept: usize, stream_ms: u64) -> (SocketAddr, Arc<
                         s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                             .await
                     };
-                    if written.is_err() {
+                    if written.is_err() || one_each {
                         return;
                     }
                 }
@@ -303,7 +272,7 @@ async fn keep_alive_upstream(accept: usize, stream_ms: u64) -> (SocketAddr, Arc<
 async fn when_dialling_fails_the_pool_carries_on() {
     let env = Env::new();
     // One connection, then no more: the pool's stays usable, a pinned one cannot be opened.
-    let (upstream, accepted) = keep_alive_upstream(1, 0).await;
+    let (upstream, accepted) = fake_upstream(1, 0, false).await;
     let proxy = env.proxy(&http_route_yaml(upstream)).await;
     let c = client(proxy.addr);
     for i in 0..4 {
@@ -317,7 +286,7 @@ async fn when_dialling_fails_the_pool_carries_on() {
 #[tokio::test]
 async fn a_request_cut_by_response_timeout_does_not_stop_pinning() {
     let env = Env::new();
-    let (upstream, accepted) = keep_alive_upstream(usize::MAX, 0).await;
+    let (upstream, accepted) = fake_upstream(usize::MAX, 0, false).await;
     let yaml = format!("  response_timeout: 500ms\n{}", http_route_yaml(upstream));
     let proxy = env.proxy(&yaml).await;
     let c = client(proxy.addr);
@@ -339,7 +308,7 @@ async fn a_request_cut_by_response_timeout_does_not_stop_pinning() {
 #[tokio::test]
 async fn a_long_response_body_does_not_count_as_idle_time() {
     let env = Env::new();
-    let (upstream, accepted) = keep_alive_upstream(usize::MAX, 1500).await;
+    let (upstream, accepted) = fake_upstream(usize::MAX, 1500, false).await;
     let yaml = format!("  pool_idle_timeout: 1s\n{}", http_route_yaml(upstream));
     let proxy = env.proxy(&yaml).await;
     let c = client(proxy.addr);
@@ -381,7 +350,7 @@ async fn raw_get(s: &mut tokio::net::TcpStream, host: &str) -> u16 {
 #[tokio::test]
 async fn a_client_connection_that_alternates_hosts_keeps_its_pinned_connection() {
     let env = Env::new();
-    let (upstream, accepted) = keep_alive_upstream(usize::MAX, 0).await;
+    let (upstream, accepted) = fake_upstream(usize::MAX, 0, false).await;
     let yaml = http_route_yaml(upstream).replace(
         "routes:\n",
         &format!(
@@ -405,7 +374,7 @@ async fn a_client_connection_that_alternates_hosts_keeps_its_pinned_connection()
 #[tokio::test]
 async fn a_closed_client_connection_leaves_its_pinned_connection_to_the_next() {
     let env = Env::new();
-    let (upstream, accepted) = keep_alive_upstream(usize::MAX, 0).await;
+    let (upstream, accepted) = fake_upstream(usize::MAX, 0, false).await;
     let proxy = env.proxy(&http_route_yaml(upstream)).await;
     for i in 0..5 {
         let c = client(proxy.addr);
