@@ -182,15 +182,17 @@ pub async fn request(
         https,
         authority: authority_str.to_string(),
     };
-    let reused = claim.upstream.is_some();
     let spare = || {
         client
             .spares()
             .take(https, authority_str, client.pool_idle_timeout)
     };
+    // This client connection's kept connection, or a spare: either may have closed meanwhile.
+    let kept = claim.upstream.take().or_else(spare);
+    let reused = kept.is_some();
     // The rare paths (dialling, falling back to the pool) are boxed: inline, their futures would
     // make every request's future several kilobytes larger, and it is copied once per request.
-    let mut upstream = match claim.upstream.take().or_else(spare) {
+    let mut upstream = match kept {
         Some(u) => u,
         None => match Box::pin(dial(client, connector, key())).await {
             Ok(u) => u,
