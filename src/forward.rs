@@ -342,10 +342,11 @@ async fn forward(
             (target.scheme, target.explicit_port.then_some(target.port))
         }
     };
-    let authority = authority(&target.host, port_in_uri, scheme);
-    let upstream_authority: Authority = authority.parse().map_err(|e| {
-        ProxyError::bad_request("bad_uri", format!("cannot build the upstream URL: {e}"))
-    })?;
+    let authority: Authority = authority(&target.host, port_in_uri, scheme)
+        .parse()
+        .map_err(|e| {
+            ProxyError::bad_request("bad_uri", format!("cannot build the upstream URL: {e}"))
+        })?;
 
     let mut body = prepare_body(state, route, &parts.headers, incoming).await?;
     let client = state.outbound.client(route.map(|r| r.name.as_str()));
@@ -394,7 +395,7 @@ async fn forward(
             client,
             pinned,
             https: scheme == Scheme::Https,
-            authority: &upstream_authority,
+            authority: &authority,
         };
         let mut response = send(state, &out, upstream_req).await?;
         state
@@ -408,7 +409,7 @@ async fn forward(
         {
             // The upstream proxy refused us: that is our configuration, not the client's to answer.
             return Err(ProxyError::UpstreamConnect {
-                host: authority,
+                host: authority.as_str().to_string(),
                 cause: format!(
                     "the upstream proxy {} answered 407: proxy authentication failed; check egress.proxy_username/proxy_password",
                     proxy.display()
@@ -418,7 +419,7 @@ async fn forward(
         if response.status() == StatusCode::FORBIDDEN
             && let Some(route) = route.filter(|r| r.ip_bound)
         {
-            ip_bound_hint(route, &authority, &mut response);
+            ip_bound_hint(route, authority.as_str(), &mut response);
         }
 
         if response.status() == StatusCode::UNAUTHORIZED

@@ -162,7 +162,7 @@ pub async fn request(
         return pooled(client, req, https, authority).await;
     };
     let authority_str = authority.as_str();
-    let mut claim = match pinned.plan(client, https, authority_str) {
+    let kept = match pinned.plan(client, https, authority_str) {
         Plan::Pool { learn } => {
             let resp = pooled(client, req, https, authority).await?;
             if learn {
@@ -170,8 +170,12 @@ pub async fn request(
             }
             return Ok(resp);
         }
-        Plan::Reuse(upstream) => Claim::new(pinned, Some(upstream)),
-        Plan::Dial => Claim::new(pinned, None),
+        Plan::Reuse(upstream) => Some(upstream),
+        Plan::Dial => None,
+    };
+    let mut claim = Claim {
+        pinned,
+        settled: false,
     };
     // The pool sets Host itself; a connection of our own needs it set.
     if let Ok(host) = HeaderValue::from_str(authority_str) {
@@ -188,7 +192,7 @@ pub async fn request(
             .take(https, authority_str, client.pool_idle_timeout)
     };
     // This client connection's kept connection, or a spare: either may have closed meanwhile.
-    let kept = claim.upstream.take().or_else(spare);
+    let kept = kept.or_else(spare);
     let reused = kept.is_some();
     // The rare paths (dialling, falling back to the pool) are boxed: inline, their futures would
     // make every request's future several kilobytes larger, and it is copied once per request.
@@ -266,19 +270,10 @@ async fn pooled(
 /// settled: a dropped claim leaves it `Empty`, so pinning starts over.
 struct Claim<'a> {
     pinned: &'a Pinned,
-    upstream: Option<Upstream>,
     settled: bool,
 }
 
-impl<'a> Claim<'a> {
-    fn new(pinned: &'a Pinned, upstream: Option<Upstream>) -> Claim<'a> {
-        Claim {
-            pinned,
-            upstream,
-            settled: false,
-        }
-    }
-
+impl Claim<'_> {
     fn settle(&mut self, slot: Slot) {
         self.settled = true;
         if let Ok(mut s) = self.pinned.0.lock() {
