@@ -170,12 +170,25 @@ async fn a_401_on_a_pinned_connection_refreshes_the_token_and_retries_once() {
     );
 }
 
+/// A proxy routing api.example.com to the plain-HTTP `upstream` (`upstream_settings`: lines of
+/// the `upstream:` section, or ""), and a client that uses it.
+async fn proxy_to(
+    env: &Env,
+    upstream_settings: &str,
+    upstream: SocketAddr,
+) -> (credproxy::Running, reqwest::Client) {
+    let proxy = env
+        .proxy(&format!("{upstream_settings}{}", http_route_yaml(upstream)))
+        .await;
+    let c = client(proxy.addr);
+    (proxy, c)
+}
+
 #[tokio::test]
 async fn a_pinned_connection_the_upstream_closed_is_replaced() {
     let env = Env::new();
     let (upstream, accepted) = fake_upstream(usize::MAX, 0, true).await;
-    let proxy = env.proxy(&http_route_yaml(upstream)).await;
-    let c = client(proxy.addr);
+    let (_proxy, c) = proxy_to(&env, "", upstream).await;
     for i in 0..5 {
         let r = get(&c, "http://api.example.com/x").await;
         assert_eq!(r.status(), 200, "request {i}");
@@ -190,8 +203,7 @@ async fn a_pinned_connection_the_upstream_closed_is_replaced() {
 async fn an_upstream_gone_when_pinning_gets_a_502_naming_host_and_cause() {
     let env = Env::new();
     let (upstream, accepted) = fake_upstream(1, 0, true).await;
-    let proxy = env.proxy(&http_route_yaml(upstream)).await;
-    let c = client(proxy.addr);
+    let (_proxy, c) = proxy_to(&env, "", upstream).await;
     let r = get(&c, "http://api.example.com/x").await;
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
@@ -273,8 +285,7 @@ async fn when_dialling_fails_the_pool_carries_on() {
     let env = Env::new();
     // One connection, then no more: the pool's stays usable, a pinned one cannot be opened.
     let (upstream, accepted) = fake_upstream(1, 0, false).await;
-    let proxy = env.proxy(&http_route_yaml(upstream)).await;
-    let c = client(proxy.addr);
+    let (_proxy, c) = proxy_to(&env, "", upstream).await;
     for i in 0..4 {
         let r = get(&c, "http://api.example.com/x").await;
         assert_eq!(r.status(), 200, "request {i}");
@@ -287,9 +298,7 @@ async fn when_dialling_fails_the_pool_carries_on() {
 async fn a_request_cut_by_response_timeout_does_not_stop_pinning() {
     let env = Env::new();
     let (upstream, accepted) = fake_upstream(usize::MAX, 0, false).await;
-    let yaml = format!("  response_timeout: 500ms\n{}", http_route_yaml(upstream));
-    let proxy = env.proxy(&yaml).await;
-    let c = client(proxy.addr);
+    let (_proxy, c) = proxy_to(&env, "  response_timeout: 500ms\n", upstream).await;
     assert_eq!(get(&c, "http://api.example.com/x").await.status(), 200);
     // On the newly pinned connection, and cut at 500 ms.
     assert_refused(
@@ -309,9 +318,7 @@ async fn a_request_cut_by_response_timeout_does_not_stop_pinning() {
 async fn a_long_response_body_does_not_count_as_idle_time() {
     let env = Env::new();
     let (upstream, accepted) = fake_upstream(usize::MAX, 1500, false).await;
-    let yaml = format!("  pool_idle_timeout: 1s\n{}", http_route_yaml(upstream));
-    let proxy = env.proxy(&yaml).await;
-    let c = client(proxy.addr);
+    let (_proxy, c) = proxy_to(&env, "  pool_idle_timeout: 1s\n", upstream).await;
     for _ in 0..3 {
         let r = get(&c, "http://api.example.com/stream").await;
         assert_eq!(r.bytes().await.unwrap().as_ref(), b"abcd");
