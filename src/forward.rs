@@ -686,18 +686,22 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in `Connection` are hop-by-hop too.
-    if headers.contains_key(header::CONNECTION) {
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in &listed {
-            headers.remove(name);
-        }
+    // Headers named in `Connection` are hop-by-hop too. Almost every `Connection` says only
+    // `keep-alive` or `close`: the first is removed below anyway and the second names no header,
+    // so neither is parsed into a name (and the list then stays empty, without allocating).
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|name| {
+            !name.eq_ignore_ascii_case("keep-alive") && !name.eq_ignore_ascii_case("close")
+        })
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+        .collect();
+    for name in &listed {
+        headers.remove(name);
     }
     // Remove only the ones present (usually none, or `Connection`): a removal hashes its name,
     // and a scan of a message's few names is cheaper than nine removals.

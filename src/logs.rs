@@ -185,6 +185,11 @@ impl Drop for Guard {
     }
 }
 
+thread_local! {
+    /// The line being formatted (see `Plain`), kept to save an allocation per line.
+    static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
 /// `2026-11-23T16:19:29.895377Z  INFO credproxy::forward: request request_id=1 host=…`: the
 /// default format of tracing-subscriber without colours, made cheaply. (credproxy opens no spans,
 /// so there is no span context to print.)
@@ -201,31 +206,44 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        write_timestamp(&mut writer)?;
-        let meta = event.metadata();
-        // ` {:>5} {}: ` without `core::fmt`: the five levels, padded as the default format does.
-        writer.write_str(match *meta.level() {
-            tracing::Level::ERROR => " ERROR ",
-            tracing::Level::WARN => "  WARN ",
-            tracing::Level::INFO => "  INFO ",
-            tracing::Level::DEBUG => " DEBUG ",
-            tracing::Level::TRACE => " TRACE ",
-        })?;
-        writer.write_str(meta.target())?;
-        writer.write_str(": ")?;
-        let mut fields = Fields {
-            writer: &mut writer,
-            result: Ok(()),
-            first: true,
-        };
-        event.record(&mut fields);
-        fields.result?;
-        writer.write_char('\n')
+        // The line is built in a String of this thread's and handed to `writer` once: every
+        // write through `writer` is a dynamic call, and a line is some sixty of them.
+        LINE.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut line) => {
+                line.clear();
+                format_line(&mut line, event);
+                writer.write_str(&line)
+            }
+            // A value's `Display` that logs: that inner event gets a String of its own.
+            Err(_) => {
+                let mut line = String::new();
+                format_line(&mut line, event);
+                writer.write_str(&line)
+            }
+        })
     }
 }
 
+fn format_line(line: &mut String, event: &Event<'_>) {
+    write_timestamp(line);
+    let meta = event.metadata();
+    // ` {:>5} {}: ` without `core::fmt`: the five levels, padded as the default format does.
+    line.push_str(match *meta.level() {
+        tracing::Level::ERROR => " ERROR ",
+        tracing::Level::WARN => "  WARN ",
+        tracing::Level::INFO => "  INFO ",
+        tracing::Level::DEBUG => " DEBUG ",
+        tracing::Level::TRACE => " TRACE ",
+    });
+    line.push_str(meta.target());
+    line.push_str(": ");
+    let mut fields = Fields { line, first: true };
+    event.record(&mut fields);
+    fields.line.push('\n');
+}
+
 /// RFC 3339 in UTC with microseconds. The date and time of day are made once per second.
-fn write_timestamp(w: &mut Writer<'_>) -> std::fmt::Result {
+fn write_timestamp(line: &mut String) {
     use std::cell::RefCell;
     use std::fmt::Write as _;
     thread_local! {
@@ -255,9 +273,9 @@ fn write_timestamp(w: &mut Writer<'_>) -> std::fmt::Result {
             );
             cached.0 = secs;
         }
-        w.write_str(&cached.1)
-    })?;
-    w.write_str(std::str::from_utf8(&fraction(now.subsec_micros())).unwrap_or(".000000Z"))
+        line.push_str(&cached.1);
+    });
+    line.push_str(std::str::from_utf8(&fraction(now.subsec_micros())).unwrap_or(".000000Z"));
 }
 
 /// `.{:06}Z` without `core::fmt`: microseconds (below 1,000,000), zero-padded.
@@ -294,81 +312,75 @@ impl std::fmt::Display for Addr {
 
 /// Writes an event's fields as the default format does: the message bare, then ` name=value`,
 /// strings quoted.
-struct Fields<'a, 'w> {
-    writer: &'a mut Writer<'w>,
-    result: std::fmt::Result,
+struct Fields<'a> {
+    line: &'a mut String,
     first: bool,
 }
 
-impl Fields<'_, '_> {
-    fn field(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> std::fmt::Result) {
-        if self.result.is_err() {
-            return;
+impl Fields<'_> {
+    /// ` name=` (no space before the first field; the message is written bare), for the value
+    /// the caller writes next.
+    fn name(&mut self, field: &Field) -> &mut String {
+        if !self.first {
+            self.line.push(' ');
         }
-        self.result = write_field(self.writer, self.first, field.name(), value);
         self.first = false;
+        let name = field.name();
+        if name != "message" {
+            self.line.push_str(name.strip_prefix("r#").unwrap_or(name));
+            self.line.push('=');
+        }
+        self.line
     }
-}
-
-/// ` name=value` (no space before the first field; the message is written bare).
-fn write_field(
-    writer: &mut Writer<'_>,
-    first: bool,
-    name: &str,
-    value: impl FnOnce(&mut Writer<'_>) -> std::fmt::Result,
-) -> std::fmt::Result {
-    if !first {
-        writer.write_char(' ')?;
-    }
-    if name != "message" {
-        writer.write_str(name.strip_prefix("r#").unwrap_or(name))?;
-        writer.write_char('=')?;
-    }
-    value(writer)
 }
 
 /// `value:?` for a string: quoted, escaped as `Debug` escapes it. Most logged strings (hosts,
 /// route and provider names) need no escaping, and those are written without `core::fmt`.
-fn write_quoted(w: &mut Writer<'_>, value: &str) -> std::fmt::Result {
+fn write_quoted(line: &mut String, value: &str) {
+    use std::fmt::Write as _;
     let plain = value
         .bytes()
         .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\');
     if plain {
-        w.write_char('"')?;
-        w.write_str(value)?;
-        w.write_char('"')
+        line.push('"');
+        line.push_str(value);
+        line.push('"');
     } else {
-        write!(w, "{value:?}")
+        let _ = write!(line, "{value:?}");
     }
 }
 
-impl Visit for Fields<'_, '_> {
+// Writing into a String cannot fail, so the `fmt::Result`s below are let go.
+impl Visit for Fields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "message" {
-            self.field(field, |w| w.write_str(value));
+            self.name(field).push_str(value);
         } else {
-            self.field(field, |w| write_quoted(w, value));
+            write_quoted(self.name(field), value);
         }
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.field(field, |w| w.write_str(itoa::Buffer::new().format(value)));
+        self.name(field).push_str(itoa::Buffer::new().format(value));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.field(field, |w| w.write_str(itoa::Buffer::new().format(value)));
+        self.name(field).push_str(itoa::Buffer::new().format(value));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.field(field, |w| w.write_str(if value { "true" } else { "false" }));
+        self.name(field)
+            .push_str(if value { "true" } else { "false" });
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.field(field, |w| write!(w, "{value}"));
+        use std::fmt::Write as _;
+        let _ = write!(self.name(field), "{value}");
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.field(field, |w| write!(w, "{value:?}"));
+        use std::fmt::Write as _;
+        let _ = write!(self.name(field), "{value:?}");
     }
 }
 
@@ -519,6 +531,36 @@ mod tests {
         tracing::info!(r#type = "raw", "raw identifier");
         tracing::debug!(peer = %Addr(([10, 0, 255, 1], 65535).into()), "debug");
         tracing::trace!(peer = %Addr("[::1]:8080".parse().unwrap_or(peer)), "trace");
+    }
+
+    #[test]
+    fn an_event_logged_while_a_line_is_being_built_gets_a_whole_line_of_its_own() {
+        let ours = Captured::default();
+        let plain = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(ours.clone())
+            .event_format(Plain)
+            .finish();
+        tracing::subscriber::with_default(plain, || {
+            tracing::info!(n = 1u64, "first");
+            // As when a field's `Display` logs in the middle of another line.
+            LINE.with(|line| {
+                let _busy = line.borrow_mut();
+                tracing::info!(n = 2u64, "second");
+            });
+            tracing::info!(n = 3u64, "third");
+        });
+        let text = String::from_utf8(ours.0.lock().map(|b| b.clone()).unwrap_or_default())
+            .unwrap_or_default();
+        let ends: Vec<&str> = text.lines().map(|l| l.get(27..).unwrap_or(l)).collect();
+        assert_eq!(
+            ends,
+            [
+                "  INFO credproxy::logs::tests: first n=1",
+                "  INFO credproxy::logs::tests: second n=2",
+                "  INFO credproxy::logs::tests: third n=3",
+            ]
+        );
     }
 
     #[test]
