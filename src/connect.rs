@@ -59,10 +59,7 @@ pub async fn handle(
                 cause: "the local CA's name constraints do not cover it; run `credproxy ca rotate` after adding its route, and import the new CA".into(),
             });
         }
-        tokio::spawn(async move {
-            intercept(state, upgrade, host, port, peer).await;
-            drop((slot, open));
-        });
+        spawn_intercept(state, upgrade, host, port, peer, (slot, open));
         return Ok(Response::new(empty()));
     }
 
@@ -96,6 +93,23 @@ pub async fn handle(
         }
     });
     Ok(Response::new(empty()))
+}
+
+/// Spawned from a plain function rather than in `handle`: the tunnel's requests are served by
+/// `forward::serve`, whose future contains `handle`'s, and the compiler can check that such a
+/// cycle is `Send` only across a function boundary like this one.
+fn spawn_intercept(
+    state: Arc<State>,
+    upgrade: hyper::upgrade::OnUpgrade,
+    host: String,
+    port: u16,
+    peer: SocketAddr,
+    held: impl Send + 'static,
+) {
+    tokio::spawn(async move {
+        intercept(state, upgrade, host, port, peer).await;
+        drop(held);
+    });
 }
 
 async fn intercept(
@@ -144,7 +158,7 @@ async fn intercept(
         let pinned = pinned.clone();
         async move {
             Ok::<_, std::convert::Infallible>(
-                forward::handle(state, entry, req, peer, pinned).await,
+                forward::serve(state, entry, req, peer, pinned).await,
             )
         }
     });

@@ -44,21 +44,13 @@ fn path_and_query(uri: &Uri) -> PathAndQuery {
         .unwrap_or_else(|| PathAndQuery::from_static("/"))
 }
 
-/// Serves one request and never fails: every error becomes a JSON response.
+/// Serves one request and never fails: every error becomes a JSON response. `pinned` is the
+/// client connection's own upstream connection, if any.
 ///
-/// Boxed because it recurses through CONNECT: an intercepted tunnel serves its requests with
-/// this same function. `pinned` is the client connection's own upstream connection, if any.
-pub fn handle(
-    state: Arc<State>,
-    entry: Entry,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-    pinned: Arc<Pinned>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> {
-    Box::pin(serve(state, entry, req, peer, pinned))
-}
-
-async fn serve(
+/// Not boxed: hyper keeps each connection's request future in one allocation, so a request
+/// costs no allocation (and free) of this several-kilobyte future. (An intercepted CONNECT
+/// tunnel serves its requests with this too; see `connect::spawn_intercept`.)
+pub async fn serve(
     state: Arc<State>,
     entry: Entry,
     req: Request<Incoming>,

@@ -1,5 +1,5 @@
 //! Listeners: the forward-proxy port and one port per local endpoint. Each connection is served by
-//! hyper (HTTP/1.1 with keep-alive, or HTTP/2) and each request goes to [`forward::handle`].
+//! hyper (HTTP/1.1 with keep-alive, or HTTP/2) and each request goes to [`forward::serve`].
 //!
 //! The running [`State`] sits behind an `ArcSwap`: a reload builds a whole new state and swaps it
 //! in one store; each request takes the state current when it starts and finishes on it.
@@ -460,7 +460,7 @@ async fn accept_loop(
             let state = shared.load_full();
             let entry = entry.clone();
             let pinned = pinned.clone();
-            async move { Ok::<_, Infallible>(forward::handle(state, entry, req, peer, pinned).await) }
+            async move { Ok::<_, Infallible>(forward::serve(state, entry, req, peer, pinned).await) }
         });
         let conn = server.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let conn = graceful.watch(conn.into_owned());

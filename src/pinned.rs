@@ -159,12 +159,12 @@ pub async fn request(
     authority: &Authority,
 ) -> Result<Response<Body>, Failure> {
     let Some(connector) = client.pin_connector() else {
-        return pooled(client, req, https, authority).await;
+        return pooled_boxed(client, req, https, authority).await;
     };
     let authority_str = authority.as_str();
     let kept = match pinned.plan(client, https, authority_str) {
         Plan::Pool { learn } => {
-            let resp = pooled(client, req, https, authority).await?;
+            let resp = pooled_boxed(client, req, https, authority).await?;
             if learn {
                 pinned.learn(client.id(), https, authority_str, resp.version());
             }
@@ -198,13 +198,13 @@ pub async fn request(
     // make every request's future several kilobytes larger, and it is copied once per request.
     let mut upstream = match kept {
         Some(u) => u,
-        None => match Box::pin(dial(client, connector, key())).await {
+        None => match dial_boxed(client, connector, key()).await {
             Ok(u) => u,
             Err(_) => {
                 // The pool may still hold a live connection (an API that takes no more of them,
                 // say): it gets this request, and this client connection's next ones.
                 claim.settle(Slot::Pooled(key()));
-                return Box::pin(pooled(client, req, https, authority)).await;
+                return pooled_boxed(client, req, https, authority).await;
             }
         },
     };
@@ -214,14 +214,14 @@ pub async fn request(
         && let Some(req) = e.take_message()
     {
         // The kept connection closed before the request went out: a new one, or the pool.
-        match Box::pin(dial(client, connector, key())).await {
+        match dial_boxed(client, connector, key()).await {
             Ok(u) => {
                 upstream = u;
                 result = upstream.sender.try_send_request(req).await;
             }
             Err(_) => {
                 claim.settle(Slot::Pooled(key()));
-                return Box::pin(pooled(client, req, https, authority)).await;
+                return pooled_boxed(client, req, https, authority).await;
             }
         }
     }
@@ -244,6 +244,27 @@ pub async fn request(
             Err(Failure::Http(e.into_error()))
         }
     }
+}
+
+type Boxed<'a, T> = Pin<Box<dyn Future<Output = Result<T, Failure>> + Send + 'a>>;
+
+// The rare paths' futures are boxed by these plain functions, not by `Box::pin(..)` in place: in
+// place, the caller's future would still keep room for the unboxed future it moves from.
+fn dial_boxed<'a>(
+    client: &'a Client,
+    connector: &'a HttpsConnector<Dialer>,
+    key: Key,
+) -> Boxed<'a, Upstream> {
+    Box::pin(dial(client, connector, key))
+}
+
+fn pooled_boxed<'a>(
+    client: &'a Client,
+    req: Request<Body>,
+    https: bool,
+    authority: &'a Authority,
+) -> Boxed<'a, Response<Body>> {
+    Box::pin(pooled(client, req, https, authority))
 }
 
 /// Through the pool, which takes absolute URIs (it picks its connection by scheme and authority).
