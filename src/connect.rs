@@ -157,9 +157,7 @@ async fn intercept(
         let entry = entry.clone();
         let pinned = pinned.clone();
         async move {
-            Ok::<_, std::convert::Infallible>(
-                forward::serve(state, entry, req, peer, pinned).await,
-            )
+            Ok::<_, std::convert::Infallible>(forward::serve(state, entry, req, peer, pinned).await)
         }
     });
     let conn = server

@@ -3,13 +3,14 @@
 //! instead of a pool checkout per request: that saves 11–13% of the proxy's user-space
 //! instructions per request (bench/notes.md, "Pinned upstream connections").
 //!
-//! The first request of a client connection goes through the pool. If that answer came over
-//! HTTP/1.1, the next request to the same place dials a connection for this client connection and
-//! keeps it. An upstream that speaks HTTP/2 stays on the pool, where one connection serves every
+//! A plain-HTTP upstream is pinned from a client connection's first request (the pool speaks
+//! HTTP/1.1 to it too). Over HTTPS the first request goes through the pool, unless a spare (below)
+//! is waiting; if that answer came over HTTP/1.1, the next request to the same place dials a
+//! connection for this client connection and keeps it. An upstream that speaks HTTP/2 stays on the pool, where one connection serves every
 //! client; so does anything this client connection sends elsewhere meanwhile, and anything it
 //! sends while its pinned connection is busy. When dialling fails, the pool gets the request.
 //! When a client connection closes, its idle pinned connection is kept as a spare for the next
-//! client connection that would dial one (up to `SPARES` per client).
+//! client connection to that place (up to `SPARES` per client).
 //! `upstream.pin_connections: false` turns this off.
 
 use std::pin::Pin;
@@ -337,6 +338,24 @@ impl Pinned {
                 } else {
                     // Still busy with an earlier response's body: never wait behind it.
                     (Plan::Pool { learn: false }, Slot::Idle(u))
+                }
+            }
+            // Nothing to learn when the answer is already known: a plain-HTTP upstream is always
+            // spoken to over HTTP/1.1 (the pool does no h2c), and a spare was pinned because its
+            // upstream answered over HTTP/1.1. So such a first request is pinned at once, and a
+            // client connection opens one upstream connection, not one through the pool and a
+            // second of its own. (An idle pinned connection to another host is kept: see `learn`.)
+            other @ (Slot::Empty | Slot::Learnt(_) | Slot::Pooled(_)) => {
+                if !https {
+                    (Plan::Dial, Slot::Busy)
+                } else if let Some(u) =
+                    client
+                        .spares()
+                        .take(https, authority, client.pool_idle_timeout)
+                {
+                    (Plan::Reuse(u), Slot::Busy)
+                } else {
+                    (Plan::Pool { learn: true }, other)
                 }
             }
             other => (Plan::Pool { learn: true }, other),

@@ -1,6 +1,6 @@
 //! Pinned upstream connections: a keep-alive client connection gets an HTTP/1.1 upstream
-//! connection of its own from its second request on (`upstream.pin_connections`), and what goes
-//! over it is the same request the pool would send.
+//! connection of its own (`upstream.pin_connections`; over HTTPS from its second request on), and
+//! what goes over it is the same request the pool would send.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -75,6 +75,28 @@ async fn a_keep_alive_client_gets_its_own_upstream_connection_from_its_second_re
         "the pool's connection serves first requests: {p:?}"
     );
     assert!(p[5] != p[0] && p[5] != p[1], "{p:?}");
+}
+
+#[tokio::test]
+async fn a_new_client_connection_starts_on_a_spare_over_https() {
+    let env = Env::new();
+    let fake = echo::start(listener().await, Some(http1_only(&env)));
+    let proxy = env.proxy(&echo_yaml(fake.addr, "")).await;
+    for _ in 0..2 {
+        let c = client(proxy.addr);
+        for _ in 0..2 {
+            echoed(get(&c, "http://api.example.com/__echo").await).await;
+        }
+        drop(c);
+        // Let the proxy see the client connection close.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let p = peers(&fake);
+    assert_eq!(p.len(), 4);
+    // The first client connection: the pool, then its own connection (HTTP/1.1 learnt). The
+    // second starts on that one, left as a spare, instead of the pool.
+    assert_ne!(p[0], p[1], "{p:?}");
+    assert!(p[1..].iter().all(|x| *x == p[1]), "{p:?}");
 }
 
 #[tokio::test]
@@ -228,17 +250,39 @@ async fn fake_upstream(
     stream_ms: u64,
     one_each: bool,
 ) -> (SocketAddr, Arc<AtomicUsize>) {
+    fake_upstream_over(None, accept, stream_ms, one_each).await
+}
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// `fake_upstream`, over TLS with `tls`.
+async fn fake_upstream_over(
+    tls: Option<Arc<rustls::ServerConfig>>,
+    accept: usize,
+    stream_ms: u64,
+    one_each: bool,
+) -> (SocketAddr, Arc<AtomicUsize>) {
     let l = listener().await;
     let addr = l.local_addr().unwrap();
     let count = Arc::new(AtomicUsize::new(0));
     let counter = count.clone();
     tokio::spawn(async move {
         for _ in 0..accept {
-            let Ok((mut s, _)) = l.accept().await else {
+            let Ok((tcp, _)) = l.accept().await else {
                 return;
             };
             counter.fetch_add(1, Ordering::SeqCst);
+            let tls = tls.clone();
             tokio::spawn(async move {
+                let mut s: Box<dyn Stream> = match tls {
+                    Some(config) => match tokio_rustls::TlsAcceptor::from(config).accept(tcp).await
+                    {
+                        Ok(t) => Box::new(t),
+                        Err(_) => return,
+                    },
+                    None => Box::new(tcp),
+                };
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
                 loop {
@@ -284,8 +328,14 @@ async fn fake_upstream(
 async fn when_dialling_fails_the_pool_carries_on() {
     let env = Env::new();
     // One connection, then no more: the pool's stays usable, a pinned one cannot be opened.
-    let (upstream, accepted) = fake_upstream(1, 0, false).await;
-    let (_proxy, c) = proxy_to(&env, "", upstream).await;
+    // (Over TLS: a plain-HTTP upstream would be pinned from the first request, without the pool.)
+    let (upstream, accepted) = fake_upstream_over(Some(http1_only(&env)), 1, 0, false).await;
+    let proxy = env
+        .proxy(
+            &http_route_yaml(upstream).replace("upstream_scheme: http", "upstream_scheme: https"),
+        )
+        .await;
+    let c = client(proxy.addr);
     for i in 0..4 {
         let r = get(&c, "http://api.example.com/x").await;
         assert_eq!(r.status(), 200, "request {i}");
@@ -299,19 +349,20 @@ async fn a_request_cut_by_response_timeout_does_not_stop_pinning() {
     let env = Env::new();
     let (upstream, accepted) = fake_upstream(usize::MAX, 0, false).await;
     let (_proxy, c) = proxy_to(&env, "  response_timeout: 500ms\n", upstream).await;
+    // A plain-HTTP upstream is pinned from the first request.
     assert_eq!(get(&c, "http://api.example.com/x").await.status(), 200);
-    // On the newly pinned connection, and cut at 500 ms.
+    // On the pinned connection, and cut at 500 ms.
     assert_refused(
         &get(&c, "http://api.example.com/slow").await,
         504,
         "upstream_timeout",
     );
-    assert_eq!(accepted.load(Ordering::SeqCst), 2);
-    // The pool, then a new pinned connection that the rest share.
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // A new pinned connection that the rest share.
     for _ in 0..5 {
         assert_eq!(get(&c, "http://api.example.com/x").await.status(), 200);
     }
-    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]
@@ -323,8 +374,8 @@ async fn a_long_response_body_does_not_count_as_idle_time() {
         let r = get(&c, "http://api.example.com/stream").await;
         assert_eq!(r.bytes().await.unwrap().as_ref(), b"abcd");
     }
-    // The pool's connection and one pinned connection, though each body took 1.5 s.
-    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // One pinned connection for all three, though each body took 1.5 s.
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
 
 /// One request on a raw keep-alive client connection to the proxy; returns the status.
@@ -374,8 +425,8 @@ async fn a_client_connection_that_alternates_hosts_keeps_its_pinned_connection()
         };
         assert_eq!(raw_get(&mut s, host).await, 200, "request {i}");
     }
-    // api's pooled and pinned connections, and other's pooled one: nothing dialled again.
-    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    // api's pinned connection, and other's through the pool: nothing dialled again.
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]
@@ -394,9 +445,9 @@ async fn a_closed_client_connection_leaves_its_pinned_connection_to_the_next() {
         // Let the proxy see the client connection close.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    // The pool's connection for each first request, one pinned connection handed down for
-    // each second request: no new connection (or TIME_WAIT socket) per client.
-    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // One pinned connection, handed down from each client connection to the next: no new
+    // connection (or TIME_WAIT socket) per client.
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
