@@ -35,6 +35,8 @@ pub struct Client {
     pub(crate) pool_idle_timeout: Duration,
     /// Pinned connections left by closed client connections.
     spares: crate::pinned::Spares,
+    /// Pinned connections being dialled for the first time now.
+    dials: crate::pinned::Dials,
 }
 
 impl Client {
@@ -49,6 +51,10 @@ impl Client {
 
     pub(crate) fn spares(&self) -> &crate::pinned::Spares {
         &self.spares
+    }
+
+    pub(crate) fn dials(&self) -> &crate::pinned::Dials {
+        &self.dials
     }
 
     /// The connector for a pinned connection, or `None` when this client must not pin
@@ -261,6 +267,7 @@ fn build_client(dialer: Dialer, tls: rustls::ClientConfig, settings: &Upstream) 
         id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         pool_idle_timeout: settings.pool_idle_timeout,
         spares: crate::pinned::Spares::default(),
+        dials: crate::pinned::Dials::default(),
     }
 }
 

@@ -3,10 +3,10 @@
 //! instead of a pool checkout per request: that saves 11–13% of the proxy's user-space
 //! instructions per request (bench/notes.md, "Pinned upstream connections").
 //!
-//! A plain-HTTP upstream is pinned from a client connection's first request (the pool speaks
-//! HTTP/1.1 to it too). Over HTTPS the first request goes through the pool, unless a spare (below)
-//! is waiting; if that answer came over HTTP/1.1, the next request to the same place dials a
-//! connection for this client connection and keeps it. An upstream that speaks HTTP/2 stays on the pool, where one connection serves every
+//! The first request of a client connection goes through the pool, unless a spare (below) is
+//! waiting. If that answer came over HTTP/1.1, the next request to the same place dials a
+//! connection for this client connection and keeps it (at most `MAX_DIALS` such dials at once per
+//! client; past that, the pool carries the request and a later one pins). An upstream that speaks HTTP/2 stays on the pool, where one connection serves every
 //! client; so does anything this client connection sends elsewhere meanwhile, and anything it
 //! sends while its pinned connection is busy. When dialling fails, the pool gets the request.
 //! When a client connection closes, its idle pinned connection is kept as a spare for the next
@@ -14,7 +14,7 @@
 //! `upstream.pin_connections: false` turns this off.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -35,6 +35,36 @@ pub struct Pinned(Mutex<Slot>);
 
 /// Most spare connections kept per client (dialer and pool).
 const SPARES: usize = 32;
+
+/// Most first pinned connections being dialled at once per client. Past it, a client connection
+/// that would pin sends that request through the pool (which holds the connection its first
+/// request used) and pins on a later one: a burst of new client connections does not turn into
+/// a burst of new upstream connections while the pool's sit idle.
+const MAX_DIALS: usize = 4;
+
+/// How many first pinned connections are being dialled now, per client; clones share it.
+#[derive(Clone, Default)]
+pub struct Dials(Arc<AtomicUsize>);
+
+impl Dials {
+    fn start(&self) -> Option<Ticket> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_DIALS).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Ticket(self.0.clone()))
+    }
+}
+
+/// One dial counted in `Dials`, until dropped.
+struct Ticket(Arc<AtomicUsize>);
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Pinned connections whose client connections closed, ready for the next ones. One list per
 /// client (dialer and pool); clones share it.
@@ -126,9 +156,12 @@ struct Upstream {
 }
 
 enum Plan {
-    Pool { learn: bool },
+    Pool {
+        learn: bool,
+    },
     Reuse(Upstream),
-    Dial,
+    /// With a ticket when this is the client connection's first pinned connection.
+    Dial(Option<Ticket>),
 }
 
 /// Why a request got no response. The errors keep their chain of causes for
@@ -163,6 +196,7 @@ pub async fn request(
         return pooled_boxed(client, req, https, authority).await;
     };
     let authority_str = authority.as_str();
+    let mut ticket_held = None;
     let kept = match pinned.plan(client, https, authority_str) {
         Plan::Pool { learn } => {
             let resp = pooled_boxed(client, req, https, authority).await?;
@@ -172,7 +206,10 @@ pub async fn request(
             return Ok(resp);
         }
         Plan::Reuse(upstream) => Some(upstream),
-        Plan::Dial => None,
+        Plan::Dial(ticket) => {
+            ticket_held = ticket;
+            None
+        }
     };
     let mut claim = Claim {
         pinned,
@@ -209,6 +246,7 @@ pub async fn request(
             }
         },
     };
+    drop(ticket_held);
     let mut result = upstream.sender.try_send_request(req).await;
     if reused
         && let Err(e) = &mut result
@@ -320,7 +358,20 @@ impl Pinned {
         let id = client.id();
         let (plan, back) = match std::mem::replace(&mut *slot, Slot::Busy) {
             Slot::Busy => (Plan::Pool { learn: false }, Slot::Busy),
-            Slot::Learnt(k) if k.is(id, https, authority) => (Plan::Dial, Slot::Busy),
+            Slot::Learnt(k) if k.is(id, https, authority) => {
+                if let Some(u) = client
+                    .spares()
+                    .take(https, authority, client.pool_idle_timeout)
+                {
+                    (Plan::Reuse(u), Slot::Busy)
+                } else if let Some(dial) = client.dials().start() {
+                    (Plan::Dial(Some(dial)), Slot::Busy)
+                } else {
+                    // Many client connections pinning at once (a burst of new clients): this
+                    // request takes the pool's idle connection, and a later one dials.
+                    (Plan::Pool { learn: false }, Slot::Learnt(k))
+                }
+            }
             Slot::Pooled(k) if k.is(id, https, authority) => {
                 (Plan::Pool { learn: false }, Slot::Pooled(k))
             }
@@ -329,33 +380,28 @@ impl Pinned {
                     // An upstream closes idle connections on its own schedule: don't reuse one
                     // it may be closing (the pool's rule, `upstream.pool_idle_timeout`).
                     if u.idle_since.elapsed() >= client.pool_idle_timeout {
-                        (Plan::Dial, Slot::Busy)
+                        (Plan::Dial(None), Slot::Busy)
                     } else {
                         (Plan::Reuse(u), Slot::Busy)
                     }
                 } else if u.sender.is_closed() {
-                    (Plan::Dial, Slot::Busy)
+                    (Plan::Dial(None), Slot::Busy)
                 } else {
                     // Still busy with an earlier response's body: never wait behind it.
                     (Plan::Pool { learn: false }, Slot::Idle(u))
                 }
             }
-            // Nothing to learn when the answer is already known: a plain-HTTP upstream is always
-            // spoken to over HTTP/1.1 (the pool does no h2c), and a spare was pinned because its
-            // upstream answered over HTTP/1.1. So such a first request is pinned at once, and a
-            // client connection opens one upstream connection, not one through the pool and a
-            // second of its own. (An idle pinned connection to another host is kept: see `learn`.)
+            // A spare was pinned because its upstream answered over HTTP/1.1: nothing to learn, so
+            // a new client connection starts on it rather than on the pool, and does not open a
+            // second upstream connection later. (An idle pinned connection to another host is
+            // kept: see `learn`.)
             other @ (Slot::Empty | Slot::Learnt(_) | Slot::Pooled(_)) => {
-                if !https {
-                    (Plan::Dial, Slot::Busy)
-                } else if let Some(u) =
-                    client
-                        .spares()
-                        .take(https, authority, client.pool_idle_timeout)
+                match client
+                    .spares()
+                    .take(https, authority, client.pool_idle_timeout)
                 {
-                    (Plan::Reuse(u), Slot::Busy)
-                } else {
-                    (Plan::Pool { learn: true }, other)
+                    Some(u) => (Plan::Reuse(u), Slot::Busy),
+                    None => (Plan::Pool { learn: true }, other),
                 }
             }
             other => (Plan::Pool { learn: true }, other),
@@ -476,4 +522,25 @@ async fn dial(
         idle_since: IdleSince::new(),
         spares: Arc::downgrade(&client.spares().0),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_most_max_dials_first_dials_run_at_once_and_a_finished_one_frees_its_place() {
+        let dials = Dials::default();
+        let mut tickets: Vec<Ticket> = (0..MAX_DIALS).filter_map(|_| dials.start()).collect();
+        assert_eq!(tickets.len(), MAX_DIALS);
+        assert!(dials.start().is_none(), "one dial more than MAX_DIALS");
+        // Clones share the count: every client connection of one client sees the same dials.
+        assert!(dials.clone().start().is_none());
+        drop(tickets.pop());
+        let again = dials.start();
+        assert!(again.is_some(), "a finished dial frees its place");
+        assert!(dials.start().is_none());
+        drop(again);
+        assert_eq!(dials.0.load(Ordering::Acquire), MAX_DIALS - 1);
+    }
 }

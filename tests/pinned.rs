@@ -1,6 +1,6 @@
 //! Pinned upstream connections: a keep-alive client connection gets an HTTP/1.1 upstream
-//! connection of its own (`upstream.pin_connections`; over HTTPS from its second request on), and
-//! what goes over it is the same request the pool would send.
+//! connection of its own from its second request on (`upstream.pin_connections`), or from its
+//! first when a spare is waiting, and what goes over it is the same request the pool would send.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -328,7 +328,6 @@ async fn fake_upstream_over(
 async fn when_dialling_fails_the_pool_carries_on() {
     let env = Env::new();
     // One connection, then no more: the pool's stays usable, a pinned one cannot be opened.
-    // (Over TLS: a plain-HTTP upstream would be pinned from the first request, without the pool.)
     let (upstream, accepted) = fake_upstream_over(Some(http1_only(&env)), 1, 0, false).await;
     let proxy = env
         .proxy(
@@ -349,20 +348,19 @@ async fn a_request_cut_by_response_timeout_does_not_stop_pinning() {
     let env = Env::new();
     let (upstream, accepted) = fake_upstream(usize::MAX, 0, false).await;
     let (_proxy, c) = proxy_to(&env, "  response_timeout: 500ms\n", upstream).await;
-    // A plain-HTTP upstream is pinned from the first request.
     assert_eq!(get(&c, "http://api.example.com/x").await.status(), 200);
-    // On the pinned connection, and cut at 500 ms.
+    // On the newly pinned connection, and cut at 500 ms.
     assert_refused(
         &get(&c, "http://api.example.com/slow").await,
         504,
         "upstream_timeout",
     );
-    assert_eq!(accepted.load(Ordering::SeqCst), 1);
-    // A new pinned connection that the rest share.
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // The pool, then a new pinned connection that the rest share.
     for _ in 0..5 {
         assert_eq!(get(&c, "http://api.example.com/x").await.status(), 200);
     }
-    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test]
@@ -374,8 +372,8 @@ async fn a_long_response_body_does_not_count_as_idle_time() {
         let r = get(&c, "http://api.example.com/stream").await;
         assert_eq!(r.bytes().await.unwrap().as_ref(), b"abcd");
     }
-    // One pinned connection for all three, though each body took 1.5 s.
-    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // The pool's connection and one pinned connection, though each body took 1.5 s.
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
 /// One request on a raw keep-alive client connection to the proxy; returns the status.
@@ -425,8 +423,8 @@ async fn a_client_connection_that_alternates_hosts_keeps_its_pinned_connection()
         };
         assert_eq!(raw_get(&mut s, host).await, 200, "request {i}");
     }
-    // api's pinned connection, and other's through the pool: nothing dialled again.
-    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // api's pooled and pinned connections, and other's pooled one: nothing dialled again.
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test]
@@ -445,9 +443,10 @@ async fn a_closed_client_connection_leaves_its_pinned_connection_to_the_next() {
         // Let the proxy see the client connection close.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    // One pinned connection, handed down from each client connection to the next: no new
+    // The pool's connection for the first client's first request, then one pinned connection,
+    // handed down from each client connection to the next (from its first request on): no new
     // connection (or TIME_WAIT socket) per client.
-    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]
