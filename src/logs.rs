@@ -212,7 +212,12 @@ where
             Ok(mut line) => {
                 line.clear();
                 format_line(&mut line, event);
-                writer.write_str(&line)
+                let written = writer.write_str(&line);
+                // One outsized line (a long error chain, say) must not pin its size forever.
+                if line.capacity() > 64 * 1024 {
+                    *line = String::new();
+                }
+                written
             }
             // A value's `Display` that logs: that inner event gets a String of its own.
             Err(_) => {

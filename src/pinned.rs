@@ -6,9 +6,10 @@
 //! The first request of a client connection goes through the pool, unless a spare (below) is
 //! waiting. If that answer came over HTTP/1.1, the next request to the same place dials a
 //! connection for this client connection and keeps it (at most `MAX_DIALS` such dials at once per
-//! client; past that, the pool carries the request and a later one pins). An upstream that speaks HTTP/2 stays on the pool, where one connection serves every
-//! client; so does anything this client connection sends elsewhere meanwhile, and anything it
-//! sends while its pinned connection is busy. When dialling fails, the pool gets the request.
+//! client; past that, the pool carries the request and a later one pins). An upstream that speaks
+//! HTTP/2 stays on the pool, where one connection serves every client; so does anything this
+//! client connection sends elsewhere meanwhile, and anything it sends while its pinned connection
+//! is busy. When dialling fails, the pool gets the request.
 //! When a client connection closes, its idle pinned connection is kept as a spare for the next
 //! client connection to that place (up to `SPARES` per client).
 //! `upstream.pin_connections: false` turns this off.
