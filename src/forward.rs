@@ -679,8 +679,9 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in `Connection` are hop-by-hop too. Almost every `Connection` says only
-    // `keep-alive` or `close`: the first is removed below anyway and the second names no header,
-    // so neither is parsed into a name (and the list then stays empty, without allocating).
+    // `keep-alive` or `close`: the first is removed below anyway and the second is removed by
+    // name, so neither is parsed into a list (which then stays empty, without allocating).
+    let mut close = false;
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -688,10 +689,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|name| {
-            !name.eq_ignore_ascii_case("keep-alive") && !name.eq_ignore_ascii_case("close")
+            if name.eq_ignore_ascii_case("close") {
+                close = true;
+                return false;
+            }
+            !name.eq_ignore_ascii_case("keep-alive")
         })
         .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
+    if close {
+        headers.remove("close");
+    }
     for name in &listed {
         headers.remove(name);
     }
@@ -779,6 +787,25 @@ fn describe_tls(e: &rustls::Error, host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_header_named_in_connection_goes_close_and_keep_alive_included() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            http::HeaderValue::from_static("Close, X-Hop"),
+        );
+        h.append(
+            header::CONNECTION,
+            http::HeaderValue::from_static("keep-alive"),
+        );
+        for name in ["close", "x-hop", "keep-alive", "x-kept"] {
+            h.insert(name, http::HeaderValue::from_static("v"));
+        }
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
+    }
 
     #[test]
     fn dot_segments_are_found_however_they_are_written() {

@@ -211,8 +211,7 @@ where
         LINE.with(|cell| match cell.try_borrow_mut() {
             Ok(mut line) => {
                 line.clear();
-                format_line(&mut line, event);
-                let written = writer.write_str(&line);
+                let written = format_line(&mut line, event).and_then(|()| writer.write_str(&line));
                 // One outsized line (a long error chain, say) must not pin its size forever.
                 if line.capacity() > 64 * 1024 {
                     *line = String::new();
@@ -222,14 +221,16 @@ where
             // A value's `Display` that logs: that inner event gets a String of its own.
             Err(_) => {
                 let mut line = String::new();
-                format_line(&mut line, event);
+                format_line(&mut line, event)?;
                 writer.write_str(&line)
             }
         })
     }
 }
 
-fn format_line(line: &mut String, event: &Event<'_>) {
+/// A value whose `Display` or `Debug` fails fails the line, as in the default format (which then
+/// writes its "Unable to format" notice instead).
+fn format_line(line: &mut String, event: &Event<'_>) -> std::fmt::Result {
     write_timestamp(line);
     let meta = event.metadata();
     // ` {:>5} {}: ` without `core::fmt`: the five levels, padded as the default format does.
@@ -242,9 +243,15 @@ fn format_line(line: &mut String, event: &Event<'_>) {
     });
     line.push_str(meta.target());
     line.push_str(": ");
-    let mut fields = Fields { line, first: true };
+    let mut fields = Fields {
+        line,
+        first: true,
+        result: Ok(()),
+    };
     event.record(&mut fields);
+    fields.result?;
     fields.line.push('\n');
+    Ok(())
 }
 
 /// RFC 3339 in UTC with microseconds. The date and time of day are made once per second.
@@ -320,6 +327,8 @@ impl std::fmt::Display for Addr {
 struct Fields<'a> {
     line: &'a mut String,
     first: bool,
+    /// The first value that failed to format.
+    result: std::fmt::Result,
 }
 
 impl Fields<'_> {
@@ -341,6 +350,7 @@ impl Fields<'_> {
 
 /// `value:?` for a string: quoted, escaped as `Debug` escapes it. Most logged strings (hosts,
 /// route and provider names) need no escaping, and those are written without `core::fmt`.
+/// (Cannot fail: `str`'s `Debug` into a `String` does not.)
 fn write_quoted(line: &mut String, value: &str) {
     use std::fmt::Write as _;
     let plain = value
@@ -355,7 +365,6 @@ fn write_quoted(line: &mut String, value: &str) {
     }
 }
 
-// Writing into a String cannot fail, so the `fmt::Result`s below are let go.
 impl Visit for Fields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "message" {
@@ -380,12 +389,14 @@ impl Visit for Fields<'_> {
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         use std::fmt::Write as _;
-        let _ = write!(self.name(field), "{value}");
+        let written = write!(self.name(field), "{value}");
+        self.result = self.result.and(written);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         use std::fmt::Write as _;
-        let _ = write!(self.name(field), "{value:?}");
+        let written = write!(self.name(field), "{value:?}");
+        self.result = self.result.and(written);
     }
 }
 
@@ -566,6 +577,43 @@ mod tests {
                 "  INFO credproxy::logs::tests: third n=3",
             ]
         );
+    }
+
+    #[test]
+    fn a_value_that_fails_to_format_fails_the_line_as_in_the_default_format() {
+        struct Failing;
+        impl std::fmt::Display for Failing {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("part")?;
+                Err(std::fmt::Error)
+            }
+        }
+        fn emit() {
+            tracing::info!(bad = %Failing, after = 1u64, "msg");
+            tracing::info!(fine = 2u64, "next");
+        }
+        let (ours, theirs) = (Captured::default(), Captured::default());
+        let plain = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(ours.clone())
+            .event_format(Plain)
+            .finish();
+        tracing::subscriber::with_default(plain, emit);
+        let default = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(theirs.clone())
+            .finish();
+        tracing::subscriber::with_default(default, emit);
+        let text = |c: &Captured| {
+            String::from_utf8(c.0.lock().map(|b| b.clone()).unwrap_or_default()).unwrap_or_default()
+        };
+        let (ours, theirs) = (text(&ours), text(&theirs));
+        // The failed event is replaced by the default format's notice; the next line is whole.
+        let first = |t: &str| t.lines().next().unwrap_or_default().to_string();
+        assert_eq!(first(&ours), first(&theirs));
+        assert!(first(&ours).starts_with("Unable to format"), "{ours}");
+        assert!(ours.ends_with(": next fine=2\n"), "{ours}");
+        assert!(!ours.contains("bad=part"), "{ours}");
     }
 
     #[test]

@@ -242,6 +242,7 @@ pub async fn request(
             Err(_) => {
                 // The pool may still hold a live connection (an API that takes no more of them,
                 // say): it gets this request, and this client connection's next ones.
+                drop(ticket_held.take());
                 claim.settle(Slot::Pooled(key()));
                 return pooled_boxed(client, req, https, authority).await;
             }
