@@ -197,8 +197,7 @@ pub async fn request(
         return pooled_boxed(client, req, https, authority).await;
     };
     let authority_str = authority.as_str();
-    let mut ticket_held = None;
-    let kept = match pinned.plan(client, https, authority_str) {
+    let (kept, ticket) = match pinned.plan(client, https, authority_str) {
         Plan::Pool { learn } => {
             let resp = pooled_boxed(client, req, https, authority).await?;
             if learn {
@@ -206,11 +205,8 @@ pub async fn request(
             }
             return Ok(resp);
         }
-        Plan::Reuse(upstream) => Some(upstream),
-        Plan::Dial(ticket) => {
-            ticket_held = ticket;
-            None
-        }
+        Plan::Reuse(upstream) => (Some(upstream), None),
+        Plan::Dial(ticket) => (None, ticket),
     };
     let mut claim = Claim {
         pinned,
@@ -225,13 +221,7 @@ pub async fn request(
         https,
         authority: authority_str.to_string(),
     };
-    let spare = || {
-        client
-            .spares()
-            .take(https, authority_str, client.pool_idle_timeout)
-    };
     // This client connection's kept connection, or a spare: either may have closed meanwhile.
-    let kept = kept.or_else(spare);
     let reused = kept.is_some();
     // The rare paths (dialling, falling back to the pool) are boxed: inline, their futures would
     // make every request's future several kilobytes larger, and it is copied once per request.
@@ -242,13 +232,13 @@ pub async fn request(
             Err(_) => {
                 // The pool may still hold a live connection (an API that takes no more of them,
                 // say): it gets this request, and this client connection's next ones.
-                drop(ticket_held.take());
+                drop(ticket);
                 claim.settle(Slot::Pooled(key()));
                 return pooled_boxed(client, req, https, authority).await;
             }
         },
     };
-    drop(ticket_held);
+    drop(ticket);
     let mut result = upstream.sender.try_send_request(req).await;
     if reused
         && let Err(e) = &mut result
@@ -358,13 +348,17 @@ impl Pinned {
             return Plan::Pool { learn: false };
         };
         let id = client.id();
+        // A spare, wherever this client connection would dial (or could skip the pool): it was
+        // pinned because its upstream answered over HTTP/1.1.
+        let spare = || {
+            client
+                .spares()
+                .take(https, authority, client.pool_idle_timeout)
+        };
         let (plan, back) = match std::mem::replace(&mut *slot, Slot::Busy) {
             Slot::Busy => (Plan::Pool { learn: false }, Slot::Busy),
             Slot::Learnt(k) if k.is(id, https, authority) => {
-                if let Some(u) = client
-                    .spares()
-                    .take(https, authority, client.pool_idle_timeout)
-                {
+                if let Some(u) = spare() {
                     (Plan::Reuse(u), Slot::Busy)
                 } else if let Some(dial) = client.dials().start() {
                     (Plan::Dial(Some(dial)), Slot::Busy)
@@ -382,30 +376,24 @@ impl Pinned {
                     // An upstream closes idle connections on its own schedule: don't reuse one
                     // it may be closing (the pool's rule, `upstream.pool_idle_timeout`).
                     if u.idle_since.elapsed() >= client.pool_idle_timeout {
-                        (Plan::Dial(None), Slot::Busy)
+                        (spare().map_or(Plan::Dial(None), Plan::Reuse), Slot::Busy)
                     } else {
                         (Plan::Reuse(u), Slot::Busy)
                     }
                 } else if u.sender.is_closed() {
-                    (Plan::Dial(None), Slot::Busy)
+                    (spare().map_or(Plan::Dial(None), Plan::Reuse), Slot::Busy)
                 } else {
                     // Still busy with an earlier response's body: never wait behind it.
                     (Plan::Pool { learn: false }, Slot::Idle(u))
                 }
             }
-            // A spare was pinned because its upstream answered over HTTP/1.1: nothing to learn, so
-            // a new client connection starts on it rather than on the pool, and does not open a
-            // second upstream connection later. (An idle pinned connection to another host is
-            // kept: see `learn`.)
-            other @ (Slot::Empty | Slot::Learnt(_) | Slot::Pooled(_)) => {
-                match client
-                    .spares()
-                    .take(https, authority, client.pool_idle_timeout)
-                {
-                    Some(u) => (Plan::Reuse(u), Slot::Busy),
-                    None => (Plan::Pool { learn: true }, other),
-                }
-            }
+            // With a spare there is nothing to learn: a new client connection starts on it rather
+            // than on the pool, and does not open a second upstream connection later. (An idle
+            // pinned connection to another host is kept: see `learn`.)
+            other @ (Slot::Empty | Slot::Learnt(_) | Slot::Pooled(_)) => match spare() {
+                Some(u) => (Plan::Reuse(u), Slot::Busy),
+                None => (Plan::Pool { learn: true }, other),
+            },
             other => (Plan::Pool { learn: true }, other),
         };
         *slot = back;
