@@ -519,6 +519,22 @@ mod tests {
         }
     }
 
+    /// What `emit` logs (any level), formatted by `Plain` when `plain`, else by
+    /// tracing-subscriber's default format, both without colours.
+    fn logged(plain: bool, emit: impl Fn()) -> String {
+        let out = Captured::default();
+        let builder = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(out.clone());
+        if plain {
+            tracing::subscriber::with_default(builder.event_format(Plain).finish(), emit);
+        } else {
+            tracing::subscriber::with_default(builder.finish(), emit);
+        }
+        text(&Sink(out.0))
+    }
+
     fn emit_all() {
         let peer: std::net::SocketAddr =
             "127.0.0.1:5000".parse().unwrap_or(([0, 0, 0, 0], 0).into());
@@ -551,13 +567,7 @@ mod tests {
 
     #[test]
     fn an_event_logged_while_a_line_is_being_built_gets_a_whole_line_of_its_own() {
-        let ours = Captured::default();
-        let plain = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(ours.clone())
-            .event_format(Plain)
-            .finish();
-        tracing::subscriber::with_default(plain, || {
+        let text = logged(true, || {
             tracing::info!(n = 1u64, "first");
             // As when a field's `Display` logs in the middle of another line.
             LINE.with(|line| {
@@ -566,8 +576,6 @@ mod tests {
             });
             tracing::info!(n = 3u64, "third");
         });
-        let text = String::from_utf8(ours.0.lock().map(|b| b.clone()).unwrap_or_default())
-            .unwrap_or_default();
         let ends: Vec<&str> = text.lines().map(|l| l.get(27..).unwrap_or(l)).collect();
         assert_eq!(
             ends,
@@ -592,22 +600,7 @@ mod tests {
             tracing::info!(bad = %Failing, after = 1u64, "msg");
             tracing::info!(fine = 2u64, "next");
         }
-        let (ours, theirs) = (Captured::default(), Captured::default());
-        let plain = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(ours.clone())
-            .event_format(Plain)
-            .finish();
-        tracing::subscriber::with_default(plain, emit);
-        let default = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(theirs.clone())
-            .finish();
-        tracing::subscriber::with_default(default, emit);
-        let text = |c: &Captured| {
-            String::from_utf8(c.0.lock().map(|b| b.clone()).unwrap_or_default()).unwrap_or_default()
-        };
-        let (ours, theirs) = (text(&ours), text(&theirs));
+        let (ours, theirs) = (logged(true, emit), logged(false, emit));
         // The failed event is replaced by the default format's notice; the next line is whole.
         let first = |t: &str| t.lines().next().unwrap_or_default().to_string();
         assert_eq!(first(&ours), first(&theirs));
@@ -634,27 +627,11 @@ mod tests {
 
     #[test]
     fn plain_writes_what_the_default_format_writes_without_colours() {
-        let ours = Captured::default();
-        let theirs = Captured::default();
-        let plain = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(ours.clone())
-            .event_format(Plain)
-            .finish();
-        tracing::subscriber::with_default(plain, emit_all);
-        let default = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(theirs.clone())
-            .finish();
-        tracing::subscriber::with_default(default, emit_all);
-        let lines = |c: &Captured| -> Vec<String> {
-            let text = String::from_utf8(c.0.lock().map(|b| b.clone()).unwrap_or_default())
-                .unwrap_or_default();
-            text.lines().map(str::to_string).collect()
-        };
-        let (ours, theirs) = (lines(&ours), lines(&theirs));
+        let lines = |text: String| -> Vec<String> { text.lines().map(str::to_string).collect() };
+        let (ours, theirs) = (
+            lines(logged(true, emit_all)),
+            lines(logged(false, emit_all)),
+        );
         assert_eq!(ours.len(), 6, "{ours:?}");
         assert_eq!(ours.len(), theirs.len());
         for (a, b) in ours.iter().zip(&theirs) {
