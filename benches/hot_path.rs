@@ -10,8 +10,8 @@ use credproxy::route::{ClientAuth, HostPattern, Route, RouteTable, Scheme};
 use credproxy::secret::Secret;
 use criterion::{Criterion, criterion_group, criterion_main};
 
-fn route(host: &str, prefix: &str, provider: &Arc<Provider>) -> Arc<Route> {
-    Arc::new(Route {
+fn route(host: &str, prefix: &str, provider: &Arc<Provider>) -> Route {
+    Route {
         name: format!("{host}{prefix}"),
         host: HostPattern::parse(host).unwrap(),
         path_prefix: prefix.into(),
@@ -21,7 +21,8 @@ fn route(host: &str, prefix: &str, provider: &Arc<Provider>) -> Arc<Route> {
         client_auth: ClientAuth::Replace,
         egress: Default::default(),
         ip_bound: false,
-    })
+        index: 0,
+    }
 }
 
 fn benches(c: &mut Criterion) {

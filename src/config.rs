@@ -1385,8 +1385,8 @@ impl Validator<'_> {
         raw: Vec<RouteFile>,
         providers: &BTreeMap<String, Arc<Provider>>,
         declared: &HashSet<&str>,
-    ) -> Vec<Arc<Route>> {
-        let mut routes: Vec<(usize, Arc<Route>)> = Vec::new();
+    ) -> Vec<Route> {
+        let mut routes: Vec<(usize, Route)> = Vec::new();
         let mut names = HashSet::new();
         for (i, r) in raw.into_iter().enumerate() {
             let key = format!("routes[{i}]");
@@ -1448,7 +1448,7 @@ impl Validator<'_> {
                 Some(e) => self.egress(e, &format!("{key}.egress"), &provider.egress),
                 None => provider.egress.clone(),
             };
-            let route = Arc::new(Route {
+            let route = Route {
                 name,
                 host,
                 path_prefix,
@@ -1458,7 +1458,8 @@ impl Validator<'_> {
                 client_auth: r.client_auth,
                 egress,
                 ip_bound: r.ip_bound,
-            });
+                index: 0,
+            };
             let overlap = routes.iter().find(|(_, o)| o.same_match_as(&route));
             if overlap.is_none() && !unique_name {
                 let reason = format!("another route is already named `{}`", route.name);

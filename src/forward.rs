@@ -150,7 +150,9 @@ pub async fn serve(
     };
     let route_name = route_slot.as_ref().map(|r| r.name.as_str());
     let provider_name = route_slot.as_ref().map(|r| r.provider.name.as_str());
-    state.stats(route_name).request(response.status().as_u16());
+    state
+        .stats(route_slot.as_deref())
+        .request(response.status().as_u16());
     static REQUEST_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let request_id = REQUEST_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let retried = response.extensions().get::<Retried>().is_some();
@@ -341,7 +343,7 @@ async fn forward(
         })?;
 
     let mut body = prepare_body(state, route, &parts.headers, incoming).await?;
-    let client = state.outbound.client(route.map(|r| r.name.as_str()));
+    let client = state.outbound.client(route);
     let mut retried = false;
     // Only token providers resend after a 401: the others give their headers away on the first
     // (and only) try instead of copying them.
@@ -391,7 +393,7 @@ async fn forward(
         };
         let mut response = send(state, &out, upstream_req).await?;
         state
-            .stats(route.map(|r| r.name.as_str()))
+            .stats(route)
             .upstream_latency(sent.elapsed().as_secs_f64());
         // Only plain HTTP talks to the upstream proxy directly; over HTTPS a 407 comes from
         // inside the tunnel and is the API's own answer.

@@ -23,6 +23,7 @@ use crate::forward;
 use crate::mitm::Leaves;
 use crate::outbound::Outbound;
 use crate::pinned::Pinned;
+use crate::route::Route;
 use crate::token::Tokens;
 
 /// What a request arriving on a listener is.
@@ -62,8 +63,8 @@ pub struct State {
     /// The swap this state lives in, so work that outlives a request (an intercepted tunnel)
     /// can find the current state after a reload.
     pub shared: std::sync::OnceLock<std::sync::Weak<arc_swap::ArcSwap<State>>>,
-    /// Metric handles by route name, and for requests no route took.
-    pub route_stats: HashMap<String, crate::metrics::RouteStats>,
+    /// Metric handles of each route (by `Route::index`), and for requests no route took.
+    pub route_stats: Vec<crate::metrics::RouteStats>,
     pub unrouted_stats: crate::metrics::RouteStats,
     /// Digests of `Proxy-Authorization` values already verified (PBKDF2 is slow on purpose).
     pub verified_proxy_auth: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
@@ -71,9 +72,9 @@ pub struct State {
 
 impl State {
     /// The metric handles for requests on `route` (`None`: no route took the request).
-    pub fn stats(&self, route: Option<&str>) -> &crate::metrics::RouteStats {
+    pub fn stats(&self, route: Option<&Route>) -> &crate::metrics::RouteStats {
         route
-            .and_then(|name| self.route_stats.get(name))
+            .and_then(|r| self.route_stats.get(r.index))
             .unwrap_or(&self.unrouted_stats)
     }
 
@@ -140,12 +141,7 @@ impl State {
         let route_stats = config
             .routes
             .iter()
-            .map(|r| {
-                (
-                    r.name.clone(),
-                    metrics.route_stats(&r.name, &r.provider.name),
-                )
-            })
+            .map(|r| metrics.route_stats(&r.name, &r.provider.name))
             .collect();
         let unrouted_stats = metrics.route_stats("-", "-");
         let connection_slots = previous.map_or_else(

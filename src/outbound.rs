@@ -23,6 +23,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::body::Body;
 use crate::config::{Config, Upstream};
+use crate::route::Route;
 
 /// One way of dialling (`connect_to` × egress) with its pool. Clones share the pool.
 #[derive(Clone)]
@@ -157,7 +158,8 @@ pub fn tls_config(
 /// The pooled clients of one config.
 pub struct Outbound {
     passthrough: Client,
-    by_route: HashMap<String, Client>,
+    /// By `Route::index`.
+    by_route: Vec<Client>,
     /// Token-endpoint clients of token providers.
     by_provider: HashMap<String, Client>,
     /// How unmapped traffic and tunnels leave.
@@ -186,7 +188,7 @@ impl Outbound {
         let by_route = config
             .routes
             .iter()
-            .map(|r| (r.name.clone(), client_for(&r.connect_to, &r.egress)))
+            .map(|r| client_for(&r.connect_to, &r.egress))
             .collect();
         let by_provider = config
             .providers
@@ -209,9 +211,9 @@ impl Outbound {
     }
 
     /// The client for a route, or for unmapped passthrough traffic when `route` is `None`.
-    pub fn client(&self, route: Option<&str>) -> &Client {
+    pub fn client(&self, route: Option<&Route>) -> &Client {
         route
-            .and_then(|r| self.by_route.get(r))
+            .and_then(|r| self.by_route.get(r.index))
             .unwrap_or(&self.passthrough)
     }
 

@@ -222,6 +222,9 @@ pub struct Route {
     pub egress: crate::outbound::Egress,
     /// The API answers 403 for keys used from another source address (2tCloud).
     pub ip_bound: bool,
+    /// Position in its [`RouteTable`], set by [`RouteTable::new`]: what a config keeps per route
+    /// (metric handles, upstream clients) sits in a `Vec` in table order, found without hashing.
+    pub index: usize,
 }
 
 impl Route {
@@ -262,8 +265,13 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub fn new(mut routes: Vec<Arc<Route>>) -> RouteTable {
+    pub fn new(mut routes: Vec<Route>) -> RouteTable {
         routes.sort_by_key(|r| std::cmp::Reverse(r.specificity()));
+        let routes = routes
+            .into_iter()
+            .enumerate()
+            .map(|(index, route)| Arc::new(Route { index, ..route }))
+            .collect();
         RouteTable { routes }
     }
 
@@ -297,8 +305,8 @@ pub fn normalize_host(host: &str) -> String {
 mod tests {
     use super::*;
 
-    fn route(name: &str, host: &str, prefix: &str) -> Arc<Route> {
-        Arc::new(Route {
+    fn route(name: &str, host: &str, prefix: &str) -> Route {
+        Route {
             name: name.into(),
             host: HostPattern::parse(host).expect("valid pattern"),
             path_prefix: prefix.into(),
@@ -312,7 +320,8 @@ mod tests {
             client_auth: ClientAuth::Replace,
             egress: Default::default(),
             ip_bound: false,
-        })
+            index: 0,
+        }
     }
 
     #[test]
@@ -358,6 +367,10 @@ mod tests {
             route("customers", "api.cloudnet.services", "/v1/customers"),
             route("acme", "acme.api.openvpn.com", "/"),
         ]);
+        // Each route knows its place in the table (per-route data is kept in that order).
+        for (i, r) in table.iter().enumerate() {
+            assert_eq!(r.index, i, "{}", r.name);
+        }
         let name = |h: &str, p: &str| table.find(h, 443, p).map(|r| r.name.clone());
         assert_eq!(
             name("api.cloudnet.services", "/v1/customers/9").as_deref(),
