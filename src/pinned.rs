@@ -259,7 +259,11 @@ pub async fn request(
     match result {
         Ok(resp) => {
             let (mut parts, incoming) = resp.into_parts();
-            if let Some(local) = upstream.local {
+            // Only a 403 is looked at for the source address (`forward::ip_bound_hint`); on every
+            // response it would allocate an extensions map per request.
+            if parts.status == http::StatusCode::FORBIDDEN
+                && let Some(local) = upstream.local
+            {
                 parts.extensions.insert(local);
             }
             upstream.idle_since.now();
