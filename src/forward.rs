@@ -810,6 +810,37 @@ mod tests {
     }
 
     #[test]
+    fn all_nine_hop_by_hop_names_go_and_the_others_stay_in_order() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "accept",
+            "connection",
+            "proxy-connection",
+            "keep-alive",
+            "proxy-authorization",
+            "proxy-authenticate",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "x-api-key",
+        ] {
+            h.append(name, http::HeaderValue::from_static("v"));
+        }
+        // A second value of one name goes too.
+        h.append(header::TE, http::HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["accept", "x-api-key"]);
+
+        let mut plain = HeaderMap::new();
+        plain.append("accept", http::HeaderValue::from_static("*/*"));
+        plain.append("accept", http::HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain.get_all("accept").iter().count(), 2);
+    }
+
+    #[test]
     fn dot_segments_are_found_however_they_are_written() {
         for seg in [".", "..", "%2e", "%2E", "%2e%2E", ".%2e", "%2e."] {
             assert!(is_dot_segment(seg), "{seg}");
