@@ -22,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let listen: SocketAddr = args[1].parse()?;
     let upstream: SocketAddr = args[2].parse()?;
     let threads: usize = args.get(3).map_or(Ok(1), |t| t.parse())?;
-    credproxy::runtime(threads)?.block_on(async {
+    credproxy::runtime(threads, Default::default())?.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         bare::serve(
             listener,

@@ -72,7 +72,7 @@ where
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
     let (stop_tx, stop_rx) = std::sync::mpsc::sync_channel::<()>(1);
     std::thread::spawn(move || {
-        let rt = match credproxy::runtime(threads) {
+        let rt = match credproxy::runtime(threads, Default::default()) {
             Ok(rt) => rt,
             Err(e) => {
                 let _ = ready_tx.send(Err(e.to_string()));
@@ -198,7 +198,7 @@ routes:
         ));
         Ok(addr)
     })?;
-    let client_rt = credproxy::runtime(2).map_err(|e| e.to_string())?;
+    let client_rt = credproxy::runtime(2, Default::default()).map_err(|e| e.to_string())?;
     let n = a.requests;
     // First n requests on a static route open n client connections and n upstream connections;
     // then the cold burst reuses them, so what it measures is the empty token cache, not 2n

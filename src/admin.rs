@@ -146,6 +146,7 @@ fn status(state: &crate::listen::State) -> serde_json::Value {
         "routes": routes,
         "providers": providers,
         "leaf_certificates": state.leaves.as_ref().map(|l| l.mints.load(Ordering::Relaxed)),
+        "runtime": state.workers.describe(),
     })
 }
 

@@ -156,6 +156,31 @@ struct RuntimeFile {
     /// 1 on machines with up to 2 cores, else one worker per core.
     #[serde(default)]
     threads: usize,
+    /// How the threads share the work: one multi-thread runtime, or one current_thread runtime
+    /// per thread.
+    #[serde(default)]
+    shape: Shape,
+}
+
+/// `runtime.shape`: how the `runtime.threads` threads serve client connections.
+#[derive(Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Shape {
+    /// One tokio multi-thread runtime: idle workers steal tasks from busy ones.
+    #[default]
+    MultiThread,
+    /// One current_thread runtime per thread: each client connection is handed to a thread in
+    /// turn when accepted and stays on it, so a request never moves between threads.
+    PerCore,
+}
+
+impl Shape {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Shape::MultiThread => "multi_thread",
+            Shape::PerCore => "per_core",
+        }
+    }
 }
 
 fn default_max_connections() -> usize {
@@ -525,6 +550,8 @@ pub struct Config {
     pub limits: Limits,
     /// Threads serving traffic, resolved (never 0). Read at start only.
     pub threads: usize,
+    /// `runtime.shape`. Read at start only.
+    pub shape: Shape,
     pub routes: RouteTable,
     pub local_endpoints: Vec<LocalEndpoint>,
     /// Every configured provider, by name order.
@@ -821,6 +848,7 @@ impl Validator<'_> {
                 max_connections: raw.limits.max_connections.max(1),
             },
             threads: resolve_threads(raw.runtime.threads),
+            shape: raw.runtime.shape,
             routes,
             local_endpoints,
             providers: providers.values().cloned().collect(),

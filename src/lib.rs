@@ -28,17 +28,22 @@ pub mod providers;
 pub mod route;
 pub mod secret;
 pub mod token;
+pub mod workers;
 
 pub use listen::{Running, start};
 
-/// The tokio runtime for `runtime.threads`: 1 is one current_thread runtime, N a multi-thread
-/// runtime with N workers; 0 (the commands that are not `run`) is tokio's default.
-pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+/// The tokio runtime `main` runs on, for `runtime.threads` and `runtime.shape`: 1 thread is one
+/// current_thread runtime, N a multi-thread runtime with N workers; 0 (the commands that are not
+/// `run`) is tokio's default. With `shape: per_core` it is a current_thread runtime, and
+/// [`start`] adds the other N − 1 threads, each with a current_thread runtime of its own.
+pub fn runtime(threads: usize, shape: config::Shape) -> std::io::Result<tokio::runtime::Runtime> {
     match threads {
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
         0 => tokio::runtime::Runtime::new(),
+        n if n == 1 || shape == config::Shape::PerCore => {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        }
         n => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(n)
             .enable_all()

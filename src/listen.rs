@@ -68,6 +68,8 @@ pub struct State {
     pub unrouted_stats: crate::metrics::RouteStats,
     /// Digests of `Proxy-Authorization` values already verified (PBKDF2 is slow on purpose).
     pub verified_proxy_auth: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
+    /// The threads client connections are served on (`runtime`). Process-wide, fixed at start.
+    pub workers: Arc<crate::workers::Workers>,
 }
 
 impl State {
@@ -144,6 +146,10 @@ impl State {
             .map(|r| metrics.route_stats(&r.name, &r.provider.name))
             .collect();
         let unrouted_stats = metrics.route_stats("-", "-");
+        let workers = previous.map_or_else(
+            || Arc::new(crate::workers::Workers::current(&config)),
+            |old| old.workers.clone(),
+        );
         let connection_slots = previous.map_or_else(
             || Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
             |old| old.connection_slots.clone(),
@@ -161,6 +167,7 @@ impl State {
             verified_proxy_auth: Default::default(),
             shared: std::sync::OnceLock::new(),
             connection_slots,
+            workers,
             tunnels: previous.map_or_else(
                 || Arc::new(std::sync::Mutex::new(Some(GracefulShutdown::new()))),
                 |old| old.tunnels.clone(),
@@ -179,6 +186,8 @@ pub enum StartError {
     /// TLS roots or the local CA could not be set up.
     #[error("{0}")]
     Tls(String),
+    #[error("cannot start the threads of runtime.shape: per_core: {0}")]
+    Threads(std::io::Error),
 }
 
 /// A started proxy: its bound addresses and a way to stop it.
@@ -192,6 +201,8 @@ pub struct Running {
     state: Shared,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// Declared last: the other threads of `runtime.shape: per_core` end after the rest.
+    _threads: crate::workers::Stop,
 }
 
 impl Running {
@@ -248,7 +259,10 @@ impl Running {
 
 /// Binds every listener of `config` and starts serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    let state = State::new(config).map_err(StartError::Tls)?;
+    let (workers, threads) =
+        crate::workers::Workers::start(&config).map_err(StartError::Threads)?;
+    let mut state = State::new(config).map_err(StartError::Tls)?;
+    state.workers = Arc::new(workers);
     let config = &state.config;
     let mut bound = Vec::new();
     bound.push((bind(config.listen).await?, Entry::Proxy));
@@ -322,6 +336,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         state,
         shutdown,
         tasks,
+        _threads: threads,
     })
 }
 
@@ -405,10 +420,11 @@ pub fn reload(shared: &Shared) -> Result<(), String> {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    if config.threads != old.config.threads {
+    if config.threads != old.config.threads || config.shape != old.config.shape {
         tracing::warn!(
-            "runtime.threads changed: the runtime is built at start, so it keeps {} thread(s) until a restart",
-            old.config.threads
+            "runtime.threads or runtime.shape changed: the runtime is built at start, so it keeps {} thread(s), {}, until a restart",
+            old.config.threads,
+            old.config.shape.as_str()
         );
     }
     let new = State::build(config, Some(&old))?;
@@ -425,7 +441,8 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
     slots: Arc<tokio::sync::Semaphore>,
 ) {
-    let server = http_server(&shared.load().config);
+    let server = Arc::new(http_server(&shared.load().config));
+    let workers = shared.load().workers.clone();
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -447,9 +464,63 @@ async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let open = OpenConnection::new(shared.load().metrics.clone());
-        let shared = shared.clone();
-        let entry = entry.clone();
+        let connection = Connection {
+            peer,
+            entry: entry.clone(),
+            shared: shared.clone(),
+            server: server.clone(),
+            watcher: graceful.watcher(),
+            open: OpenConnection::new(shared.load().metrics.clone()),
+            permit,
+        };
+        match workers.pick() {
+            None => {
+                tokio::spawn(connection.serve(stream));
+            }
+            // `runtime.shape: per_core`: the socket moves to the other thread's reactor.
+            Some(thread) => match stream.into_std() {
+                Ok(stream) => {
+                    thread.spawn(async move {
+                        match tokio::net::TcpStream::from_std(stream) {
+                            Ok(stream) => connection.serve(stream).await,
+                            Err(e) => tracing::warn!(%peer, "cannot hand the connection to another thread: {e}"),
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, "cannot hand the connection to another thread: {e}")
+                }
+            },
+        }
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// An accepted client connection, and what serving it needs.
+struct Connection {
+    peer: SocketAddr,
+    entry: Entry,
+    shared: Shared,
+    server: Arc<auto::Builder<TokioExecutor>>,
+    watcher: hyper_util::server::graceful::Watcher,
+    /// Held while the connection lives: the open-connections gauge and a `max_connections` slot.
+    open: OpenConnection,
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Connection {
+    async fn serve(self, stream: tokio::net::TcpStream) {
+        let Connection {
+            peer,
+            entry,
+            shared,
+            server,
+            watcher,
+            open,
+            permit,
+        } = self;
+        shared.load().workers.serving_here();
         let pinned = Arc::new(Pinned::new());
         let service = service_fn(move |req| {
             // Each request runs on the state current when it arrives, to its end.
@@ -459,15 +530,10 @@ async fn accept_loop(
             async move { Ok::<_, Infallible>(forward::serve(state, entry, req, peer, pinned).await) }
         });
         let conn = server.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, "connection ended: {e}");
-            }
-            drop(open);
-            drop(permit);
-        });
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::debug!(%peer, "connection ended: {e}");
+        }
+        drop(open);
+        drop(permit);
     }
-    drop(listener);
-    graceful.shutdown().await;
 }

@@ -96,14 +96,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let _log_guard = init_logging(cli.log_format);
     // `run` reads its config first: the config says which runtime to build.
-    let (threads, config) = match &cli.command {
+    let (threads, shape, config) = match &cli.command {
         Command::Run { config } => match load_for_run(config) {
-            Ok(c) => (c.threads, Some(c)),
+            Ok(c) => (c.threads, c.shape, Some(c)),
             Err(code) => return code,
         },
-        _ => (0, None),
+        _ => (0, Default::default(), None),
     };
-    let runtime = match credproxy::runtime(threads) {
+    let runtime = match credproxy::runtime(threads, shape) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("credproxy: cannot start the async runtime: {e}");
@@ -361,13 +361,7 @@ fn ca(action: CaAction, file: PathBuf) -> ExitCode {
 }
 
 async fn run(config: credproxy::config::Config) -> ExitCode {
-    // What the runtime really has, not what was asked: `runtime.threads` at work.
-    let handle = tokio::runtime::Handle::current();
-    tracing::info!(
-        threads = handle.metrics().num_workers(),
-        flavor = ?handle.runtime_flavor(),
-        "runtime"
-    );
+    let shape = config.shape;
     let running = match credproxy::start(config).await {
         Ok(r) => r,
         // TLS roots and the CA are configuration: restarting will not fix them (exit 2, which
@@ -381,6 +375,20 @@ async fn run(config: credproxy::config::Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // What the runtime really has, not what was asked: `runtime.threads` at work.
+    let handle = tokio::runtime::Handle::current();
+    match shape {
+        credproxy::config::Shape::MultiThread => tracing::info!(
+            threads = handle.metrics().num_workers(),
+            flavor = ?handle.runtime_flavor(),
+            "runtime"
+        ),
+        credproxy::config::Shape::PerCore => tracing::info!(
+            threads = running.state().workers.threads(),
+            flavor = "per_core",
+            "runtime"
+        ),
+    }
     // systemd (Type=notify): the listeners are bound, clients may come.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(interval) = sd_notify::watchdog_enabled() {

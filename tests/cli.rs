@@ -363,11 +363,11 @@ fn systemd_credentials_and_literal_secret_warnings() {
 
 #[tokio::test]
 async fn runtime_threads_shape_the_runtime_and_logs_off_a_terminal_have_no_colour_codes() {
-    for threads in [1, 3] {
+    for (threads, shape) in [(1, "multi_thread"), (3, "multi_thread"), (2, "per_core")] {
         let env = Env::new();
         let upstream = credproxy::fakes::echo::start(listener().await, None);
         let config = env.write_config(&format!(
-            "runtime: {{threads: {threads}}}
+            "runtime: {{threads: {threads}, shape: {shape}}}
 providers:
   p:
     headers: {{x-api-key: 'env:CREDPROXY_TEST_KEY'}}
@@ -381,8 +381,9 @@ routes:
         })
         .await
         .unwrap();
-        let c = client(proxy.addr);
         for _ in 0..20 {
+            // A connection each: under per_core they alternate between the threads.
+            let c = client(proxy.addr);
             let echo = echoed(get(&c, "http://api.example.com/x").await).await;
             assert_eq!(header_values(&echo, "x-api-key"), ["k-123"]);
         }

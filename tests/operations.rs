@@ -515,3 +515,76 @@ async fn an_open_https_tunnel_follows_a_reload() {
         "the tunnel opened before the reload uses the new config"
     );
 }
+
+#[tokio::test]
+async fn per_core_threads_share_the_connections_and_drain_together() {
+    let env = Env::new();
+    // Answers with the credential it received; `/slow` takes 1.5 s, to be in flight at shutdown.
+    let upstream = credproxy::fakes::serve(
+        listener().await,
+        Some(env.tls.clone()),
+        |req, _| async move {
+            if req.uri().path() == "/slow" {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
+            let k = req
+                .headers()
+                .get("x-k")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+                .to_owned();
+            credproxy::fakes::respond(http::StatusCode::OK, "text/plain", k)
+        },
+    );
+    let proxy = env
+        .proxy(&format!(
+            "runtime: {{threads: 2, shape: per_core}}
+providers:
+  p:
+    headers: {{x-k: v-1}}
+routes:
+  - {{host: api.example.com, provider: p, connect_to: '{}'}}
+",
+            upstream.addr
+        ))
+        .await;
+    // Four client connections, one after the other: plain HTTP, then three HTTPS tunnels
+    // (intercepted, so each tunnel's TLS and requests run on the thread its connection went to).
+    let plain = client(proxy.addr);
+    let tunnels: Vec<reqwest::Client> = (0..3)
+        .map(|_| env.https_client(proxy.addr, vec![env.proxy_ca()], false))
+        .collect();
+    for _ in 0..3 {
+        let r = plain.get("http://api.example.com/x").send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "v-1");
+    }
+    for c in &tunnels {
+        for _ in 0..3 {
+            let r = c.get("https://api.example.com/x").send().await.unwrap();
+            assert_eq!(r.text().await.unwrap(), "v-1");
+        }
+    }
+    let (_, status) = admin_get(proxy.admin_addr.unwrap(), "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(
+        status["runtime"],
+        serde_json::json!({"shape": "per_core", "threads": 2, "connections_by_thread": [2, 2]}),
+        "connections go to each thread in turn"
+    );
+    // The first tunnel was the second connection accepted, so it is on the other thread:
+    // shutdown waits for its request.
+    let on_other_thread = tunnels[0].clone();
+    let slow = tokio::spawn(async move {
+        let r = on_other_thread
+            .get("https://api.example.com/slow")
+            .send()
+            .await?;
+        r.text().await
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    proxy.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(
+        slow.await.unwrap().expect("the request in flight finished"),
+        "v-1"
+    );
+}
