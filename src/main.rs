@@ -385,7 +385,7 @@ async fn run(config: credproxy::config::Config) -> ExitCode {
         ),
         credproxy::config::Shape::PerCore => tracing::info!(
             threads = running.state().workers.threads(),
-            flavor = "per_core",
+            flavor = %"per_core",
             "runtime"
         ),
     }

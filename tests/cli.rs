@@ -363,7 +363,11 @@ fn systemd_credentials_and_literal_secret_warnings() {
 
 #[tokio::test]
 async fn runtime_threads_shape_the_runtime_and_logs_off_a_terminal_have_no_colour_codes() {
-    for (threads, shape) in [(1, "multi_thread"), (3, "multi_thread"), (2, "per_core")] {
+    for (threads, shape, flavor) in [
+        (1, "multi_thread", "CurrentThread"),
+        (3, "multi_thread", "MultiThread"),
+        (2, "per_core", "per_core"),
+    ] {
         let env = Env::new();
         let upstream = credproxy::fakes::echo::start(listener().await, None);
         let config = env.write_config(&format!(
@@ -394,7 +398,10 @@ routes:
         }
         let log = proxy.log();
         assert_eq!(log.matches("request_id=").count(), 20, "{log}");
-        assert!(log.contains(&format!("runtime threads={threads}")), "{log}");
+        assert!(
+            log.contains(&format!("runtime threads={threads} flavor={flavor}")),
+            "{log}"
+        );
         assert!(!log.contains('\x1b'), "colour codes in a piped log:\n{log}");
     }
 }
