@@ -195,6 +195,7 @@ routes:
             fake_api,
             http::header::AUTHORIZATION,
             bare_bearer,
+            bare::Mode::Pooled,
         ));
         Ok(addr)
     })?;

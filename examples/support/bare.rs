@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, Request, Uri};
 use hyper::body::Incoming;
@@ -11,14 +12,29 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::Mutex;
+
+/// How the bare forwarder reaches its upstream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// hyper-util's pooled client, shared by every client connection.
+    Pooled,
+    /// One upstream connection per client connection, no pool: what credproxy does with
+    /// `upstream.pin_connections` from a client connection's second request on.
+    #[allow(dead_code)] // examples/cold_start.rs uses the pool only
+    Pinned,
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
 
 /// Every request accepted on `listener`, whatever its URL, goes to `upstream` over plain HTTP
-/// with the header `name: value` added; pooled upstream connections.
+/// with the header `name: value` added.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     upstream: SocketAddr,
     name: HeaderName,
     value: HeaderValue,
+    mode: Mode,
 ) -> std::io::Result<()> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
@@ -28,19 +44,37 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let client = client.clone();
         let (name, value) = (name.clone(), value.clone());
+        // Pinned: this client connection's own upstream connection, dialled on first use.
+        let own: Arc<Mutex<Option<Sender>>> = Arc::default();
         let service = service_fn(move |mut req: Request<Incoming>| {
             let client = client.clone();
+            let own = own.clone();
             let (name, value) = (name.clone(), value.clone());
             async move {
                 let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-                let uri: Uri = format!("http://{upstream}{path}")
-                    .parse()
-                    .unwrap_or_default();
+                let uri: Uri = match mode {
+                    Mode::Pooled => format!("http://{upstream}{path}").parse(),
+                    Mode::Pinned => path.parse(),
+                }
+                .unwrap_or_default();
                 *req.uri_mut() = uri;
                 req.headers_mut().insert(name, value);
-                Ok::<_, Infallible>(match client.request(req).await {
-                    Ok(resp) => resp.map(http_body_util::Either::Left),
-                    Err(_) => {
+                let answer = match mode {
+                    Mode::Pooled => client.request(req).await.ok(),
+                    Mode::Pinned => {
+                        let mut own = own.lock().await;
+                        if own.as_ref().is_none_or(|s| s.is_closed()) {
+                            *own = dial(upstream).await.ok();
+                        }
+                        match own.as_mut() {
+                            Some(sender) => sender.send_request(req).await.ok(),
+                            None => None,
+                        }
+                    }
+                };
+                Ok::<_, Infallible>(match answer {
+                    Some(resp) => resp.map(http_body_util::Either::Left),
+                    None => {
                         let mut resp = hyper::Response::new(http_body_util::Either::Right(
                             http_body_util::Empty::new(),
                         ));
@@ -56,4 +90,12 @@ pub async fn serve(
                 .await;
         });
     }
+}
+
+async fn dial(upstream: SocketAddr) -> Result<Sender, Box<dyn std::error::Error + Send + Sync>> {
+    let stream = tokio::net::TcpStream::connect(upstream).await?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
 }
