@@ -152,8 +152,8 @@ impl Default for LimitsFile {
 struct RuntimeFile {
     /// Threads that serve traffic. 1: one thread runs everything (tokio's current_thread
     /// runtime), the fastest shape on a small machine that shares its cores with the apps it
-    /// serves (see BENCHMARKS.md). N > 1: a multi-thread runtime with N workers. 0 or absent:
-    /// 1 on machines with up to 2 cores, else one worker per core.
+    /// serves (see BENCHMARKS.md). N > 1: N threads, shared as `shape` says. 0 or absent: 1 on
+    /// machines with up to 2 cores, else one per core.
     #[serde(default)]
     threads: usize,
     /// How the threads share the work: one multi-thread runtime, or one current_thread runtime
@@ -170,7 +170,8 @@ pub enum Shape {
     #[default]
     MultiThread,
     /// One current_thread runtime per thread: each client connection is handed to a thread in
-    /// turn when accepted and stays on it, so a request never moves between threads.
+    /// turn when accepted and stays on it with all its requests. (Pooled upstream connections
+    /// are served by the thread that dialled them.)
     PerCore,
 }
 

@@ -1,8 +1,9 @@
 //! The threads that serve client connections. Under `runtime.shape: per_core` (see the README)
 //! there is one current_thread runtime per thread: the thread that accepts hands each new client
 //! connection to the next thread in turn, and the connection, its requests and its CONNECT
-//! tunnel stay there. Under `multi_thread` (the default) tokio's own workers share the work and
-//! this is a counter only.
+//! tunnel stay there. (Upstream connections from the shared pool are served by the thread that
+//! dialled them, whichever client connection borrows them.) Under `multi_thread` (the default)
+//! tokio's own workers share the work and this is a counter only.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -26,7 +27,8 @@ thread_local! {
     static THREAD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// Ends the extra threads when dropped; their runtimes, and whatever still runs on them, end too.
+/// Ends the extra threads when dropped: each then drops its runtime, and whatever still runs on
+/// it, in the background (the threads are not joined).
 pub struct Stop(#[allow(dead_code)] Vec<oneshot::Sender<()>>);
 
 impl Workers {
@@ -48,18 +50,33 @@ impl Workers {
         let mut stops = Vec::new();
         if config.shape == Shape::PerCore {
             for i in 1..config.threads {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
                 let (stop, stopped) = oneshot::channel::<()>();
-                workers.others.push(runtime.handle().clone());
+                // The runtime is built, run and dropped on its own thread: a runtime dropped in
+                // the async `start` (if the thread could not be spawned) would panic.
+                let (built, handle) = std::sync::mpsc::sync_channel(1);
                 std::thread::Builder::new()
                     .name(format!("credproxy-{i}"))
                     .spawn(move || {
                         THREAD.set(i);
-                        // Dropping the sender (or sending) ends the wait, and the runtime with it.
-                        let _ = runtime.block_on(stopped);
+                        let runtime = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build();
+                        match runtime {
+                            Ok(runtime) => {
+                                let _ = built.send(Ok(runtime.handle().clone()));
+                                // Dropping the sender (or sending) ends the wait, and the runtime
+                                // with it.
+                                let _ = runtime.block_on(stopped);
+                            }
+                            Err(e) => {
+                                let _ = built.send(Err(e));
+                            }
+                        }
                     })?;
+                let handle = handle.recv().map_err(|_| {
+                    std::io::Error::other(format!("thread credproxy-{i} ended at start"))
+                })??;
+                workers.others.push(handle);
                 stops.push(stop);
                 workers.served.push(AtomicU64::new(0));
             }

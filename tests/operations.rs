@@ -519,13 +519,16 @@ async fn an_open_https_tunnel_follows_a_reload() {
 #[tokio::test]
 async fn per_core_threads_share_the_connections_and_drain_together() {
     let env = Env::new();
-    // Answers with the credential it received; `/slow` takes 1.5 s, to be in flight at shutdown.
+    // Answers with the credential it received; `/slow` and `/slower` take 1.5 and 3 s, to be in
+    // flight at shutdown.
     let upstream = credproxy::fakes::serve(
         listener().await,
         Some(env.tls.clone()),
         |req, _| async move {
-            if req.uri().path() == "/slow" {
-                tokio::time::sleep(Duration::from_millis(1500)).await;
+            match req.uri().path() {
+                "/slow" => tokio::time::sleep(Duration::from_millis(1500)).await,
+                "/slower" => tokio::time::sleep(Duration::from_millis(3000)).await,
+                _ => {}
             }
             let k = req
                 .headers()
@@ -548,43 +551,58 @@ routes:
             upstream.addr
         ))
         .await;
-    // Four client connections, one after the other: plain HTTP, then three HTTPS tunnels
-    // (intercepted, so each tunnel's TLS and requests run on the thread its connection went to).
-    let plain = client(proxy.addr);
-    let tunnels: Vec<reqwest::Client> = (0..3)
-        .map(|_| env.https_client(proxy.addr, vec![env.proxy_ca()], false))
-        .collect();
-    for _ in 0..3 {
-        let r = plain.get("http://api.example.com/x").send().await.unwrap();
-        assert_eq!(r.text().await.unwrap(), "v-1");
-    }
-    for c in &tunnels {
+    // Four client connections, one after the other, so they alternate between the threads:
+    // plain HTTP (thread 0), an HTTPS tunnel (1), another tunnel (0), plain HTTP again (1). The
+    // tunnels are intercepted, so their TLS and requests run on their connection's thread.
+    let plain = [client(proxy.addr), client(proxy.addr)];
+    let tunnels = [
+        env.https_client(proxy.addr, vec![env.proxy_ca()], false),
+        env.https_client(proxy.addr, vec![env.proxy_ca()], false),
+    ];
+    let urls = ["http://api.example.com/x", "https://api.example.com/x"];
+    for (c, url) in [
+        (&plain[0], urls[0]),
+        (&tunnels[0], urls[1]),
+        (&tunnels[1], urls[1]),
+        (&plain[1], urls[0]),
+    ] {
         for _ in 0..3 {
-            let r = c.get("https://api.example.com/x").send().await.unwrap();
+            let r = c.get(url).send().await.unwrap();
             assert_eq!(r.text().await.unwrap(), "v-1");
         }
     }
-    let (_, status) = admin_get(proxy.admin_addr.unwrap(), "/status").await;
-    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let admin = proxy.admin_addr.unwrap();
+    let runtime = || async move {
+        let (_, status) = admin_get(admin, "/status").await;
+        serde_json::from_str::<serde_json::Value>(&status).unwrap()["runtime"].clone()
+    };
+    let expected =
+        serde_json::json!({"shape": "per_core", "threads": 2, "connections_by_thread": [2, 2]});
     assert_eq!(
-        status["runtime"],
-        serde_json::json!({"shape": "per_core", "threads": 2, "connections_by_thread": [2, 2]}),
+        runtime().await,
+        expected,
         "connections go to each thread in turn"
     );
-    // The first tunnel was the second connection accepted, so it is on the other thread:
-    // shutdown waits for its request.
-    let on_other_thread = tunnels[0].clone();
-    let slow = tokio::spawn(async move {
-        let r = on_other_thread
-            .get("https://api.example.com/slow")
-            .send()
-            .await?;
-        r.text().await
-    });
+    // A slow request on each connection of thread 1, plain and intercepted: shutdown waits for
+    // both, whichever thread they run on.
+    // (The plain one takes longer, so that the tunnel's drain cannot cover for it.)
+    let slow = |c: &reqwest::Client, url: &str, path: &str| {
+        let request = c.get(url.replace("/x", path)).send();
+        tokio::spawn(async move { request.await?.text().await })
+    };
+    let slow_plain = slow(&plain[1], urls[0], "/slower");
+    let slow_tunnel = slow(&tunnels[0], urls[1], "/slow");
     tokio::time::sleep(Duration::from_millis(400)).await;
-    proxy.shutdown(Duration::from_secs(10)).await;
     assert_eq!(
-        slow.await.unwrap().expect("the request in flight finished"),
-        "v-1"
+        runtime().await,
+        expected,
+        "the slow requests reuse their connections"
     );
+    proxy.shutdown(Duration::from_secs(10)).await;
+    for slow in [slow_plain, slow_tunnel] {
+        assert_eq!(
+            slow.await.unwrap().expect("the request in flight finished"),
+            "v-1"
+        );
+    }
 }

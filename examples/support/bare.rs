@@ -63,7 +63,12 @@ pub async fn serve(
                     Mode::Pooled => client.request(req).await.ok(),
                     Mode::Pinned => {
                         let mut own = own.lock().await;
-                        if own.as_ref().is_none_or(|s| s.is_closed()) {
+                        // Dialled on first use, and again if the upstream closed it.
+                        let ready = match own.as_mut() {
+                            Some(sender) => sender.ready().await.is_ok(),
+                            None => false,
+                        };
+                        if !ready {
                             *own = dial(upstream).await.ok();
                         }
                         match own.as_mut() {

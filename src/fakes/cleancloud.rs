@@ -11,11 +11,11 @@ use std::sync::Arc;
 
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::net::TcpListener;
 
 use super::issuer::{Issuer, Mode, Refusal, garbage, json_or_string, read_body, with_retry_after};
-use super::{FakeServer, respond, serve_with_issuer};
+use super::{FakeServer, json_response, serve_with_issuer};
 use crate::body::Body;
 use crate::providers::cleancloud::authorization;
 
@@ -37,10 +37,6 @@ pub fn start(
 
 /// The scope of every access code: there is one API.
 const SCOPE: &str = "api";
-
-fn json_response(status: StatusCode, body: Value) -> Response<Body> {
-    respond(status, "application/json", body.to_string())
-}
 
 fn message(status: StatusCode, text: &str) -> Response<Body> {
     json_response(status, json!({ "message": text }))

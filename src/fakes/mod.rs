@@ -165,10 +165,15 @@ pub fn echo_response(req: &Request<Incoming>, peer: SocketAddr) -> Response<Body
         "headers": headers,
         "peer": peer.to_string(),
     });
-    respond(StatusCode::OK, "application/json", body.to_string())
+    json_response(StatusCode::OK, body)
 }
 
 pub use crate::body::respond;
+
+/// A JSON answer, as the fake APIs give.
+pub fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
+    respond(status, "application/json", body.to_string())
+}
 
 /// True when the client asked for JSON (2tCloud answers XML otherwise).
 pub fn wants_json(headers: &HeaderMap) -> bool {

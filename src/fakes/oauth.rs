@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use super::issuer::{
     Issuer, Mode, Refusal, bearer, form_pairs, garbage, guid, json_or_string, read_body,
 };
-use super::{FakeServer, respond, serve_with_issuer};
+use super::{FakeServer, json_response, serve_with_issuer};
 use crate::body::{Body, empty};
 
 #[derive(Debug, Clone)]
@@ -40,10 +40,6 @@ pub fn start(
 }
 
 const TOKEN_PATH: &str = "/api/v1/oauth/token";
-
-fn json_response(status: StatusCode, body: Value) -> Response<Body> {
-    respond(status, "application/json", body.to_string())
-}
 
 /// The gateway's own error envelope (seen on 404s in the wild).
 fn gateway_error(status: StatusCode, path: &str) -> Response<Body> {
