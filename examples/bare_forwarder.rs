@@ -29,7 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("pinned") => bare::Mode::Pinned,
         Some(other) => return Err(format!("unknown mode `{other}`: pooled or pinned").into()),
     };
-    credproxy::runtime(threads, credproxy::config::Shape::MultiThread)?.block_on(async {
+    credproxy::runtime(threads, Default::default())?.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         bare::serve(
             listener,

@@ -25,7 +25,6 @@ use tokio::net::TcpStream;
 #[path = "support/bare.rs"]
 mod bare;
 
-use credproxy::config::Shape;
 use credproxy::fakes::issuer::{Issuer, Mode};
 use credproxy::fakes::oauth;
 
@@ -64,7 +63,6 @@ fn args() -> Result<Args, String> {
 /// Runs `f` on a runtime of its own thread until `stop` is dropped; returns what `f` sent back.
 fn on_thread<T: Send + 'static, F, Fut>(
     threads: usize,
-    shape: Shape,
     f: F,
 ) -> Result<(T, std::sync::mpsc::SyncSender<()>), String>
 where
@@ -74,7 +72,7 @@ where
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
     let (stop_tx, stop_rx) = std::sync::mpsc::sync_channel::<()>(1);
     std::thread::spawn(move || {
-        let rt = match credproxy::runtime(threads, shape) {
+        let rt = match credproxy::runtime(threads, Default::default()) {
             Ok(rt) => rt,
             Err(e) => {
                 let _ = ready_tx.send(Err(e.to_string()));
@@ -107,7 +105,7 @@ fn main() -> Result<(), String> {
     // One fake, two listeners sharing its issuer: the token endpoint over TLS, as the real one,
     // and the API over plain HTTP, so that 1,000 upstream TLS handshakes at once (a cost of the
     // upstream, not of the token cache) do not hide what this scenario measures.
-    let (fake_tls, fake_api) = on_thread(1, Shape::MultiThread, move || async move {
+    let (fake_tls, fake_api) = on_thread(1, move || async move {
         let settings = oauth::Settings {
             client_id: CLIENT_ID.into(),
             client_secret: CLIENT_SECRET.into(),
@@ -169,8 +167,8 @@ routes:
     let path = dir.path().join("config.yaml");
     std::fs::write(&path, yaml).map_err(|e| e.to_string())?;
     let config = credproxy::config::load(&path).map_err(|e| e.to_string())?;
-    let (threads, shape) = (config.threads, config.shape);
-    let (proxy_addr, _proxy) = on_thread(threads, shape, move || async move {
+    let threads = config.threads;
+    let (proxy_addr, _proxy) = on_thread(threads, move || async move {
         let running = credproxy::start(config).await.map_err(|e| e.to_string())?;
         let addr: SocketAddr = running.addr;
         std::mem::forget(running);
@@ -187,7 +185,7 @@ routes:
     let bearer =
         http::HeaderValue::try_from(format!("Bearer {direct_token}")).map_err(|e| e.to_string())?;
     let bare_bearer = bearer.clone();
-    let (bare_addr, _bare) = on_thread(threads, Shape::MultiThread, move || async move {
+    let (bare_addr, _bare) = on_thread(threads, move || async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| e.to_string())?;
@@ -201,7 +199,7 @@ routes:
         ));
         Ok(addr)
     })?;
-    let client_rt = credproxy::runtime(2, Shape::MultiThread).map_err(|e| e.to_string())?;
+    let client_rt = credproxy::runtime(2, Default::default()).map_err(|e| e.to_string())?;
     let n = a.requests;
     // First n requests on a static route open n client connections and n upstream connections;
     // then the cold burst reuses them, so what it measures is the empty token cache, not 2n

@@ -151,7 +151,9 @@ impl Default for LimitsFile {
 #[serde(deny_unknown_fields)]
 struct RuntimeFile {
     /// Threads that serve traffic. 1: one thread runs everything (tokio's current_thread
-    /// runtime). N > 1: N threads, shared as `shape` says. 0 or absent: one per core.
+    /// runtime), the fastest shape on a small machine that shares its cores with the apps it
+    /// serves (see BENCHMARKS.md). N > 1: N threads, shared as `shape` says. 0 or absent: 1 on
+    /// machines with up to 2 cores, else one per core.
     #[serde(default)]
     threads: usize,
     /// How the threads share the work: one multi-thread runtime, or one current_thread runtime
@@ -165,12 +167,11 @@ struct RuntimeFile {
 #[serde(rename_all = "snake_case")]
 pub enum Shape {
     /// One tokio multi-thread runtime: idle workers steal tasks from busy ones.
+    #[default]
     MultiThread,
     /// One current_thread runtime per thread: each client connection is handed to a thread in
     /// turn when accepted and stays on it with all its requests. (Pooled upstream connections
-    /// are served by the thread that dialled them.) The default: it measured fastest
-    /// (BENCHMARKS.md, "Runtime shape").
-    #[default]
+    /// are served by the thread that dialled them.)
     PerCore,
 }
 
@@ -351,10 +352,14 @@ fn default_max_header_bytes() -> Spanned<usize> {
     unlocated(64 * 1024)
 }
 
-/// `runtime.threads: 0` is one thread per core.
+/// `runtime.threads: 0` picks by core count: with 2 cores or fewer, the proxy shares them with
+/// its clients and upstreams, and one thread measured fastest (BENCHMARKS.md).
 fn resolve_threads(asked: usize) -> usize {
     match asked {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        0 => match std::thread::available_parallelism().map_or(1, |n| n.get()) {
+            n if n <= 2 => 1,
+            n => n,
+        },
         n => n,
     }
 }

@@ -176,8 +176,7 @@ mod tests {
     #[test]
     fn multi_thread_keeps_every_connection_on_its_runtime() {
         let (workers, _stop) =
-            Workers::start(&config("runtime: {threads: 3, shape: multi_thread}\n"))
-                .expect("no thread to start");
+            Workers::start(&config("runtime: {threads: 3}\n")).expect("no thread to start");
         assert!((0..4).all(|_| workers.pick().is_none()));
         assert_eq!(workers.describe()["shape"], "multi_thread");
         assert_eq!(
