@@ -361,7 +361,7 @@ fn ca(action: CaAction, file: PathBuf) -> ExitCode {
 }
 
 async fn run(config: credproxy::config::Config) -> ExitCode {
-    let shape = config.shape;
+    let (shape, threads) = (config.shape, config.threads);
     let running = match credproxy::start(config).await {
         Ok(r) => r,
         // TLS roots and the CA are configuration: restarting will not fix them (exit 2, which
@@ -375,7 +375,8 @@ async fn run(config: credproxy::config::Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // What the runtime really has, not what was asked: `runtime.threads` at work.
+    // What the runtime really has: tokio's own count for a multi-thread runtime; under per_core,
+    // `start` fails unless every asked-for thread started.
     let handle = tokio::runtime::Handle::current();
     match shape {
         credproxy::config::Shape::MultiThread => tracing::info!(
@@ -383,11 +384,9 @@ async fn run(config: credproxy::config::Config) -> ExitCode {
             flavor = ?handle.runtime_flavor(),
             "runtime"
         ),
-        credproxy::config::Shape::PerCore => tracing::info!(
-            threads = running.state().workers.threads(),
-            flavor = %"per_core",
-            "runtime"
-        ),
+        credproxy::config::Shape::PerCore => {
+            tracing::info!(threads, flavor = %"per_core", "runtime")
+        }
     }
     // systemd (Type=notify): the listeners are bound, clients may come.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);

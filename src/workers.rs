@@ -84,11 +84,6 @@ impl Workers {
         Ok((workers, Stop(stops)))
     }
 
-    /// Threads serving client connections under `per_core`: the accepting one and the others.
-    pub fn threads(&self) -> usize {
-        self.others.len() + 1
-    }
-
     /// The runtime the next client connection goes to: `None` for the accepting thread's own.
     pub fn pick(&self) -> Option<&Handle> {
         self.handle(self.next_thread())
