@@ -297,11 +297,13 @@ fn absolute_target(uri: &Uri) -> Result<Target, ProxyError> {
         Some(h) if !h.is_empty() => normalize_host(h),
         _ => return Err(ProxyError::bad_request("bad_uri", "the URL has no host")),
     };
+    // Parsed once: each of `port()` and `port_u16()` searches the authority again.
+    let port = uri.port().map(|p| p.as_u16());
     Ok(Target {
         scheme,
         host,
-        port: uri.port_u16().unwrap_or(scheme.default_port()),
-        explicit_port: uri.port().is_some(),
+        port: port.unwrap_or(scheme.default_port()),
+        explicit_port: port.is_some(),
         path_and_query: path_and_query(uri),
     })
 }
@@ -652,7 +654,9 @@ fn is_dot_segment(seg: &str) -> bool {
 
 /// `/v1/customers/../../v3/invoices` must not pick the Customers route and reach Billing.
 fn reject_dot_segments(path: &str) -> Result<(), ProxyError> {
-    if path.split('/').any(is_dot_segment) {
+    // Most paths have neither a dot nor a `%`: one scan of the bytes instead of the segments.
+    let suspect = path.bytes().any(|b| b == b'.' || b == b'%');
+    if suspect && path.split('/').any(is_dot_segment) {
         return Err(ProxyError::bad_request(
             "dot_segments",
             "the path contains `.` or `..` segments; send the normalised path",
@@ -682,23 +686,29 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in `Connection` are hop-by-hop too. Almost every `Connection` says only
     // `keep-alive` or `close`: the first is removed below anyway and the second is removed by
-    // name, so neither is parsed into a list (which then stays empty, without allocating).
+    // name, so neither is split into a list (which then stays empty, without allocating).
     let mut close = false;
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|name| {
+    let mut listed: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let bytes = value.as_bytes();
+        if bytes.eq_ignore_ascii_case(b"keep-alive") {
+            continue;
+        }
+        if bytes.eq_ignore_ascii_case(b"close") {
+            close = true;
+            continue;
+        }
+        let Ok(value) = value.to_str() else { continue };
+        for name in value.split(',').map(str::trim) {
             if name.eq_ignore_ascii_case("close") {
                 close = true;
-                return false;
+            } else if !name.eq_ignore_ascii_case("keep-alive")
+                && let Ok(name) = HeaderName::from_bytes(name.as_bytes())
+            {
+                listed.push(name);
             }
-            !name.eq_ignore_ascii_case("keep-alive")
-        })
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-        .collect();
+        }
+    }
     if close {
         headers.remove("close");
     }
@@ -807,6 +817,18 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-kept"]);
+
+        // A lone `close` (the common case, taken without splitting) still removes a header of
+        // that name; padded, it takes the general path.
+        for value in ["CLOSE", " close "] {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONNECTION, http::HeaderValue::from_static(value));
+            h.insert("close", http::HeaderValue::from_static("v"));
+            h.insert("x-kept", http::HeaderValue::from_static("v"));
+            strip_hop_by_hop(&mut h);
+            let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+            assert_eq!(left, ["x-kept"], "Connection: {value:?}");
+        }
     }
 
     #[test]
@@ -861,6 +883,9 @@ mod tests {
         }
         assert!(reject_dot_segments("/a/%2E%2e/b").is_err());
         assert!(reject_dot_segments("/a/.../b.c/").is_ok());
+        assert!(reject_dot_segments("/v1/customers/..").is_err());
+        assert!(reject_dot_segments("/v1/./x").is_err());
+        assert!(reject_dot_segments("/v1/customers/42").is_ok());
     }
 
     #[test]

@@ -478,19 +478,15 @@ async fn accept_loop(
                 tokio::spawn(connection.serve(stream));
             }
             // `runtime.shape: per_core`: the socket moves to the other thread's reactor.
-            Some(thread) => match stream.into_std() {
-                Ok(stream) => {
-                    thread.spawn(async move {
-                        match tokio::net::TcpStream::from_std(stream) {
-                            Ok(stream) => connection.serve(stream).await,
-                            Err(e) => tracing::warn!(%peer, "cannot hand the connection to another thread: {e}"),
-                        }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(%peer, "cannot hand the connection to another thread: {e}")
-                }
-            },
+            Some(thread) => {
+                let stream = stream.into_std();
+                thread.spawn(async move {
+                    match stream.and_then(tokio::net::TcpStream::from_std) {
+                        Ok(stream) => connection.serve(stream).await,
+                        Err(e) => tracing::warn!(%peer, "cannot hand the connection to another thread: {e}"),
+                    }
+                });
+            }
         }
     }
     drop(listener);
