@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 mod bare;
 
 use credproxy::fakes::issuer::{Issuer, Mode};
-use credproxy::fakes::oauth;
+use credproxy::fakes::{oauth, serve_with_issuer};
 
 const CLIENT_ID: &str = "0123456789abcdef0123456789abcdef.bench";
 const CLIENT_SECRET: &str = "bench-client-secret";
@@ -115,13 +115,14 @@ fn main() -> Result<(), String> {
                 .await
                 .map_err(|e| e.to_string())
         };
-        let tls = oauth::start(
+        let tls = serve_with_issuer(
             bind().await?,
             Some(tls),
             settings.clone(),
             fake_issuer.clone(),
+            oauth::handle,
         );
-        let api = oauth::start(bind().await?, None, settings, fake_issuer);
+        let api = serve_with_issuer(bind().await?, None, settings, fake_issuer, oauth::handle);
         let addrs = (tls.addr, api.addr);
         // The fakes serve from tasks of this runtime; their handles are kept alive here.
         std::mem::forget((tls, api));

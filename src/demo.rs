@@ -13,7 +13,9 @@ use tokio::net::TcpListener;
 
 use crate::ca::Ca;
 use crate::fakes::issuer::Issuer;
-use crate::fakes::{FakeServer, cleancloud, cloudneeti, oauth, stackbill, twotcloud};
+use crate::fakes::{
+    FakeServer, cleancloud, cloudneeti, oauth, serve_with_issuer, stackbill, twotcloud,
+};
 
 const ACCOUNT: &str = "100234";
 const CUSTOMERS_KEY: &str = "demo-customers-key-3f9a";
@@ -173,7 +175,7 @@ async fn start_fakes(tls: Arc<rustls::ServerConfig>) -> Result<Fakes, DemoError>
                 secret_key: STACKBILL_SECRET.into(),
             },
         ),
-        neeti: cloudneeti::start(
+        neeti: serve_with_issuer(
             listener().await?,
             tls.clone(),
             cloudneeti::Settings {
@@ -184,8 +186,9 @@ async fn start_fakes(tls: Arc<rustls::ServerConfig>) -> Result<Fakes, DemoError>
                 accounts: vec![NEETI_ACCOUNT.into()],
             },
             Issuer::new(ttl),
+            cloudneeti::handle,
         ),
-        connexa: oauth::start(
+        connexa: serve_with_issuer(
             listener().await?,
             tls.clone(),
             oauth::Settings {
@@ -193,8 +196,9 @@ async fn start_fakes(tls: Arc<rustls::ServerConfig>) -> Result<Fakes, DemoError>
                 client_secret: CONNEXA_SECRET.into(),
             },
             Issuer::new(ttl),
+            oauth::handle,
         ),
-        clean: cleancloud::start(
+        clean: serve_with_issuer(
             listener().await?,
             tls,
             cleancloud::Settings {
@@ -202,6 +206,7 @@ async fn start_fakes(tls: Arc<rustls::ServerConfig>) -> Result<Fakes, DemoError>
                 user_secret: CLEANCLOUD_SECRET.into(),
             },
             Issuer::new(ttl),
+            cleancloud::handle,
         ),
     })
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use credproxy::fakes::issuer::{Issuer, Mode};
-use credproxy::fakes::{cleancloud, cloudneeti, oauth};
+use credproxy::fakes::{cleancloud, cloudneeti, oauth, serve_with_issuer};
 use credproxy::providers::cleancloud::authorization;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -52,7 +52,7 @@ struct Neeti {
 impl Neeti {
     async fn start() -> Neeti {
         let issuer = Issuer::new(Duration::from_secs(3600));
-        let fake = cloudneeti::start(
+        let fake = serve_with_issuer(
             listener().await,
             None,
             cloudneeti::Settings {
@@ -63,6 +63,7 @@ impl Neeti {
                 accounts: vec![ACC_A.into(), ACC_B.into()],
             },
             issuer.clone(),
+            cloudneeti::handle,
         );
         Neeti {
             fake,
@@ -388,7 +389,7 @@ const OTHER: &str = "other.api.openvpn.com";
 
 async fn start_oauth() -> (credproxy::fakes::FakeServer, Arc<Issuer>) {
     let issuer = Issuer::new(Duration::from_secs(43199));
-    let fake = oauth::start(
+    let fake = serve_with_issuer(
         listener().await,
         None,
         oauth::Settings {
@@ -396,6 +397,7 @@ async fn start_oauth() -> (credproxy::fakes::FakeServer, Arc<Issuer>) {
             client_secret: CLIENT_SECRET.into(),
         },
         issuer.clone(),
+        oauth::handle,
     );
     (fake, issuer)
 }
@@ -610,7 +612,7 @@ const USER_SECRET: &str = "utsecret456";
 
 async fn start_cleancloud() -> (credproxy::fakes::FakeServer, Arc<Issuer>) {
     let issuer = Issuer::new(Duration::from_secs(3600));
-    let fake = cleancloud::start(
+    let fake = serve_with_issuer(
         listener().await,
         None,
         cleancloud::Settings {
@@ -618,6 +620,7 @@ async fn start_cleancloud() -> (credproxy::fakes::FakeServer, Arc<Issuer>) {
             user_secret: USER_SECRET.into(),
         },
         issuer.clone(),
+        cleancloud::handle,
     );
     (fake, issuer)
 }

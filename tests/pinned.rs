@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use credproxy::fakes::issuer::Issuer;
-use credproxy::fakes::{echo, oauth, twotcloud};
+use credproxy::fakes::{echo, oauth, serve_with_issuer, twotcloud};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -154,11 +154,12 @@ async fn a_401_on_a_pinned_connection_refreshes_the_token_and_retries_once() {
         client_id: "cid".into(),
         client_secret: "cs".into(),
     };
-    let fake = oauth::start(
+    let fake = serve_with_issuer(
         listener().await,
         Some(http1_only(&env)),
         settings,
         issuer.clone(),
+        oauth::handle,
     );
     let proxy = env.proxy(&connexa_yaml(fake.addr)).await;
     let c = client(proxy.addr);

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use credproxy::fakes::issuer::{Issuer, Mode};
-use credproxy::fakes::{FakeServer, cleancloud, cloudneeti};
+use credproxy::fakes::{FakeServer, cleancloud, cloudneeti, serve_with_issuer};
 use support::*;
 
 const CLIENT_ID: &str = "0123456789abcdef0123456789abcdef.acme";
@@ -120,7 +120,7 @@ const APP_SECRET: &str = "app-secret-Hh2";
 
 async fn cloudneeti_fake(env: &Env) -> (FakeServer, Arc<Issuer>) {
     let issuer = Issuer::new(Duration::from_secs(3600));
-    let fake = cloudneeti::start(
+    let fake = serve_with_issuer(
         listener().await,
         Some(env.tls.clone()),
         cloudneeti::Settings {
@@ -131,6 +131,7 @@ async fn cloudneeti_fake(env: &Env) -> (FakeServer, Arc<Issuer>) {
             accounts: vec!["acc-1".into(), "acc-2".into()],
         },
         issuer.clone(),
+        cloudneeti::handle,
     );
     (fake, issuer)
 }
@@ -503,7 +504,7 @@ const USER_SECRET: &str = "utsecret456";
 async fn cleancloud_requests_are_signed_and_oversized_bodies_refused() {
     let env = Env::new();
     let issuer = Issuer::new(Duration::from_secs(3600));
-    let fake = cleancloud::start(
+    let fake = serve_with_issuer(
         listener().await,
         Some(env.tls.clone()),
         cleancloud::Settings {
@@ -511,6 +512,7 @@ async fn cleancloud_requests_are_signed_and_oversized_bodies_refused() {
             user_secret: USER_SECRET.into(),
         },
         issuer.clone(),
+        cleancloud::handle,
     );
     let proxy = env
         .proxy(&format!(

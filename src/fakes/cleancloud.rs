@@ -12,10 +12,9 @@ use std::sync::Arc;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
-use tokio::net::TcpListener;
 
-use super::issuer::{Issuer, Mode, Refusal, garbage, json_or_string, read_body, with_retry_after};
-use super::{FakeServer, json_response, serve_with_issuer};
+use super::issuer::{Issuer, Mode, json_or_string, read_body, with_retry_after};
+use super::json_response;
 use crate::body::Body;
 use crate::providers::cleancloud::authorization;
 
@@ -24,15 +23,6 @@ pub struct Settings {
     /// The user token that signs `GET /api_tokens`.
     pub user_code: String,
     pub user_secret: String,
-}
-
-pub fn start(
-    listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    settings: Settings,
-    issuer: Arc<Issuer>,
-) -> FakeServer {
-    serve_with_issuer(listener, tls, settings, issuer, handle)
 }
 
 /// The scope of every access code: there is one API.
@@ -59,7 +49,9 @@ fn credential(header: &str) -> Option<&str> {
         .find_map(|f| f.trim().strip_prefix("Credential="))
 }
 
-async fn handle(
+/// Answers one request; `fakes::serve_with_issuer(listener, tls, settings, issuer, handle)`
+/// serves it.
+pub async fn handle(
     settings: Arc<Settings>,
     issuer: Arc<Issuer>,
     req: Request<Incoming>,
@@ -116,16 +108,15 @@ async fn api_tokens(
     let mode = match issuer.token_request().await {
         Ok(mode) => mode,
         Err(refusal) => {
-            return match refusal {
-                Refusal::Garbage => garbage(),
-                Refusal::Status(status) => {
-                    message(status, status.canonical_reason().unwrap_or("Error"))
-                }
-                Refusal::RateLimited(secs) => with_retry_after(
-                    message(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests"),
-                    secs,
-                ),
-            };
+            return refusal.answer(
+                |status| message(status, status.canonical_reason().unwrap_or("Error")),
+                |secs| {
+                    with_retry_after(
+                        message(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests"),
+                        secs,
+                    )
+                },
+            );
         }
     };
     let expected = authorization(

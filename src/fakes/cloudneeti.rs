@@ -14,13 +14,11 @@ use std::sync::Arc;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
 use super::issuer::{
-    Issuer, Mode, Refusal, bearer, form_pairs, garbage, guid, json_or_string, read_body,
-    with_retry_after,
+    Issuer, Mode, bearer, form_pairs, guid, json_or_string, read_body, with_retry_after,
 };
-use super::{FakeServer, respond, serve_with_issuer};
+use super::respond;
 use crate::body::Body;
 
 #[derive(Debug, Clone)]
@@ -33,15 +31,6 @@ pub struct Settings {
     pub license_id: String,
     /// Accounts in the API application's scope; account tokens exist only for these.
     pub accounts: Vec<String>,
-}
-
-pub fn start(
-    listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    settings: Settings,
-    issuer: Arc<Issuer>,
-) -> FakeServer {
-    serve_with_issuer(listener, tls, settings, issuer, handle)
 }
 
 const SUCCESS: &str = "Request Successful";
@@ -115,7 +104,9 @@ fn token_request<'a>(segs: &[&'a str], query: Option<&str>) -> Option<TokenReque
     }
 }
 
-async fn handle(
+/// Answers one request; `fakes::serve_with_issuer(listener, tls, settings, issuer, handle)`
+/// serves it.
+pub async fn handle(
     settings: Arc<Settings>,
     issuer: Arc<Issuer>,
     req: Request<Incoming>,
@@ -157,19 +148,18 @@ async fn token(
     let mode = match issuer.token_request().await {
         Ok(mode) => mode,
         Err(refusal) => {
-            return match refusal {
-                Refusal::Garbage => garbage(),
-                Refusal::Status(status) => {
-                    error(status, status.canonical_reason().unwrap_or("Error"))
-                }
-                Refusal::RateLimited(secs) => with_retry_after(
-                    apim_error(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        &format!("Rate limit is exceeded. Try again in {secs} seconds."),
-                    ),
-                    secs,
-                ),
-            };
+            return refusal.answer(
+                |status| error(status, status.canonical_reason().unwrap_or("Error")),
+                |secs| {
+                    with_retry_after(
+                        apim_error(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            &format!("Rate limit is exceeded. Try again in {secs} seconds."),
+                        ),
+                        secs,
+                    )
+                },
+            );
         }
     };
 

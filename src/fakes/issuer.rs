@@ -47,14 +47,28 @@ struct State {
     auth_methods: Vec<&'static str>,
 }
 
-/// Shared, interior-mutable token state; used as `Arc<Issuer>` by a fake and by the test or demo
-/// that drives it.
 /// A failure a token endpoint must answer with (see [`Issuer::token_request`]).
 pub enum Refusal {
     Status(http::StatusCode),
     /// A 200 whose body is not JSON, like a gateway's error page.
     Garbage,
     RateLimited(u64),
+}
+
+impl Refusal {
+    /// The fake's answer: [`garbage`] for `Garbage`, else the provider's own error for a status or
+    /// for a rate limit of `secs` seconds.
+    pub fn answer(
+        self,
+        status: impl FnOnce(http::StatusCode) -> http::Response<crate::body::Body>,
+        rate_limited: impl FnOnce(u64) -> http::Response<crate::body::Body>,
+    ) -> http::Response<crate::body::Body> {
+        match self {
+            Refusal::Garbage => garbage(),
+            Refusal::Status(s) => status(s),
+            Refusal::RateLimited(secs) => rate_limited(secs),
+        }
+    }
 }
 
 /// What every fake answers for [`Refusal::Garbage`].
@@ -76,6 +90,8 @@ pub fn with_retry_after(
     r
 }
 
+/// Shared, interior-mutable token state; used as `Arc<Issuer>` by a fake and by the test or demo
+/// that drives it.
 pub struct Issuer {
     state: Mutex<State>,
     token_requests: AtomicU64,

@@ -16,27 +16,15 @@ use base64::Engine;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
-use super::issuer::{
-    Issuer, Mode, Refusal, bearer, form_pairs, garbage, guid, json_or_string, read_body,
-};
-use super::{FakeServer, json_response, serve_with_issuer};
+use super::issuer::{Issuer, Mode, bearer, form_pairs, guid, json_or_string, read_body};
+use super::json_response;
 use crate::body::{Body, empty};
 
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub client_id: String,
     pub client_secret: String,
-}
-
-pub fn start(
-    listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    settings: Settings,
-    issuer: Arc<Issuer>,
-) -> FakeServer {
-    serve_with_issuer(listener, tls, settings, issuer, handle)
 }
 
 const TOKEN_PATH: &str = "/api/v1/oauth/token";
@@ -77,7 +65,9 @@ fn request_host(headers: &HeaderMap, uri: &Uri) -> String {
     host.to_ascii_lowercase()
 }
 
-async fn handle(
+/// Answers one request; `fakes::serve_with_issuer(listener, tls, settings, issuer, handle)`
+/// serves it.
+pub async fn handle(
     settings: Arc<Settings>,
     issuer: Arc<Issuer>,
     req: Request<Incoming>,
@@ -204,10 +194,9 @@ async fn token(settings: &Settings, issuer: &Issuer, req: Request<Incoming>) -> 
     let mode = match issuer.token_request().await {
         Ok(mode) => mode,
         Err(refusal) => {
-            return match refusal {
-                Refusal::Garbage => garbage(),
-                Refusal::Status(status) => gateway_error(status, TOKEN_PATH),
-                Refusal::RateLimited(retry_after_secs) => {
+            return refusal.answer(
+                |status| gateway_error(status, TOKEN_PATH),
+                |retry_after_secs| {
                     let mut r = Response::new(empty());
                     *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
                     let h = r.headers_mut();
@@ -220,8 +209,8 @@ async fn token(settings: &Settings, issuer: &Issuer, req: Request<Incoming>) -> 
                     h.insert("x-ratelimit-burst-capacity", HeaderValue::from(20u32));
                     h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(0u32));
                     r
-                }
-            };
+                },
+            );
         }
     };
 

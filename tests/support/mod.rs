@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use credproxy::ca::Ca;
 use credproxy::fakes::issuer::Issuer;
-use credproxy::fakes::{FakeServer, echo, oauth, twotcloud};
+use credproxy::fakes::{FakeServer, echo, oauth, serve_with_issuer, twotcloud};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -149,11 +149,12 @@ impl Env {
             client_id: client_id.into(),
             client_secret: secret.into(),
         };
-        let fake = oauth::start(
+        let fake = serve_with_issuer(
             listener().await,
             Some(self.tls.clone()),
             settings,
             issuer.clone(),
+            oauth::handle,
         );
         (fake, issuer)
     }
