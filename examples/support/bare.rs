@@ -44,8 +44,9 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let client = client.clone();
         let (name, value) = (name.clone(), value.clone());
-        // Pinned: this client connection's own upstream connection, dialled on first use.
-        let own: Arc<Mutex<Option<Sender>>> = Arc::default();
+        // Pinned: this client connection's own upstream connection, dialled on first use (none in
+        // pooled mode, so that the pooled yardstick pays nothing for it).
+        let own: Option<Arc<Mutex<Option<Sender>>>> = (mode == Mode::Pinned).then(Arc::default);
         let service = service_fn(move |mut req: Request<Incoming>| {
             let client = client.clone();
             let own = own.clone();
@@ -59,9 +60,9 @@ pub async fn serve(
                 .unwrap_or_default();
                 *req.uri_mut() = uri;
                 req.headers_mut().insert(name, value);
-                let answer = match mode {
-                    Mode::Pooled => client.request(req).await.ok(),
-                    Mode::Pinned => {
+                let answer = match own {
+                    None => client.request(req).await.ok(),
+                    Some(own) => {
                         let mut own = own.lock().await;
                         // Dialled on first use, and again if the upstream closed it.
                         let ready = match own.as_mut() {
