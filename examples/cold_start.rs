@@ -3,7 +3,7 @@
 //! latency percentiles over the fake's own token latency (the target: p99 under 50 ms over it).
 //!
 //!   cargo run --release --example cold_start -- [--requests 1000] [--token-latency-ms 100]
-//!       [--threads 1] [--out FILE.md]
+//!       [--threads 1] [--shape multi_thread|per_core] [--out FILE.md]
 //!
 //! For comparison, the same burst is sent again with the token cached, through the bare hyper
 //! forwarder (examples/support/bare.rs), and straight to the fake.
@@ -35,6 +35,8 @@ struct Args {
     requests: usize,
     token_latency: Duration,
     threads: usize,
+    /// `runtime.shape`, as in credproxy's config.
+    shape: String,
     out: Option<String>,
 }
 
@@ -43,6 +45,7 @@ fn args() -> Result<Args, String> {
         requests: 1000,
         token_latency: Duration::from_millis(100),
         threads: 1,
+        shape: "multi_thread".into(),
         out: None,
     };
     let mut it = std::env::args().skip(1);
@@ -53,6 +56,8 @@ fn args() -> Result<Args, String> {
             "--requests" => a.requests = num()? as usize,
             "--token-latency-ms" => a.token_latency = Duration::from_millis(num()?),
             "--threads" => a.threads = num()? as usize,
+            "--shape" if value == "multi_thread" || value == "per_core" => a.shape = value.clone(),
+            "--shape" => return Err(format!("--shape {value}: multi_thread or per_core")),
             "--out" => a.out = Some(value.clone()),
             _ => return Err(format!("unknown flag {flag}")),
         }
@@ -63,6 +68,7 @@ fn args() -> Result<Args, String> {
 /// Runs `f` on a runtime of its own thread until `stop` is dropped; returns what `f` sent back.
 fn on_thread<T: Send + 'static, F, Fut>(
     threads: usize,
+    shape: credproxy::config::Shape,
     f: F,
 ) -> Result<(T, std::sync::mpsc::SyncSender<()>), String>
 where
@@ -72,7 +78,7 @@ where
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
     let (stop_tx, stop_rx) = std::sync::mpsc::sync_channel::<()>(1);
     std::thread::spawn(move || {
-        let rt = match credproxy::runtime(threads, Default::default()) {
+        let rt = match credproxy::runtime(threads, shape) {
             Ok(rt) => rt,
             Err(e) => {
                 let _ = ready_tx.send(Err(e.to_string()));
@@ -105,7 +111,7 @@ fn main() -> Result<(), String> {
     // One fake, two listeners sharing its issuer: the token endpoint over TLS, as the real one,
     // and the API over plain HTTP, so that 1,000 upstream TLS handshakes at once (a cost of the
     // upstream, not of the token cache) do not hide what this scenario measures.
-    let (fake_tls, fake_api) = on_thread(1, move || async move {
+    let (fake_tls, fake_api) = on_thread(1, Default::default(), move || async move {
         let settings = oauth::Settings {
             client_id: CLIENT_ID.into(),
             client_secret: CLIENT_SECRET.into(),
@@ -138,7 +144,7 @@ fn main() -> Result<(), String> {
         "listen: 127.0.0.1:0
 admin: {{enabled: false}}
 state_dir: {d}/state
-runtime: {{threads: {threads}}}
+runtime: {{threads: {threads}, shape: {shape}}}
 upstream: {{extra_ca_files: ['{d}/ca.pem']}}
 providers:
   connexa:
@@ -163,13 +169,14 @@ routes:
     upstream_scheme: http
     connect_to: '{fake_api}'
 ",
-        threads = a.threads
+        threads = a.threads,
+        shape = a.shape
     );
     let path = dir.path().join("config.yaml");
     std::fs::write(&path, yaml).map_err(|e| e.to_string())?;
     let config = credproxy::config::load(&path).map_err(|e| e.to_string())?;
-    let threads = config.threads;
-    let (proxy_addr, _proxy) = on_thread(threads, move || async move {
+    let (threads, shape) = (config.threads, config.shape);
+    let (proxy_addr, _proxy) = on_thread(threads, shape, move || async move {
         let running = credproxy::start(config).await.map_err(|e| e.to_string())?;
         let addr: SocketAddr = running.addr;
         std::mem::forget(running);
@@ -186,7 +193,7 @@ routes:
     let bearer =
         http::HeaderValue::try_from(format!("Bearer {direct_token}")).map_err(|e| e.to_string())?;
     let bare_bearer = bearer.clone();
-    let (bare_addr, _bare) = on_thread(threads, move || async move {
+    let (bare_addr, _bare) = on_thread(threads, Default::default(), move || async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| e.to_string())?;
@@ -256,6 +263,7 @@ routes:
     let token_requests = issuer.token_requests();
     let ok = statuses.get(&200).copied().unwrap_or(0);
     let verdict = |met: bool| if met { "met" } else { "NOT met" };
+    let shape_name = shape.as_str();
     let report = format!(
         "| requests | answered 200 | token requests | fake token latency | p50 | p99 | max | p99 over the token latency | same burst, token cached: p99 | same burst, bare forwarder: p99 | same burst straight to the fake: p99 |
 |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
@@ -271,7 +279,7 @@ routes:
   requests at once.
 - Every burst runs on connections opened beforehand: {n} client connections, and for the proxies
   {n} upstream connections (opened by a first burst, to a static route for credproxy).
-- Statuses: {statuses:?}. credproxy ran with runtime.threads = {threads}.
+- Statuses: {statuses:?}. credproxy ran with runtime.threads = {threads}, shape {shape_name}.
 ",
         ms(pct(0.50)),
         ms(pct(0.99)),
