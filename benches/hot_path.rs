@@ -6,23 +6,14 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use credproxy::providers::{Kind, Provider, headers, sensitive_value};
-use credproxy::route::{ClientAuth, HostPattern, Route, RouteTable, Scheme};
+use credproxy::route::{HostPattern, Route, RouteTable};
 use credproxy::secret::Secret;
 use criterion::{Criterion, criterion_group, criterion_main};
 
 fn route(host: &str, prefix: &str, provider: &Arc<Provider>) -> Route {
-    Route {
-        name: format!("{host}{prefix}"),
-        host: HostPattern::parse(host).unwrap(),
-        path_prefix: prefix.into(),
-        provider: provider.clone(),
-        upstream_scheme: Scheme::Https,
-        connect_to: None,
-        client_auth: ClientAuth::Replace,
-        egress: Default::default(),
-        ip_bound: false,
-        index: 0,
-    }
+    let name = format!("{host}{prefix}");
+    let host = HostPattern::parse(host).unwrap();
+    Route::new(name, host, prefix.into(), provider.clone())
 }
 
 fn benches(c: &mut Criterion) {

@@ -228,6 +228,28 @@ pub struct Route {
 }
 
 impl Route {
+    /// A route with what a config gets by default when it gives only these: an HTTPS upstream
+    /// reached at the request's host, the client's credentials replaced, the provider's egress.
+    pub fn new(
+        name: String,
+        host: HostPattern,
+        path_prefix: String,
+        provider: Arc<Provider>,
+    ) -> Route {
+        Route {
+            name,
+            host,
+            path_prefix,
+            egress: provider.egress.clone(),
+            provider,
+            upstream_scheme: Scheme::Https,
+            connect_to: None,
+            client_auth: ClientAuth::Replace,
+            ip_bound: false,
+            index: 0,
+        }
+    }
+
     pub fn matches(&self, host: &str, port: u16, path: &str) -> bool {
         self.host.matches(host, port) && path_under(path, &self.path_prefix)
     }
@@ -306,22 +328,9 @@ mod tests {
     use super::*;
 
     fn route(name: &str, host: &str, prefix: &str) -> Route {
-        Route {
-            name: name.into(),
-            host: HostPattern::parse(host).expect("valid pattern"),
-            path_prefix: prefix.into(),
-            provider: Arc::new(Provider::new(
-                "p",
-                "headers",
-                crate::providers::Kind::Static(Vec::new()),
-            )),
-            upstream_scheme: Scheme::Https,
-            connect_to: None,
-            client_auth: ClientAuth::Replace,
-            egress: Default::default(),
-            ip_bound: false,
-            index: 0,
-        }
+        let provider = Provider::new("p", "headers", crate::providers::Kind::Static(Vec::new()));
+        let host = HostPattern::parse(host).expect("valid pattern");
+        Route::new(name.into(), host, prefix.into(), Arc::new(provider))
     }
 
     #[test]
