@@ -14,9 +14,9 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
-use http_body_util::{Either, Empty};
-use hyper::body::{Bytes, Incoming};
+use http::{HeaderValue, Method, Request, StatusCode, Uri};
+use http_body_util::Either;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
@@ -24,9 +24,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::sync::Mutex;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
-type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
-type Body = Either<Incoming, Empty<Bytes>>;
+// Only its pinned upstream connection is used here, not its plain-HTTP server.
+#[allow(dead_code)]
+#[path = "support/bare.rs"]
+mod bare;
+
+use bare::{Error, Sender, handshake, send_pinned, status};
 
 fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().collect();
@@ -85,12 +88,6 @@ fn main() -> Result<(), Error> {
     })
 }
 
-fn status(code: StatusCode) -> Response<Body> {
-    let mut resp = Response::new(Either::Right(Empty::new()));
-    *resp.status_mut() = code;
-    resp
-}
-
 /// Serves the requests inside one CONNECT tunnel, each over this tunnel's own upstream connection.
 async fn intercept(
     upgraded: hyper::upgrade::Upgraded,
@@ -108,19 +105,7 @@ async fn intercept(
             *req.uri_mut() = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
             req.headers_mut()
                 .insert("x-api-key", HeaderValue::from_static("bench-key"));
-            let mut own = own.lock().await;
-            // Dialled on first use, and again if the upstream closed it.
-            let ready = match own.as_mut() {
-                Some(sender) => sender.ready().await.is_ok(),
-                None => false,
-            };
-            if !ready {
-                *own = dial(&connector, upstream, &host).await.ok();
-            }
-            let answer = match own.as_mut() {
-                Some(sender) => sender.send_request(req).await.ok(),
-                None => None,
-            };
+            let answer = send_pinned(&own, req, || dial(&connector, upstream, &host)).await;
             Ok::<_, Infallible>(match answer {
                 Some(resp) => resp.map(Either::Left),
                 None => status(StatusCode::BAD_GATEWAY),
@@ -139,7 +124,5 @@ async fn dial(connector: &TlsConnector, upstream: SocketAddr, host: &str) -> Res
     let tls = connector
         .connect(ServerName::try_from(host.to_owned())?, stream)
         .await?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
-    tokio::spawn(conn);
-    Ok(sender)
+    handshake(tls).await
 }

@@ -1,18 +1,23 @@
 //! The bare forwarder's server, shared by `examples/bare_forwarder.rs` and the scenario 5 bench
 //! (`examples/cold_start.rs`): the smallest hyper forwarder that adds one header, with nothing of
-//! credproxy's (no routing, metrics, logs, access checks, token cache).
+//! credproxy's (no routing, metrics, logs, access checks, token cache). Its pinned upstream
+//! connection ([`send_pinned`]) also serves `examples/bare_interceptor.rs`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{HeaderName, HeaderValue, Request, Uri};
-use hyper::body::Incoming;
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::{Either, Empty};
+use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Mutex;
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// How the bare forwarder reaches its upstream.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -25,7 +30,9 @@ pub enum Mode {
     Pinned,
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
+pub type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
+/// What the bare proxies answer: the upstream's response, or a status of their own.
+pub type Body = Either<Incoming, Empty<Bytes>>;
 
 /// Every request accepted on `listener`, whatever its URL, goes to `upstream` over plain HTTP
 /// with the header `name: value` added.
@@ -62,31 +69,11 @@ pub async fn serve(
                 req.headers_mut().insert(name, value);
                 let answer = match own {
                     None => client.request(req).await.ok(),
-                    Some(own) => {
-                        let mut own = own.lock().await;
-                        // Dialled on first use, and again if the upstream closed it.
-                        let ready = match own.as_mut() {
-                            Some(sender) => sender.ready().await.is_ok(),
-                            None => false,
-                        };
-                        if !ready {
-                            *own = dial(upstream).await.ok();
-                        }
-                        match own.as_mut() {
-                            Some(sender) => sender.send_request(req).await.ok(),
-                            None => None,
-                        }
-                    }
+                    Some(own) => send_pinned(&own, req, || dial(upstream)).await,
                 };
                 Ok::<_, Infallible>(match answer {
-                    Some(resp) => resp.map(http_body_util::Either::Left),
-                    None => {
-                        let mut resp = hyper::Response::new(http_body_util::Either::Right(
-                            http_body_util::Empty::new(),
-                        ));
-                        *resp.status_mut() = http::StatusCode::BAD_GATEWAY;
-                        resp
-                    }
+                    Some(resp) => resp.map(Either::Left),
+                    None => status(StatusCode::BAD_GATEWAY),
                 })
             }
         });
@@ -98,10 +85,46 @@ pub async fn serve(
     }
 }
 
-async fn dial(upstream: SocketAddr) -> Result<Sender, Box<dyn std::error::Error + Send + Sync>> {
-    let stream = tokio::net::TcpStream::connect(upstream).await?;
-    let _ = stream.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+/// Sends `req` over this client connection's own upstream connection, dialled with `dial` on
+/// first use and again if the upstream closed it; `None` if dialling or sending failed.
+pub async fn send_pinned<Fut>(
+    own: &Mutex<Option<Sender>>,
+    req: Request<Incoming>,
+    dial: impl FnOnce() -> Fut,
+) -> Option<Response<Incoming>>
+where
+    Fut: Future<Output = Result<Sender, Error>>,
+{
+    let mut own = own.lock().await;
+    let ready = match own.as_mut() {
+        Some(sender) => sender.ready().await.is_ok(),
+        None => false,
+    };
+    if !ready {
+        *own = dial().await.ok();
+    }
+    own.as_mut()?.send_request(req).await.ok()
+}
+
+/// HTTP/1 over a new upstream connection; the connection's driver runs as a task of its own.
+pub async fn handshake<T>(io: T) -> Result<Sender, Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(conn);
     Ok(sender)
+}
+
+/// An answer of the proxy's own: the status alone.
+pub fn status(code: StatusCode) -> Response<Body> {
+    let mut resp = Response::new(Either::Right(Empty::new()));
+    *resp.status_mut() = code;
+    resp
+}
+
+async fn dial(upstream: SocketAddr) -> Result<Sender, Error> {
+    let stream = tokio::net::TcpStream::connect(upstream).await?;
+    let _ = stream.set_nodelay(true);
+    handshake(stream).await
 }
