@@ -9,6 +9,7 @@ use futures_util::StreamExt;
 use http::header::{self, HeaderMap, HeaderName};
 use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -541,6 +542,7 @@ impl Prepared {
 
     fn for_send(&mut self) -> Body {
         match self {
+            Prepared::Whole(b) if b.is_empty() => body::empty(),
             Prepared::Whole(b) => body::full(b.clone()),
             Prepared::Streaming(b) => b.take().unwrap_or_else(body::empty),
         }
@@ -555,6 +557,10 @@ async fn prepare_body(
     headers: &http::HeaderMap,
     incoming: Incoming,
 ) -> Result<Prepared, ProxyError> {
+    if incoming.is_end_stream() {
+        // No body (a GET, say): nothing to stream or keep, and an empty body costs no allocation.
+        return Ok(Prepared::Whole(bytes::Bytes::new()));
+    }
     let Some(route) = route.filter(|r| r.provider.uses_tokens()) else {
         return Ok(Prepared::Streaming(Some(body::stream(incoming))));
     };
@@ -684,6 +690,11 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none (a header named in `Connection` needs a `Connection` first): one
+    // scan of the names says so without hashing any of them.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Headers named in `Connection` are hop-by-hop too. Almost every `Connection` says only
     // `keep-alive` or `close`: the first is removed below anyway and the second is removed by
     // name, so neither is split into a list (which then stays empty, without allocating).
