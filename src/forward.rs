@@ -690,33 +690,40 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none (a header named in `Connection` needs a `Connection` first): one
-    // scan of the names says so without hashing any of them.
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
+    // One scan of the names, hashing none of them: most messages carry no hop-by-hop header, or
+    // only `Connection` (nginx sends `Connection: keep-alive` with every response).
+    let (mut connection, mut others) = (false, false);
+    for name in headers.keys() {
+        if name == header::CONNECTION {
+            connection = true;
+        } else if is_hop_by_hop(name) {
+            others = true;
+        }
     }
     // Headers named in `Connection` are hop-by-hop too. Almost every `Connection` says only
-    // `keep-alive` or `close`: the first is removed below anyway and the second is removed by
-    // name, so neither is split into a list (which then stays empty, without allocating).
+    // `keep-alive` or `close`: the first needs nothing more and the second is removed by name,
+    // so neither is split into a list (which then stays empty, without allocating).
     let mut close = false;
     let mut listed: Vec<HeaderName> = Vec::new();
-    for value in headers.get_all(header::CONNECTION) {
-        let bytes = value.as_bytes();
-        if bytes.eq_ignore_ascii_case(b"keep-alive") {
-            continue;
-        }
-        if bytes.eq_ignore_ascii_case(b"close") {
-            close = true;
-            continue;
-        }
-        let Ok(value) = value.to_str() else { continue };
-        for name in value.split(',').map(str::trim) {
-            if name.eq_ignore_ascii_case("close") {
+    if connection && let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
+        for value in entry.remove_entry_mult().1 {
+            let bytes = value.as_bytes();
+            if bytes.eq_ignore_ascii_case(b"keep-alive") {
+                continue;
+            }
+            if bytes.eq_ignore_ascii_case(b"close") {
                 close = true;
-            } else if !name.eq_ignore_ascii_case("keep-alive")
-                && let Ok(name) = HeaderName::from_bytes(name.as_bytes())
-            {
-                listed.push(name);
+                continue;
+            }
+            let Ok(value) = value.to_str() else { continue };
+            for name in value.split(',').map(str::trim) {
+                if name.eq_ignore_ascii_case("close") {
+                    close = true;
+                } else if !name.eq_ignore_ascii_case("keep-alive")
+                    && let Ok(name) = HeaderName::from_bytes(name.as_bytes())
+                {
+                    listed.push(name);
+                }
             }
         }
     }
@@ -726,10 +733,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in &listed {
         headers.remove(name);
     }
-    // Remove only the ones present (usually none, or `Connection`): a removal hashes its name,
-    // and a scan of a message's few names is cheaper than nine removals.
-    while let Some(name) = headers.keys().find(|n| is_hop_by_hop(n)).cloned() {
-        headers.remove(&name);
+    // Remove only the others present (usually none): a removal hashes its name, and a scan of a
+    // message's few names is cheaper than eight removals.
+    if others {
+        while let Some(name) = headers.keys().find(|n| is_hop_by_hop(n)).cloned() {
+            headers.remove(&name);
+        }
     }
 }
 
