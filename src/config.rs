@@ -814,6 +814,12 @@ impl Validator<'_> {
                 "must be at least 8192 (the smallest request-head buffer the HTTP/1 parser accepts)",
             );
         }
+        if raw.limits.header_read_timeout.is_zero() {
+            self.problem_at_file(
+                "limits.header_read_timeout",
+                "must be more than 0 (how long a client may take to send a request head, and how long an idle connection is kept)",
+            );
+        }
         if !(0.1..=0.95).contains(&raw.tokens.refresh_at) {
             self.problem_at_file(
                 "tokens.refresh_at",
@@ -1674,6 +1680,17 @@ mod tests {
         for (yaml, expected) in cases {
             assert_eq!(problems(yaml), *expected, "for:\n{yaml}");
         }
+    }
+
+    #[test]
+    fn a_zero_header_read_timeout_is_refused() {
+        let problems = problems("limits: {header_read_timeout: 0s}\n");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("c.yaml")
+                && problems[0].contains("limits.header_read_timeout: must be more than 0"),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -136,13 +136,18 @@ async fn intercept(
             return;
         }
     };
-    let tls = match tokio_rustls::TlsAcceptor::from(config)
-        .accept(TokioIo::new(upgraded))
-        .await
-    {
-        Ok(t) => t,
-        Err(e) => {
+    // A client that never finishes its handshake does not hold the tunnel (and a
+    // `max_connections` slot) for ever: it gets the time a request head gets.
+    let idle = state.config.limits.header_read_timeout;
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(TokioIo::new(upgraded));
+    let tls = match tokio::time::timeout(idle, accept).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
             handshake_failed(&state, peer, &host, &e);
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, host, "the client did not finish its TLS handshake within limits.header_read_timeout ({idle:?})");
             return;
         }
     };
@@ -150,27 +155,32 @@ async fn intercept(
     let server = crate::listen::http_server(&state.config);
     let state2 = state.clone();
     let pinned = Arc::new(crate::pinned::Pinned::new());
+    let activity = Arc::new(crate::watchdog::Activity::default());
+    let requests = activity.clone();
     let service = service_fn(move |req| {
+        let busy = requests.begin();
         // Like the listeners: each request runs on the config current when it arrives, so a
         // long-lived tunnel follows reloads.
         let state = state2.current().unwrap_or_else(|| state2.clone());
         let entry = entry.clone();
         let pinned = pinned.clone();
         async move {
-            Ok::<_, std::convert::Infallible>(forward::serve(state, entry, req, peer, pinned).await)
+            let response = forward::serve(state, entry, req, peer, pinned).await;
+            Ok::<_, std::convert::Infallible>(crate::watchdog::watched(response, busy))
         }
     });
-    let conn = server
-        .serve_connection(TokioIo::new(tls), service)
-        .into_owned();
+    let conn = server.serve_connection(TokioIo::new(tls), service);
     // Watched like the listeners' connections, so a shutdown lets in-flight requests finish.
-    let watched = state
+    let watcher = state
         .tunnels
         .lock()
         .ok()
-        .and_then(|g| g.as_ref().map(|g| g.watch(conn)));
-    let Some(watched) = watched else { return };
-    if let Err(e) = watched.await {
+        .and_then(|g| g.as_ref().map(|g| g.watcher()));
+    let Some(watcher) = watcher else { return };
+    let close =
+        |c: std::pin::Pin<&mut _>| hyper_util::server::conn::auto::Connection::graceful_shutdown(c);
+    let served = crate::watchdog::serve(conn, close, &activity, idle, watcher).await;
+    if let Err(e) = served {
         tracing::debug!(%peer, host, "intercepted connection ended: {e}");
     }
 }

@@ -28,6 +28,7 @@ pub mod providers;
 pub mod route;
 pub mod secret;
 pub mod token;
+pub mod watchdog;
 pub mod workers;
 
 pub use listen::{Running, start};

@@ -13,7 +13,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -25,6 +24,7 @@ use crate::outbound::Outbound;
 use crate::pinned::Pinned;
 use crate::route::Route;
 use crate::token::Tokens;
+use crate::watchdog::{Activity, Drain, Watcher};
 
 /// What a request arriving on a listener is.
 #[derive(Clone)]
@@ -56,7 +56,7 @@ pub struct State {
     pub loaded_at: std::time::SystemTime,
     /// Intercepted CONNECT connections, drained on shutdown like the listeners' (process-wide:
     /// a reload hands it on; `None` once shutdown began).
-    pub tunnels: Arc<std::sync::Mutex<Option<GracefulShutdown>>>,
+    pub tunnels: Arc<std::sync::Mutex<Option<Drain>>>,
     /// `limits.max_connections`, shared by the listeners and the CONNECT tunnels (which outlive
     /// the HTTP connection they came from). Process-wide, fixed at start.
     pub connection_slots: Arc<tokio::sync::Semaphore>,
@@ -169,7 +169,7 @@ impl State {
             connection_slots,
             workers,
             tunnels: previous.map_or_else(
-                || Arc::new(std::sync::Mutex::new(Some(GracefulShutdown::new()))),
+                || Arc::new(std::sync::Mutex::new(Some(Drain::default()))),
                 |old| old.tunnels.clone(),
             ),
         })
@@ -349,10 +349,10 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 /// The HTTP/1.1 + HTTP/2 server settings every listener (and intercepted tunnel) uses.
 pub fn http_server(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut server = auto::Builder::new(TokioExecutor::new());
+    // `limits.header_read_timeout` is kept by the watchdog, not by hyper (see watchdog.rs).
     server
         .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.limits.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(config.limits.max_header_bytes);
     server
         .http2()
@@ -443,7 +443,8 @@ async fn accept_loop(
 ) {
     let server = Arc::new(http_server(&shared.load().config));
     let workers = shared.load().workers.clone();
-    let graceful = GracefulShutdown::new();
+    let idle = shared.load().config.limits.header_read_timeout;
+    let drain = Drain::default();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -469,7 +470,8 @@ async fn accept_loop(
             entry: entry.clone(),
             shared: shared.clone(),
             server: server.clone(),
-            watcher: graceful.watcher(),
+            watcher: drain.watcher(),
+            idle,
             open: OpenConnection::new(shared.load().metrics.clone()),
             permit,
         };
@@ -490,7 +492,7 @@ async fn accept_loop(
         }
     }
     drop(listener);
-    graceful.shutdown().await;
+    drain.shutdown().await;
 }
 
 /// An accepted client connection, and what serving it needs.
@@ -499,7 +501,9 @@ struct Connection {
     entry: Entry,
     shared: Shared,
     server: Arc<auto::Builder<TokioExecutor>>,
-    watcher: hyper_util::server::graceful::Watcher,
+    watcher: Watcher,
+    /// `limits.header_read_timeout` of the config the listener started with.
+    idle: Duration,
     /// Held while the connection lives: the open-connections gauge and a `max_connections` slot.
     open: OpenConnection,
     permit: tokio::sync::OwnedSemaphorePermit,
@@ -513,20 +517,29 @@ impl Connection {
             shared,
             server,
             watcher,
+            idle,
             open,
             permit,
         } = self;
         shared.load().workers.serving_here();
         let pinned = Arc::new(Pinned::new());
+        let activity = Arc::new(Activity::default());
+        let requests = activity.clone();
         let service = service_fn(move |req| {
+            let busy = requests.begin();
             // Each request runs on the state current when it arrives, to its end.
             let state = shared.load_full();
             let entry = entry.clone();
             let pinned = pinned.clone();
-            async move { Ok::<_, Infallible>(forward::serve(state, entry, req, peer, pinned).await) }
+            async move {
+                let response = forward::serve(state, entry, req, peer, pinned).await;
+                Ok::<_, Infallible>(crate::watchdog::watched(response, busy))
+            }
         });
         let conn = server.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        if let Err(e) = watcher.watch(conn).await {
+        let close = |c: std::pin::Pin<&mut _>| auto::UpgradeableConnection::graceful_shutdown(c);
+        let served = crate::watchdog::serve(conn, close, &activity, idle, watcher).await;
+        if let Err(e) = served {
             tracing::debug!(%peer, "connection ended: {e}");
         }
         drop(open);

@@ -471,3 +471,31 @@ async fn a_client_that_rejects_the_ca_is_warned_about_once_and_the_ca_cli_works(
     assert_eq!(backups.len(), 1);
     assert_eq!(std::fs::read_to_string(backups[0].path()).unwrap(), pem);
 }
+
+#[tokio::test]
+async fn an_idle_intercepted_connection_is_closed_after_the_header_timeout() {
+    let s = setup().await;
+    let proxy = s
+        .env
+        .proxy(&s.yaml("limits: {header_read_timeout: 1s}\n"))
+        .await;
+    let roots = proxy_roots(&s.env);
+    let (answer, mut tls) = tls_tunnel(proxy.addr, "api.example.com", &roots).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    tls.write_all(b"GET /__echo HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 16 * 1024];
+    let n = tls.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Then silence: the proxy closes the tunnel rather than hold it (and its slot) for ever.
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Ok(n) = tls.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the proxy kept the idle tunnel open");
+}

@@ -203,8 +203,11 @@ async fn five_thousand_idle_connections_with_bounded_memory() {
 async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
     let env = Env::new();
     let (_upstream, proxy) =
-        proxy_to_ok_upstream(&env, "limits: {header_read_timeout: 1s}\n").await;
+        proxy_to_ok_upstream(&env, "limits: {header_read_timeout: 2s}\n").await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    assert!(get_root_on(&mut s).await.starts_with("HTTP/1.1 200"));
+    // Half the timeout later the connection is still there for the next request.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(get_root_on(&mut s).await.starts_with("HTTP/1.1 200"));
     // Then silence on the kept-alive connection: it is closed, not held forever.
     let mut buf = [0u8; 1024];
@@ -247,4 +250,133 @@ async fn connect_tunnels_count_against_max_connections() {
         "two tunnels and one connection"
     );
     drop(tunnels);
+}
+
+/// Reads from `s` until the proxy closes it (the guard only stops a proxy that never does);
+/// returns everything read.
+async fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf)).await;
+        match read.expect("the proxy closed the connection") {
+            Ok(0) | Err(_) => return all,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Waits (up to 2 s) for the proxy's connection gauge to reach 0, and asserts it did: the
+/// connections closed on the proxy's side gave back their `max_connections` slots.
+async fn no_connection_left(proxy: &credproxy::Running) {
+    let metrics = proxy.state().metrics.clone();
+    for _ in 0..100 {
+        if metrics.open_connections.get() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metrics.open_connections.get(), 0, "connections left open");
+}
+
+#[tokio::test]
+async fn a_client_that_never_sends_a_byte_is_closed_after_the_header_timeout() {
+    let env = Env::new();
+    let (upstream, proxy) = proxy_to_ok_upstream(&env, "limits: {header_read_timeout: 1s}\n").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    assert!(read_until_closed(&mut s).await.is_empty());
+    assert!(upstream.requests().is_empty());
+    // Its `max_connections` slot and its place in the gauge are given back.
+    no_connection_left(&proxy).await;
+}
+
+/// The HTTP/2 frames in `bytes` (after the server's own preface), as (type, stream id).
+fn h2_frames(bytes: &[u8]) -> Vec<(u8, u32)> {
+    let mut frames = Vec::new();
+    let mut rest = bytes;
+    while rest.len() >= 9 {
+        let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+        let stream = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff;
+        frames.push((rest[3], stream));
+        rest = &rest[(9 + len).min(rest.len())..];
+    }
+    frames
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_gets_a_goaway_after_the_header_timeout() {
+    let env = Env::new();
+    let (_upstream, proxy) =
+        proxy_to_ok_upstream(&env, "limits: {header_read_timeout: 1s}\n").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    // The HTTP/2 preface (prior knowledge) and an empty SETTINGS frame, then silence.
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let frames = h2_frames(&read_until_closed(&mut s).await);
+    const SETTINGS: u8 = 4;
+    const GOAWAY: u8 = 7;
+    assert_eq!(frames.first(), Some(&(SETTINGS, 0)), "{frames:?}");
+    assert!(
+        frames.contains(&(GOAWAY, 0)),
+        "closed with a GOAWAY: {frames:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_tunnel_whose_client_never_starts_tls_is_closed_after_the_header_timeout() {
+    let env = Env::new();
+    let (_upstream, proxy) =
+        proxy_to_ok_upstream(&env, "limits: {header_read_timeout: 1s}\n").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&read_until_closed(&mut s).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    no_connection_left(&proxy).await;
+}
+
+#[tokio::test]
+async fn a_response_longer_than_the_header_timeout_is_not_cut_and_the_connection_stays() {
+    let env = Env::new();
+    // 12 chunks, 250 ms apart: the answer takes three times `header_read_timeout`.
+    let upstream = fakes::serve(listener().await, None, |req, _| async move {
+        if req.uri().path() != "/slow" {
+            return fakes::respond(http::StatusCode::OK, "text/plain", "ok");
+        }
+        use futures_util::StreamExt;
+        let chunks = futures_util::stream::iter(0..12).then(|_| async {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            Ok::<_, credproxy::body::BoxError>(hyper::body::Frame::data(bytes::Bytes::from_static(
+                b"0123456789",
+            )))
+        });
+        http::Response::new(credproxy::body::stream(http_body_util::StreamBody::new(
+            chunks,
+        )))
+    });
+    let proxy = env
+        .proxy(&yaml(upstream.addr, "limits: {header_read_timeout: 1s}\n"))
+        .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET http://api.example.com/slow HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+        .await
+        .unwrap();
+    // Chunked: the answer ends with the zero-length chunk.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.ends_with(b"0\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf))
+            .await
+            .expect("the answer keeps coming")
+            .unwrap();
+        assert!(n > 0, "cut after {:?}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(text.matches("0123456789").count(), 12, "{text}");
+    // The connection is still good for the next request.
+    assert!(get_root_on(&mut s).await.starts_with("HTTP/1.1 200"));
 }

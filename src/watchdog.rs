@@ -1,0 +1,167 @@
+//! The life of a client connection once hyper serves it: closed when it sits without a request
+//! for `limits.header_read_timeout`, and drained (in-flight requests finish) on shutdown.
+//!
+//! hyper's own header-read timeout would do the first job for HTTP/1 only, and at a price on
+//! every request: it allocates, arms and disarms a timer per request head, and reads the socket
+//! once more to start the next one (about 3% of an intercepted request's CPU, BENCHMARKS.md).
+//! It also misses a client that never sends a byte (before hyper knows HTTP/1 from HTTP/2), and
+//! HTTP/2 connections altogether. Here one timer per connection ticks four times per timeout and
+//! looks at two counters that each request bumps as it starts and as its response ends.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::body::{Body, BoxError};
+
+/// Ticks per timeout: a quiet connection is closed between 1 and 1.25 timeouts after its last
+/// request ended (or it opened).
+const TICKS: u32 = 4;
+
+/// A connection still open this long after it was asked to close (an HTTP/1 client stuck in
+/// the middle of a request head, an HTTP/2 client that does not answer the GOAWAY) is dropped.
+const GRACE: Duration = Duration::from_secs(1);
+
+/// What the requests of one connection are doing, for its watchdog.
+#[derive(Default)]
+pub struct Activity {
+    /// Requests whose response has not ended yet.
+    in_flight: AtomicU32,
+    /// Bumped by every request start and response end: unchanged between two ticks means quiet.
+    events: AtomicU32,
+}
+
+impl Activity {
+    /// Marks a request as started; it counts as in flight until the returned guard drops.
+    pub fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Relaxed);
+        self.events.fetch_add(1, Relaxed);
+        Busy(self.clone())
+    }
+}
+
+/// A request in flight; dropped with its response body (after the last byte, or on a cut).
+pub struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+        self.0.events.fetch_add(1, Relaxed);
+    }
+}
+
+/// A response body that keeps its request counted as in flight until hyper has sent it all, so
+/// a long download is not idle.
+pub struct Watched {
+    body: Body,
+    _busy: Busy,
+}
+
+/// `response`, counted in flight (by `busy`) until its body ends.
+pub fn watched(response: http::Response<Body>, busy: Busy) -> http::Response<Watched> {
+    response.map(|body| Watched { body, _busy: busy })
+}
+
+impl http_body::Body for Watched {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Tells connections to finish what they are doing and close (the listeners' shutdown), and
+/// waits until they have.
+pub struct Drain(watch::Sender<()>);
+
+/// The connection side of a [`Drain`]; the drain waits for every watcher to be dropped.
+pub struct Watcher(watch::Receiver<()>);
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain(watch::channel(()).0)
+    }
+}
+
+impl Drain {
+    pub fn watcher(&self) -> Watcher {
+        Watcher(self.0.subscribe())
+    }
+
+    /// Asks every watched connection to close once its requests are done; returns when all have.
+    pub async fn shutdown(self) {
+        let _ = self.0.send(());
+        self.0.closed().await;
+    }
+}
+
+/// Drives `conn` (a hyper connection; `close` is its `graceful_shutdown`) to its end. Closes it
+/// when `activity` shows no request for `idle`, and when the drain of `watcher` begins.
+pub async fn serve<C, E>(
+    conn: C,
+    close: fn(Pin<&mut C>),
+    activity: &Activity,
+    idle: Duration,
+    watcher: Watcher,
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    let Watcher(mut drain) = watcher;
+    let mut conn = std::pin::pin!(conn);
+    let tick = (idle / TICKS).max(Duration::from_millis(1));
+    let timer = tokio::time::sleep(tick);
+    let mut timer = std::pin::pin!(timer);
+    let mut seen = activity.events.load(Relaxed);
+    let mut quiet_ticks = 0;
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            biased;
+            done = conn.as_mut() => return done,
+            // A dropped `Drain` (the proxy is going away) closes connections too.
+            _ = drain.changed(), if !draining => {
+                draining = true;
+                close(conn.as_mut());
+            }
+            () = timer.as_mut() => {
+                let events = activity.events.load(Relaxed);
+                if events != seen || activity.in_flight.load(Relaxed) > 0 {
+                    seen = events;
+                    quiet_ticks = 0;
+                } else {
+                    quiet_ticks += 1;
+                }
+                // The last event happened somewhere in the tick before the quiet ones began:
+                // one more quiet tick than a timeout's worth makes sure a whole timeout passed.
+                match quiet_ticks {
+                    n if n <= TICKS => timer.as_mut().reset(Instant::now() + tick),
+                    n if n == TICKS + 1 => {
+                        close(conn.as_mut());
+                        timer.as_mut().reset(Instant::now() + GRACE.min(tick));
+                    }
+                    _ => return Ok(()),
+                }
+            }
+        }
+    }
+}
