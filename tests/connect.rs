@@ -499,3 +499,37 @@ async fn an_idle_intercepted_connection_is_closed_after_the_header_timeout() {
     .await;
     assert!(closed.is_ok(), "the proxy kept the idle tunnel open");
 }
+
+#[tokio::test]
+async fn shutdown_closes_idle_connections_and_tunnels_without_waiting_for_them() {
+    let s = setup().await;
+    let proxy = s
+        .env
+        .proxy(&s.yaml("limits: {header_read_timeout: 60s}\n"))
+        .await;
+    // An idle keep-alive connection after one request, plain and inside an intercepted tunnel.
+    let mut plain = TcpStream::connect(proxy.addr).await.unwrap();
+    plain
+        .write_all(b"GET http://api.example.com/__echo HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 16 * 1024];
+    let n = plain.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let roots = proxy_roots(&s.env);
+    let (_, mut tls) = tls_tunnel(proxy.addr, "api.example.com", &roots).await;
+    tls.write_all(b"GET /__echo HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let n = tls.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Neither has a request in flight, so the drain closes both at once rather than wait out
+    // the minute of `drain_timeout` below (or of `header_read_timeout`); the guard is a third.
+    let shutdown = tokio::spawn(proxy.shutdown(Duration::from_secs(60)));
+    tokio::time::timeout(Duration::from_secs(20), shutdown)
+        .await
+        .expect("shutdown waited for idle connections")
+        .unwrap();
+    assert_eq!(plain.read(&mut buf).await.unwrap_or(0), 0, "plain closed");
+    assert_eq!(tls.read(&mut buf).await.unwrap_or(0), 0, "tunnel closed");
+}
