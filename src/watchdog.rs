@@ -5,19 +5,19 @@
 //! every request: it allocates, arms and disarms a timer per request head, and reads the socket
 //! once more to start the next one (about 3% of an intercepted request's CPU, BENCHMARKS.md).
 //! It also misses a client that never sends a byte (before hyper knows HTTP/1 from HTTP/2), and
-//! HTTP/2 connections altogether. Here one timer per connection ticks four times per timeout and
-//! looks at two counters that each request bumps as it starts and as its response ends.
+//! HTTP/2 connections altogether. Here a small companion task per connection ticks four times
+//! per timeout and looks at two counters that each request bumps as it starts and as its
+//! response ends.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 use crate::body::{Body, BoxError};
 
@@ -116,34 +116,58 @@ impl Drain {
 
 /// Drives `conn` (a hyper connection; `close` is its `graceful_shutdown`) to its end. Closes it
 /// when `activity` shows no request for `idle`, and when the drain of `watcher` begins.
+///
+/// The timer and the drain signal are watched by a companion task, which raises an [`Alarm`]:
+/// the connection's own task, woken a few times per request, then checks one atomic instead of
+/// polling a timer and a channel each time.
 pub async fn serve<C, E>(
     conn: C,
     close: fn(Pin<&mut C>),
-    activity: &Activity,
+    activity: &Arc<Activity>,
     idle: Duration,
     watcher: Watcher,
 ) -> Result<(), E>
 where
     C: Future<Output = Result<(), E>>,
 {
-    let Watcher(mut drain) = watcher;
+    let alarm = Arc::new(Alarm::default());
+    let companion = tokio::spawn(watch_over(activity.clone(), idle, watcher, alarm.clone()));
+    // Also when this future is dropped unfinished (the drain timeout aborts its task).
+    let _stop = AbortOnDrop(companion.abort_handle());
     let mut conn = std::pin::pin!(conn);
-    let tick = (idle / TICKS).max(Duration::from_millis(1));
-    let timer = tokio::time::sleep(tick);
-    let mut timer = std::pin::pin!(timer);
-    let mut seen = activity.events.load(Relaxed);
-    let mut quiet_ticks = 0;
-    let mut draining = false;
+    let mut seen = QUIET;
     loop {
         tokio::select! {
             biased;
             done = conn.as_mut() => return done,
+            level = alarm.raised(seen) => match level {
+                CLOSE => {
+                    seen = CLOSE;
+                    close(conn.as_mut());
+                }
+                _ => return Ok(()),
+            },
+        }
+    }
+}
+
+/// The companion task of [`serve`]: raises `CLOSE` when the drain begins or the connection has
+/// been quiet for `idle`, then `DROP` if it is still open and quiet [`GRACE`] later.
+async fn watch_over(activity: Arc<Activity>, idle: Duration, watcher: Watcher, alarm: Arc<Alarm>) {
+    let Watcher(mut drain) = watcher;
+    let tick = (idle / TICKS).max(Duration::from_millis(1));
+    let mut seen = activity.events.load(Relaxed);
+    let mut quiet_ticks = 0;
+    let mut draining = false;
+    let mut wait = tick;
+    loop {
+        tokio::select! {
             // A dropped `Drain` (the proxy is going away) closes connections too.
             _ = drain.changed(), if !draining => {
                 draining = true;
-                close(conn.as_mut());
+                alarm.raise(CLOSE);
             }
-            () = timer.as_mut() => {
+            () = tokio::time::sleep(wait) => {
                 let events = activity.events.load(Relaxed);
                 if events != seen || activity.in_flight.load(Relaxed) > 0 {
                     seen = events;
@@ -153,15 +177,60 @@ where
                 }
                 // The last event happened somewhere in the tick before the quiet ones began:
                 // one more quiet tick than a timeout's worth makes sure a whole timeout passed.
-                match quiet_ticks {
-                    n if n <= TICKS => timer.as_mut().reset(Instant::now() + tick),
-                    n if n == TICKS + 1 => {
-                        close(conn.as_mut());
-                        timer.as_mut().reset(Instant::now() + GRACE.min(tick));
-                    }
-                    _ => return Ok(()),
+                wait = tick;
+                if quiet_ticks == TICKS + 1 {
+                    alarm.raise(CLOSE);
+                    wait = GRACE.min(tick);
+                } else if quiet_ticks > TICKS + 1 {
+                    alarm.raise(DROP);
+                    return;
                 }
             }
         }
+    }
+}
+
+const QUIET: u8 = 0;
+/// Close gracefully: an idle HTTP/1 connection closes, HTTP/2 sends GOAWAY, requests in flight
+/// finish.
+const CLOSE: u8 = 1;
+/// Drop the connection now.
+const DROP: u8 = 2;
+
+/// The companion task's word to the connection's task.
+#[derive(Default)]
+struct Alarm {
+    level: AtomicU8,
+    waker: futures_util::task::AtomicWaker,
+}
+
+impl Alarm {
+    fn raise(&self, level: u8) {
+        self.level.fetch_max(level, Relaxed);
+        self.waker.wake();
+    }
+
+    /// Resolves to the alarm's level once it is above `seen`.
+    fn raised(&self, seen: u8) -> impl Future<Output = u8> + '_ {
+        std::future::poll_fn(move |cx| {
+            let level = self.level.load(Relaxed);
+            if level > seen {
+                return Poll::Ready(level);
+            }
+            self.waker.register(cx.waker());
+            // Raised between the load and the register: `wake` found no waker to wake.
+            match self.level.load(Relaxed) {
+                level if level > seen => Poll::Ready(level),
+                _ => Poll::Pending,
+            }
+        })
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
