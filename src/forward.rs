@@ -244,18 +244,21 @@ fn target(
                 .and_then(|h| h.to_str().ok())
                 .or_else(|| uri.authority().map(|a| a.as_str()))
                 .map(|a| {
-                    normalize_host(a.rsplit_once(':').map_or(a, |(h, p)| {
+                    a.rsplit_once(':').map_or(a, |(h, p)| {
                         if p.chars().all(|c| c.is_ascii_digit()) {
                             h
                         } else {
                             a
                         }
-                    }))
+                    })
                 });
-            if asked
-                .as_deref()
-                .is_some_and(|a| a.trim_matches(['[', ']']) != host)
-            {
+            // `host` is normalised (see `normalize_host`); compared without a copy of `asked`.
+            let other = |a: &str| {
+                !a.trim_end_matches('.')
+                    .trim_matches(['[', ']'])
+                    .eq_ignore_ascii_case(host)
+            };
+            if asked.is_some_and(other) {
                 return Err((
                     ProxyError::bad_request(
                         "host_mismatch",

@@ -401,6 +401,19 @@ async fn a_request_for_another_host_inside_a_tunnel_is_refused() {
         "{text}"
     );
     assert!(s.echo.requests().is_empty());
+
+    // The same host in another spelling (case, a trailing dot, the port) is the same host.
+    for spelling in ["API.Example.com", "api.example.com.", "api.example.com:443"] {
+        let (_, mut tls) = tls_tunnel(proxy.addr, "api.example.com", &roots).await;
+        let request =
+            format!("GET /__echo HTTP/1.1\r\nHost: {spelling}\r\nConnection: close\r\n\r\n");
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tls.read_to_end(&mut out).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 200"), "{spelling}: {text}");
+    }
+    assert_eq!(s.echo.requests().len(), 3);
 }
 
 /// Runs `credproxy ca <args> --config <config>` to completion.
