@@ -43,6 +43,12 @@ pub async fn handle(
         .try_acquire_owned()
         .map_err(|_| ProxyError::TooManyConnections)?;
     let open = crate::listen::OpenConnection::new(state.metrics.clone());
+    // Over HTTP/2 the tunnel is a stream of the client's connection, which the watchdog must not
+    // close while the tunnel lives. (Over HTTP/1 that connection ends at the upgrade.)
+    let busy = req
+        .extensions()
+        .get::<Arc<crate::watchdog::Activity>>()
+        .map(|a| a.begin());
     let upgrade = hyper::upgrade::on(&mut req);
 
     if state.config.routes.intercepts(&host, port) {
@@ -59,7 +65,7 @@ pub async fn handle(
                 cause: "the local CA's name constraints do not cover it; run `credproxy ca rotate` after adding its route, and import the new CA".into(),
             });
         }
-        spawn_intercept(state, upgrade, host, port, peer, (slot, open));
+        spawn_intercept(state, upgrade, host, port, peer, (slot, open, busy));
         return Ok(Response::new(empty()));
     }
 
@@ -83,7 +89,7 @@ pub async fn handle(
             },
         })?;
     tokio::spawn(async move {
-        let _held = (slot, open);
+        let _held = (slot, open, busy);
         let Ok(upgraded) = upgrade.await else { return };
         let mut client = TokioIo::new(upgraded);
         let mut upstream = upstream;

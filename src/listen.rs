@@ -525,8 +525,13 @@ impl Connection {
         let pinned = Arc::new(Pinned::new());
         let activity = Arc::new(Activity::default());
         let requests = activity.clone();
-        let service = service_fn(move |req| {
+        let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             let busy = requests.begin();
+            if req.method() == hyper::Method::CONNECT {
+                // An HTTP/2 tunnel is a stream of this connection: the tunnel counts as a
+                // request in flight for as long as it lives (`connect::handle`).
+                req.extensions_mut().insert(requests.clone());
+            }
             // Each request runs on the state current when it arrives, to its end.
             let state = shared.load_full();
             let entry = entry.clone();

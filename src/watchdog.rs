@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::body::{Body, BoxError};
 
 /// Ticks per timeout: a quiet connection is closed between 1 and 1.25 timeouts after its last
-/// request ended (or it opened).
+/// request ended, or one timeout after it opened.
 const TICKS: u32 = 4;
 
 /// A connection still open this long after it was asked to close (an HTTP/1 client stuck in
@@ -132,7 +132,7 @@ where
 {
     let alarm = Arc::new(Alarm::default());
     let companion = tokio::spawn(watch_over(activity.clone(), idle, watcher, alarm.clone()));
-    // Also when this future is dropped unfinished (the drain timeout aborts its task).
+    // Also when this future is dropped unfinished (the client's task ends another way).
     let _stop = AbortOnDrop(companion.abort_handle());
     let mut conn = std::pin::pin!(conn);
     let mut seen = QUIET;
@@ -175,13 +175,13 @@ async fn watch_over(activity: Arc<Activity>, idle: Duration, watcher: Watcher, a
                 } else {
                     quiet_ticks += 1;
                 }
-                // The last event happened somewhere in the tick before the quiet ones began:
-                // one more quiet tick than a timeout's worth makes sure a whole timeout passed.
+                // The last event came before the tick that saw it, so a timeout's worth of
+                // quiet ticks after that one is at least a whole timeout.
                 wait = tick;
-                if quiet_ticks == TICKS + 1 {
+                if quiet_ticks == TICKS {
                     alarm.raise(CLOSE);
                     wait = GRACE.min(tick);
-                } else if quiet_ticks > TICKS + 1 {
+                } else if quiet_ticks > TICKS {
                     alarm.raise(DROP);
                     return;
                 }

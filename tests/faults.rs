@@ -380,3 +380,40 @@ async fn a_response_longer_than_the_header_timeout_is_not_cut_and_the_connection
     // The connection is still good for the next request.
     assert!(get_root_on(&mut s).await.starts_with("HTTP/1.1 200"));
 }
+
+#[tokio::test]
+async fn an_http2_connect_tunnel_in_use_outlives_the_header_timeout() {
+    let env = Env::new();
+    let (upstream, proxy) = proxy_to_ok_upstream(&env, "limits: {header_read_timeout: 1s}\n").await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // A blind tunnel (the upstream is no route's) on a stream of the HTTP/2 connection: no
+    // request of that connection is running while the tunnel carries bytes.
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(upstream.addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let res = send.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(res).await.unwrap());
+    // Requests through the tunnel for 4.5 s, four and a half times the timeout.
+    for i in 0..15 {
+        io.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("the tunnel was cut after {i} requests: {e}"));
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), io.read(&mut buf))
+            .await
+            .expect("an answer through the tunnel")
+            .unwrap_or(0);
+        assert!(n > 0, "the tunnel was cut after {i} requests");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

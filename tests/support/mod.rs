@@ -248,6 +248,12 @@ pub fn direct_client() -> reqwest::Client {
 pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(request).await.expect("write");
+    read_response(&mut s).await
+}
+
+/// Reads one response with a `Content-Length` from `s` (or everything until it closes, or 10 s
+/// of silence), as text.
+pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
     let mut out = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
