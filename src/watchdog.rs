@@ -57,8 +57,11 @@ impl Drop for Busy {
     }
 }
 
-/// A response body that keeps its request counted as in flight until hyper has sent it all, so
-/// a long download is not idle.
+/// A response body that keeps its request counted as in flight until hyper has taken all of it,
+/// so a long download is not idle. (What is still in buffers then goes out as the client reads;
+/// a client that stops reading for a whole timeout at that moment is closed, as hyper's own
+/// timer did. Counting the socket's writes instead would let an HTTP/2 client keep an idle
+/// connection for ever by sending PINGs.)
 pub struct Watched {
     body: Body,
     _busy: Busy,
