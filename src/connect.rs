@@ -164,16 +164,12 @@ async fn intercept(
     let activity = Arc::new(crate::watchdog::Activity::default());
     let requests = activity.clone();
     let service = service_fn(move |req| {
-        let busy = requests.begin();
         // Like the listeners: each request runs on the config current when it arrives, so a
         // long-lived tunnel follows reloads.
         let state = state2.current().unwrap_or_else(|| state2.clone());
         let entry = entry.clone();
         let pinned = pinned.clone();
-        async move {
-            let response = forward::serve(state, entry, req, peer, pinned).await;
-            Ok::<_, std::convert::Infallible>(crate::watchdog::watched(response, busy))
-        }
+        crate::watchdog::track(&requests, forward::serve(state, entry, req, peer, pinned))
     });
     let conn = server.serve_connection(TokioIo::new(tls), service);
     // Watched like the listeners' connections, so a shutdown lets in-flight requests finish.

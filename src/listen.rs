@@ -5,7 +5,6 @@
 //! in one store; each request takes the state current when it starts and finishes on it.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -526,7 +525,6 @@ impl Connection {
         let activity = Arc::new(Activity::default());
         let requests = activity.clone();
         let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            let busy = requests.begin();
             if req.method() == hyper::Method::CONNECT {
                 // An HTTP/2 tunnel is a stream of this connection: the tunnel counts as a
                 // request in flight for as long as it lives (`connect::handle`).
@@ -536,10 +534,7 @@ impl Connection {
             let state = shared.load_full();
             let entry = entry.clone();
             let pinned = pinned.clone();
-            async move {
-                let response = forward::serve(state, entry, req, peer, pinned).await;
-                Ok::<_, Infallible>(crate::watchdog::watched(response, busy))
-            }
+            crate::watchdog::track(&requests, forward::serve(state, entry, req, peer, pinned))
         });
         let conn = server.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let close = |c: std::pin::Pin<&mut _>| auto::UpgradeableConnection::graceful_shutdown(c);

@@ -67,9 +67,14 @@ pub struct Watched {
     _busy: Busy,
 }
 
-/// `response`, counted in flight (by `busy`) until its body ends.
-pub fn watched(response: http::Response<Body>, busy: Busy) -> http::Response<Watched> {
-    response.map(|body| Watched { body, _busy: busy })
+/// A request of the connection `activity` watches: in flight from now until the body of
+/// `response` (the future answering it) ends. What every connection's service returns.
+pub fn track<F: Future<Output = http::Response<Body>>>(
+    activity: &Arc<Activity>,
+    response: F,
+) -> impl Future<Output = Result<http::Response<Watched>, std::convert::Infallible>> + use<F> {
+    let busy = activity.begin();
+    async move { Ok(response.await.map(|body| Watched { body, _busy: busy })) }
 }
 
 impl http_body::Body for Watched {

@@ -252,20 +252,6 @@ async fn connect_tunnels_count_against_max_connections() {
     drop(tunnels);
 }
 
-/// Reads from `s` until the proxy closes it (the guard only stops a proxy that never does);
-/// returns everything read.
-async fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
-    let mut all = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let read = tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf)).await;
-        match read.expect("the proxy closed the connection") {
-            Ok(0) | Err(_) => return all,
-            Ok(n) => all.extend_from_slice(&buf[..n]),
-        }
-    }
-}
-
 /// Waits (up to 2 s) for the proxy's connection gauge to reach 0, and asserts it did: the
 /// connections closed on the proxy's side gave back their `max_connections` slots.
 async fn no_connection_left(proxy: &credproxy::Running) {

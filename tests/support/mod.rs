@@ -279,6 +279,20 @@ pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Reads from `s` until the proxy closes it (the guard only stops a proxy that never does);
+/// returns everything read.
+pub async fn read_until_closed<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf)).await;
+        match read.expect("the proxy closed the connection") {
+            Ok(0) | Err(_) => return all,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
 /// Sends a request built on a client; a request that gets no response at all fails the test.
 pub async fn send(request: reqwest::RequestBuilder) -> reqwest::Response {
     request.send().await.expect("a response")
