@@ -125,17 +125,22 @@ impl BatchWriter {
     }
 }
 
-/// One event's line: tracing-subscriber formats it into a buffer of its own and writes it
-/// whole, then drops this, which hands it on.
-pub struct Line {
-    writer: BatchWriter,
+/// One event's line. tracing-subscriber formats an event into a buffer of its own and writes
+/// it here whole, in one `write`: that goes straight into the shared buffer. Anything written in
+/// pieces is collected and handed on when this is dropped, so a line is never split.
+pub struct Line<'a> {
+    writer: &'a BatchWriter,
     urgent: bool,
     bytes: Vec<u8>,
 }
 
-impl Write for Line {
+impl Write for Line<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.bytes.extend_from_slice(buf);
+        if self.bytes.is_empty() && buf.ends_with(b"\n") {
+            self.writer.push(buf, self.urgent);
+        } else {
+            self.bytes.extend_from_slice(buf);
+        }
         Ok(buf.len())
     }
 
@@ -144,7 +149,7 @@ impl Write for Line {
     }
 }
 
-impl Drop for Line {
+impl Drop for Line<'_> {
     fn drop(&mut self) {
         if !self.bytes.is_empty() {
             self.writer.push(&self.bytes, self.urgent);
@@ -153,19 +158,19 @@ impl Drop for Line {
 }
 
 impl<'a> MakeWriter<'a> for BatchWriter {
-    type Writer = Line;
+    type Writer = Line<'a>;
 
-    fn make_writer(&'a self) -> Line {
+    fn make_writer(&'a self) -> Line<'a> {
         Line {
-            writer: self.clone(),
+            writer: self,
             urgent: true,
             bytes: Vec::new(),
         }
     }
 
-    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Line {
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Line<'a> {
         Line {
-            writer: self.clone(),
+            writer: self,
             // Warnings and errors go out at once; info and below may wait for the next flush.
             urgent: *meta.level() <= tracing::Level::WARN,
             bytes: Vec::new(),
@@ -365,11 +370,49 @@ fn write_quoted(line: &mut String, value: &str) {
     }
 }
 
+/// Escapes, in what was written from `start` on, the characters a logged value could use to drive
+/// the terminal an operator reads the log in, or to forge a line: C0 controls (but tab, and
+/// newline when `newlines`, which only the message may carry), DEL and C1, as `\x1b` and
+/// `\u{9b}`. The default format escapes ESC, BEL, BS, FF, DEL and C1 in the message and errors;
+/// here every value gets it, since a log file is where such bytes would wait for a terminal.
+fn escape_controls(line: &mut String, start: usize, newlines: bool) {
+    use std::fmt::Write as _;
+    let control = |c: char| {
+        (c < ' ' && c != '\t' && !(newlines && c == '\n')) || ('\x7f'..='\u{9f}').contains(&c)
+    };
+    // 0xc2 leads every C1 character's UTF-8 (and some printable ones: those are kept below).
+    let suspect = |b: &u8| *b < 0x20 || *b == 0x7f || *b == 0xc2;
+    if !line
+        .as_bytes()
+        .get(start..)
+        .unwrap_or_default()
+        .iter()
+        .any(suspect)
+    {
+        return;
+    }
+    let tail = line.split_off(start);
+    for c in tail.chars() {
+        match c {
+            c if control(c) && c <= '\x7f' => {
+                let _ = write!(line, "\\x{:02x}", u32::from(c));
+            }
+            c if control(c) => {
+                let _ = write!(line, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => line.push(c),
+        }
+    }
+}
+
 impl Visit for Fields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "message" {
-            self.name(field).push_str(value);
+            let start = self.name(field).len();
+            self.line.push_str(value);
+            escape_controls(self.line, start, true);
         } else {
+            // Quoted as `Debug` quotes it, which escapes every control character already.
             write_quoted(self.name(field), value);
         }
     }
@@ -389,13 +432,17 @@ impl Visit for Fields<'_> {
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         use std::fmt::Write as _;
-        let written = write!(self.name(field), "{value}");
+        let start = self.name(field).len();
+        let written = write!(self.line, "{value}");
+        escape_controls(self.line, start, false);
         self.result = self.result.and(written);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         use std::fmt::Write as _;
-        let written = write!(self.name(field), "{value:?}");
+        let start = self.name(field).len();
+        let written = write!(self.line, "{value:?}");
+        escape_controls(self.line, start, field.name() == "message");
         self.result = self.result.and(written);
     }
 }
@@ -440,6 +487,46 @@ mod tests {
         assert_eq!(lines.len(), 1000);
         for (i, l) in lines.iter().enumerate() {
             assert_eq!(*l, format!("line {i} end"));
+        }
+    }
+
+    #[test]
+    fn events_from_many_threads_arrive_as_whole_lines() {
+        let sink = Sink::default();
+        let (writer, guard) = start(sink.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(writer)
+            .event_format(Plain)
+            .finish();
+        let dispatch = tracing::Dispatch::new(subscriber);
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let dispatch = dispatch.clone();
+                std::thread::spawn(move || {
+                    tracing::dispatcher::with_default(&dispatch, || {
+                        for i in 0..500u64 {
+                            tracing::info!(t, i, pad = "x".repeat(100), "event");
+                        }
+                    });
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap_or_default();
+        }
+        drop(guard);
+        let out = text(&sink);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2000);
+        let mut seen = std::collections::HashSet::new();
+        for l in &lines {
+            let fields = l.split_once(": event ").map(|(_, f)| f).unwrap_or_default();
+            assert!(
+                fields.ends_with(&format!("pad=\"{}\"", "x".repeat(100))),
+                "{l}"
+            );
+            assert!(seen.insert(fields.split(" pad=").next().unwrap_or_default().to_string()));
         }
     }
 
@@ -563,6 +650,35 @@ mod tests {
         tracing::info!(r#type = "raw", "raw identifier");
         tracing::debug!(peer = %Addr(([10, 0, 255, 1], 65535).into()), "debug");
         tracing::trace!(peer = %Addr("[::1]:8080".parse().unwrap_or(peer)), "trace");
+        // Terminal control in the message and in an error: both formats escape it.
+        tracing::info!(
+            "title \x1b]0;pwned\x07 bell\x08\x0c\x7f and \u{9b}31m C1, caf\u{e9} \u{a3}5 kept"
+        );
+        let e = std::io::Error::other("disk \x1b[2J cleared");
+        tracing::warn!(error = &e as &(dyn std::error::Error + 'static), "failed");
+    }
+
+    #[test]
+    fn plain_escapes_control_characters_in_every_value_so_a_value_cannot_forge_a_line() {
+        let text = logged(true, || {
+            tracing::info!(
+                host = %"evil\x1b[2J",
+                path = %"/a\rb\nFAKE  INFO forged",
+                note = ?"quoted\x1b",
+                "first line\nsecond line \x1b[31m"
+            );
+        });
+        assert!(
+            !text.bytes().any(|b| (b < 0x20 && b != b'\n') || b == 0x7f),
+            "raw control byte in {text:?}"
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text:?}");
+        assert!(lines[0].ends_with(": first line"), "{text:?}");
+        assert_eq!(
+            lines[1],
+            "second line \\x1b[31m host=evil\\x1b[2J path=/a\\x0db\\x0aFAKE  INFO forged note=\"quoted\\u{1b}\""
+        );
     }
 
     #[test]
@@ -632,7 +748,7 @@ mod tests {
             lines(logged(true, emit_all)),
             lines(logged(false, emit_all)),
         );
-        assert_eq!(ours.len(), 6, "{ours:?}");
+        assert_eq!(ours.len(), 8, "{ours:?}");
         assert_eq!(ours.len(), theirs.len());
         for (a, b) in ours.iter().zip(&theirs) {
             // The timestamps differ by when each ran; the shape and everything after must match.
