@@ -377,9 +377,6 @@ fn write_quoted(line: &mut String, value: &str) {
 /// here every value gets it, since a log file is where such bytes would wait for a terminal.
 fn escape_controls(line: &mut String, start: usize, newlines: bool) {
     use std::fmt::Write as _;
-    let control = |c: char| {
-        (c < ' ' && c != '\t' && !(newlines && c == '\n')) || ('\x7f'..='\u{9f}').contains(&c)
-    };
     // 0xc2 leads every C1 character's UTF-8 (and some printable ones: those are kept below).
     let suspect = |b: &u8| *b < 0x20 || *b == 0x7f || *b == 0xc2;
     if !line
@@ -394,10 +391,12 @@ fn escape_controls(line: &mut String, start: usize, newlines: bool) {
     let tail = line.split_off(start);
     for c in tail.chars() {
         match c {
-            c if control(c) && c <= '\x7f' => {
+            '\t' => line.push(c),
+            '\n' if newlines => line.push(c),
+            '\0'..='\x1f' | '\x7f' => {
                 let _ = write!(line, "\\x{:02x}", u32::from(c));
             }
-            c if control(c) => {
+            '\u{80}'..='\u{9f}' => {
                 let _ = write!(line, "\\u{{{:x}}}", u32::from(c));
             }
             c => line.push(c),
