@@ -195,6 +195,18 @@ fn digest_of(value: &[u8]) -> [u8; 32] {
     key
 }
 
+/// Which way a request came in: the rules differ.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Through {
+    /// The forward proxy listener (plain requests and CONNECT): the password is checked here.
+    ForwardProxy,
+    /// Inside an intercepted CONNECT tunnel: its CONNECT passed the checks (the password
+    /// included), and the requests inside carry no `Proxy-Authorization`.
+    Tunnel,
+    /// A local endpoint, which takes no password.
+    LocalEndpoint,
+}
+
 /// Why a request is refused before anything else happens.
 pub enum Refusal {
     Client,
@@ -210,14 +222,13 @@ impl Access {
         &self,
         peer: std::net::IpAddr,
         headers: &HeaderMap,
-        proxy_listener: bool,
-        local_endpoint: bool,
+        through: Through,
         verified: &std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
     ) -> Result<Check, Refusal> {
         let client_ok = if self.allow_clients.is_empty() {
-            // A password opens the forward proxy to other hosts, never a local endpoint (which
-            // takes no password) or anything else.
-            (proxy_listener && !self.proxy_users.is_empty())
+            // A password opens the forward proxy (and the tunnels its CONNECTs opened) to other
+            // hosts, never a local endpoint (which takes no password).
+            (through != Through::LocalEndpoint && !self.proxy_users.is_empty())
                 || peer.is_loopback()
                 || Cidr::parse("::ffff:127.0.0.0/104").is_ok_and(|c| c.contains(peer))
         } else {
@@ -226,7 +237,7 @@ impl Access {
         if !client_ok {
             return Err(Refusal::Client);
         }
-        if local_endpoint && !loopback_host(headers) {
+        if through == Through::LocalEndpoint && !loopback_host(headers) {
             let host = headers
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
@@ -246,7 +257,7 @@ impl Access {
         if browser_cross_site(headers, &self.allow_origins) {
             return Err(Refusal::Browser);
         }
-        if proxy_listener && !self.proxy_users.is_empty() {
+        if through == Through::ForwardProxy && !self.proxy_users.is_empty() {
             let value = headers
                 .get(header::PROXY_AUTHORIZATION)
                 .map(|v| v.as_bytes().to_vec())
@@ -281,10 +292,11 @@ impl Access {
 
     fn basic_ok(&self, value: &[u8]) -> bool {
         use base64::Engine;
-        let Some(encoded) = std::str::from_utf8(value)
-            .ok()
-            .and_then(|v| v.strip_prefix("Basic "))
-        else {
+        // RFC 9110 §11.1: the scheme name is case-insensitive (`basic` is `Basic`).
+        let Some(encoded) = std::str::from_utf8(value).ok().and_then(|v| {
+            let (scheme, rest) = v.trim_start().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("basic").then_some(rest)
+        }) else {
             return false;
         };
         let Some(pair) = base64::engine::general_purpose::STANDARD
@@ -359,12 +371,17 @@ mod tests {
         let local_host = host("localhost:8081");
         // The forward proxy: a remote client may try, with a password.
         assert!(matches!(
-            access.check(remote, &local_host, true, false, &verified),
+            access.check(remote, &local_host, Through::ForwardProxy, &verified),
             Ok(Check::VerifyPassword(_))
+        ));
+        // Inside a tunnel whose CONNECT passed the password check: no password again.
+        assert!(matches!(
+            access.check(remote, &local_host, Through::Tunnel, &verified),
+            Ok(Check::Passed)
         ));
         // A local endpoint takes no password, so a remote client is refused outright.
         assert!(matches!(
-            access.check(remote, &local_host, false, true, &verified),
+            access.check(remote, &local_host, Through::LocalEndpoint, &verified),
             Err(Refusal::Client)
         ));
     }

@@ -28,6 +28,61 @@ where
     body.map_err(Into::into).boxed_unsync()
 }
 
+/// Whether a streamed upload has ended (`true`), and each of its frames (a change).
+pub type Progress = tokio::sync::watch::Receiver<bool>;
+
+/// A streamed body that reports its progress: the response timeout counts from an upload's last
+/// frame (see `forward::after_upload`).
+pub fn watched(body: Body) -> (Body, Progress) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let watched = Watched {
+        inner: body,
+        progress: Some(tx),
+    };
+    (watched.boxed_unsync(), rx)
+}
+
+struct Watched {
+    inner: Body,
+    progress: Option<tokio::sync::watch::Sender<bool>>,
+}
+
+impl http_body::Body for Watched {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        let frame = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &frame {
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(p) = &this.progress {
+                    p.send_replace(false);
+                }
+            }
+            Poll::Ready(_) => {
+                if let Some(p) = this.progress.take() {
+                    p.send_replace(true);
+                }
+            }
+            Poll::Pending => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A whole response with a content type: the admin endpoints' and the fakes' answers.
 pub fn respond(
     status: http::StatusCode,

@@ -806,18 +806,51 @@ impl Validator<'_> {
     }
 
     fn build(&mut self, raw: File) -> Config {
+        // A zero here would fail every request or token fetch at once (a timeout), or turn
+        // failures into a storm of retries (a backoff): refused at start, not found in production.
+        for (key, value, what) in [
+            (
+                "limits.header_read_timeout",
+                raw.limits.header_read_timeout,
+                "how long a client may take to send a request head, and how long an idle connection is kept",
+            ),
+            (
+                "upstream.connect_timeout",
+                raw.upstream.connect_timeout,
+                "how long a connection to an upstream may take",
+            ),
+            (
+                "upstream.response_timeout",
+                raw.upstream.response_timeout,
+                "how long an upstream may take to answer",
+            ),
+            (
+                "tokens.timeout",
+                raw.tokens.timeout,
+                "how long a token request may take",
+            ),
+            (
+                "tokens.backoff_initial",
+                raw.tokens.backoff_initial,
+                "the wait after a failed token request",
+            ),
+        ] {
+            if value.is_zero() {
+                self.problem_at_file(key, format!("must be more than 0 ({what})"));
+            }
+        }
+        if raw.tokens.backoff_max < raw.tokens.backoff_initial {
+            self.problem_at_file(
+                "tokens.backoff_max",
+                "must be at least tokens.backoff_initial (the longest wait after failed token requests)",
+            );
+        }
         let upstream = self.upstream(raw.upstream);
         if raw.limits.max_header_bytes.value < 8192 {
             self.problem(
                 &raw.limits.max_header_bytes,
                 "limits.max_header_bytes",
                 "must be at least 8192 (the smallest request-head buffer the HTTP/1 parser accepts)",
-            );
-        }
-        if raw.limits.header_read_timeout.is_zero() {
-            self.problem_at_file(
-                "limits.header_read_timeout",
-                "must be more than 0 (how long a client may take to send a request head, and how long an idle connection is kept)",
             );
         }
         if !(0.1..=0.95).contains(&raw.tokens.refresh_at) {
@@ -1683,13 +1716,39 @@ mod tests {
     }
 
     #[test]
-    fn a_zero_header_read_timeout_is_refused() {
-        let problems = problems("limits: {header_read_timeout: 0s}\n");
-        assert_eq!(problems.len(), 1, "{problems:?}");
+    fn zero_timeouts_and_backoffs_are_refused() {
+        let found = problems("limits: {header_read_timeout: 0s}\n");
+        assert_eq!(found.len(), 1, "{found:?}");
         assert!(
-            problems[0].starts_with("c.yaml")
-                && problems[0].contains("limits.header_read_timeout: must be more than 0"),
-            "{problems:?}"
+            found[0].starts_with("c.yaml")
+                && found[0].contains("limits.header_read_timeout: must be more than 0"),
+            "{found:?}"
+        );
+        let found = problems(
+            "upstream: {connect_timeout: 0s, response_timeout: 0ms}\ntokens: {timeout: 0s, backoff_initial: 0s}\n",
+        );
+        for key in [
+            "upstream.connect_timeout",
+            "upstream.response_timeout",
+            "tokens.timeout",
+            "tokens.backoff_initial",
+        ] {
+            let expected = format!("{key}: must be more than 0");
+            assert!(
+                found.iter().any(|p| p.contains(&expected)),
+                "{key}: {found:?}"
+            );
+        }
+        assert_eq!(found.len(), 4, "{found:?}");
+        let found = problems("tokens: {backoff_initial: 10s, backoff_max: 5s}\n");
+        assert_eq!(
+            found.len(),
+            1,
+            "backoff_max below backoff_initial: {found:?}"
+        );
+        assert!(
+            found[0].contains("tokens.backoff_max: must be at least tokens.backoff_initial"),
+            "{found:?}"
         );
     }
 

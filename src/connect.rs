@@ -17,7 +17,7 @@ use crate::config::Unmapped;
 use crate::error::ProxyError;
 use crate::forward;
 use crate::listen::{Entry, State};
-use crate::route::normalize_host;
+use crate::route::{authority_port, normalize_host};
 
 pub async fn handle(
     state: Arc<State>,
@@ -27,8 +27,10 @@ pub async fn handle(
     let authority = req.uri().authority().ok_or_else(|| {
         ProxyError::bad_request("bad_connect", "CONNECT needs a host:port target")
     })?;
-    let host = normalize_host(authority.host().trim_matches(['[', ']']));
-    let port = authority.port_u16().unwrap_or(443);
+    let host = normalize_host(authority.host());
+    let port = authority_port(authority)
+        .map_err(|e| ProxyError::bad_request("bad_connect", format!("CONNECT target: {e}")))?
+        .unwrap_or(443);
     if host.is_empty() {
         return Err(ProxyError::bad_request(
             "bad_connect",

@@ -88,22 +88,30 @@ pub async fn apply(
             )]
         }
     };
-    set_all(route.client_auth, headers, list);
+    if set_all(route.client_auth, headers, list) {
+        // Some of the client's own headers went in place of the proxy's (`client_auth: keep`):
+        // a 401 may be about those, so it must not cost the proxy its token, or a retry.
+        return Ok(None);
+    }
     Ok(Some(TokenUse {
         scope,
         generation: token.generation,
     }))
 }
 
+/// Sets the provider's headers; says whether any of the client's own was kept instead.
 fn set_all(
     policy: ClientAuth,
     headers: &mut HeaderMap,
     list: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
-) {
+) -> bool {
+    let mut kept = false;
     for (name, value) in list {
         if policy == ClientAuth::Keep && headers.contains_key(&name) {
+            kept = true;
             continue;
         }
         headers.insert(name, value);
     }
+    kept
 }

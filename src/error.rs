@@ -40,6 +40,8 @@ pub enum ProxyError {
         after: Duration,
         setting: &'static str,
     },
+    #[error("the request body for {host} made no progress for {} (the client stopped sending it, or {host} stopped reading it); raise `upstream.response_timeout` if it is just slow", humantime::format_duration(*.after))]
+    UploadStalled { host: String, after: Duration },
     #[error("{host} broke the exchange: {cause}")]
     Upstream { host: String, cause: String },
     #[error("no token from provider `{provider}`: {cause}")]
@@ -92,7 +94,9 @@ impl ProxyError {
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTls { .. }
             | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
-            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpstreamTimeout { .. } | ProxyError::UploadStalled { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
         }
     }
 
@@ -105,6 +109,7 @@ impl ProxyError {
             ProxyError::UpstreamConnect { .. } => "upstream_unreachable",
             ProxyError::UpstreamTls { .. } => "upstream_tls",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::UploadStalled { .. } => "upload_stalled",
             ProxyError::Upstream { .. } => "upstream_error",
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
@@ -131,6 +136,9 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert("x-credproxy-error", HeaderValue::from_static(self.code()));
+        if matches!(self, ProxyError::TooManyConnections) {
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         if matches!(self, ProxyError::ProxyAuthRequired) {
             headers.insert(
                 http::header::PROXY_AUTHENTICATE,

@@ -13,6 +13,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::access::Through;
 use crate::body::{self, Body};
 use crate::config::Unmapped;
 use crate::credentials;
@@ -20,7 +21,7 @@ use crate::error::ProxyError;
 use crate::listen::{Entry, State};
 use crate::outbound::DialError;
 use crate::pinned::{self, Pinned};
-use crate::route::{Route, Scheme, normalize_host, path_under};
+use crate::route::{Route, Scheme, authority_port, normalize_host, path_under};
 
 /// Where a request is going, as the client asked for it.
 struct Target {
@@ -63,8 +64,11 @@ pub async fn serve(
     let checked = state.config.access.check(
         peer.ip(),
         req.headers(),
-        matches!(entry, Entry::Proxy),
-        matches!(entry, Entry::Local(_)),
+        match entry {
+            Entry::Proxy => Through::ForwardProxy,
+            Entry::Intercepted(_) => Through::Tunnel,
+            Entry::Local(_) => Through::LocalEndpoint,
+        },
         &state.verified_proxy_auth,
     );
     let checked = match checked {
@@ -202,7 +206,10 @@ fn target(
                 ));
             };
             let fail = |e| Err((e, Some(route.clone())));
-            if req.method() == Method::CONNECT || uri.scheme().is_some() {
+            // Over HTTP/2 every request carries a scheme and authority (`:scheme`,
+            // `:authority`): only an HTTP/1 absolute-form request is a proxy request here.
+            let absolute = uri.scheme().is_some() && req.version() < Version::HTTP_2;
+            if req.method() == Method::CONNECT || absolute {
                 return fail(ProxyError::bad_request(
                     "not_a_local_request",
                     format!(
@@ -301,13 +308,17 @@ fn absolute_target(uri: &Uri) -> Result<Target, ProxyError> {
         Some(h) if !h.is_empty() => normalize_host(h),
         _ => return Err(ProxyError::bad_request("bad_uri", "the URL has no host")),
     };
-    // Parsed once: each of `port()` and `port_u16()` searches the authority again.
-    let port = uri.port().map(|p| p.as_u16());
+    let port = match uri.authority().map(authority_port) {
+        Some(Err(e)) => return Err(ProxyError::bad_request("bad_uri", e)),
+        Some(Ok(p)) => p,
+        None => None,
+    };
     Ok(Target {
         scheme,
         host,
         port: port.unwrap_or(scheme.default_port()),
-        explicit_port: port.is_some(),
+        // `http://host:80/` is `http://host/` (RFC 3986 §6.2.3): on an HTTPS route it goes to 443.
+        explicit_port: port.is_some_and(|p| p != scheme.default_port()),
         path_and_query: path_and_query(uri),
     })
 }
@@ -320,7 +331,12 @@ async fn forward(
     pinned: &Pinned,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    if strip_hop_by_hop(&mut parts.headers) {
+        // The client takes trailers, so the proxy does too: it passes them on (RFC 9110 §10.1.4).
+        parts
+            .headers
+            .insert(header::TE, http::HeaderValue::from_static("trailers"));
+    }
     parts.headers.remove(header::HOST);
 
     let (scheme, port_in_uri) = match route {
@@ -372,7 +388,8 @@ async fn forward(
             }
             None => None,
         };
-        let mut upstream_req = Request::new(body.for_send());
+        let (for_send, upload) = body.for_send();
+        let mut upstream_req = Request::new(for_send);
         *upstream_req.method_mut() = parts.method.clone();
         // Origin form: `pinned::request` makes it absolute for the pool.
         *upstream_req.uri_mut() = Uri::from(target.path_and_query.clone());
@@ -397,7 +414,7 @@ async fn forward(
             https: scheme == Scheme::Https,
             authority: &authority,
         };
-        let mut response = send(state, &out, upstream_req).await?;
+        let mut response = send(state, &out, upstream_req, upload).await?;
         state
             .stats(route)
             .upstream_latency(sent.elapsed().as_secs_f64());
@@ -502,16 +519,29 @@ async fn send(
     state: &State,
     out: &Outgoing<'_>,
     req: Request<Body>,
+    upload: Option<body::Progress>,
 ) -> Result<Response<Body>, ProxyError> {
     let timeout = state.config.upstream.response_timeout;
     let sent = pinned::request(out.pinned, out.client, req, out.https, out.authority);
-    let response = match tokio::time::timeout(timeout, sent).await {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => {
+    let answer = match upload {
+        None => tokio::time::timeout(timeout, sent).await.ok(),
+        Some(upload) => match after_upload(sent, upload, timeout).await {
+            Ok(answer) => answer,
+            Err(Stalled) => {
+                return Err(ProxyError::UploadStalled {
+                    host: out.authority.as_str().to_string(),
+                    after: timeout,
+                });
+            }
+        },
+    };
+    let response = match answer {
+        Some(Ok(resp)) => resp,
+        Some(Err(e)) => {
             let (err, connecting) = e.cause();
             return Err(upstream_error(out.authority.as_str(), err, connecting));
         }
-        Err(_) => {
+        None => {
             return Err(ProxyError::UpstreamTimeout {
                 host: out.authority.as_str().to_string(),
                 after: timeout,
@@ -522,6 +552,33 @@ async fn send(
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, body))
+}
+
+/// A streamed upload took no frame for the whole response timeout.
+struct Stalled;
+
+/// `upstream.response_timeout` for a request with a streamed body: the upstream cannot be
+/// expected to answer before it has the body, and an upload of any size may take longer than
+/// the timeout. So the timeout counts from the upload's last progress: `Err` when no frame went
+/// for that long, `Ok(None)` when no answer came for that long after the body ended.
+async fn after_upload<F: std::future::Future>(
+    sent: F,
+    mut upload: body::Progress,
+    timeout: std::time::Duration,
+) -> Result<Option<F::Output>, Stalled> {
+    let mut sent = std::pin::pin!(sent);
+    while !*upload.borrow_and_update() {
+        tokio::select! {
+            answer = &mut sent => return Ok(Some(answer)),
+            progress = tokio::time::timeout(timeout, upload.changed()) => match progress {
+                Ok(Ok(())) => {}
+                // The body was dropped unfinished (the upstream answered or failed early).
+                Ok(Err(_)) => break,
+                Err(_) => return Err(Stalled),
+            },
+        }
+    }
+    Ok(tokio::time::timeout(timeout, sent).await.ok())
 }
 
 /// A request body as the proxy holds it: streaming (sent once), or read whole (sendable again
@@ -543,11 +600,18 @@ impl Prepared {
         matches!(self, Prepared::Whole(_))
     }
 
-    fn for_send(&mut self) -> Body {
+    /// The body to send, and for a streamed one the watch on its progress.
+    fn for_send(&mut self) -> (Body, Option<body::Progress>) {
         match self {
-            Prepared::Whole(b) if b.is_empty() => body::empty(),
-            Prepared::Whole(b) => body::full(b.clone()),
-            Prepared::Streaming(b) => b.take().unwrap_or_else(body::empty),
+            Prepared::Whole(b) if b.is_empty() => (body::empty(), None),
+            Prepared::Whole(b) => (body::full(b.clone()), None),
+            Prepared::Streaming(b) => match b.take() {
+                Some(b) => {
+                    let (b, progress) = body::watched(b);
+                    (b, Some(progress))
+                }
+                None => (body::empty(), None),
+            },
         }
     }
 }
@@ -686,13 +750,13 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
             | "proxy-authorization"
             | "proxy-authenticate"
             | "te"
-            | "trailer"
             | "transfer-encoding"
             | "upgrade"
     )
 }
 
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes them; says whether they included `TE: trailers` (a client that accepts trailers).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     // One scan of the names, hashing none of them: most messages carry no hop-by-hop header, or
     // only `Connection` (nginx sends `Connection: keep-alive` with every response).
     let (mut connection, mut others) = (false, false);
@@ -737,12 +801,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     // Remove only the others present (usually none): a removal hashes its name, and a scan of a
-    // message's few names is cheaper than eight removals.
-    if others {
-        while let Some(name) = headers.keys().find(|n| is_hop_by_hop(n)).cloned() {
-            headers.remove(&name);
-        }
+    // message's few names is cheaper than seven removals.
+    if !others {
+        return false;
     }
+    let trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("trailers")
+            })
+        })
+    });
+    while let Some(name) = headers.keys().find(|n| is_hop_by_hop(n)).cloned() {
+        headers.remove(&name);
+    }
+    trailers
 }
 
 /// Turns a client error into what the user needs to know: which host, and why.
@@ -855,7 +932,7 @@ mod tests {
     }
 
     #[test]
-    fn all_nine_hop_by_hop_names_go_and_the_others_stay_in_order() {
+    fn all_eight_hop_by_hop_names_go_and_the_others_stay() {
         let mut h = HeaderMap::new();
         for name in [
             "accept",
@@ -874,9 +951,13 @@ mod tests {
         }
         // A second value of one name goes too.
         h.append(header::TE, http::HeaderValue::from_static("trailers"));
-        strip_hop_by_hop(&mut h);
-        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, ["accept", "x-api-key"]);
+        assert!(strip_hop_by_hop(&mut h), "`TE: trailers` is reported");
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        // (Removal may reorder different names; the values of one name keep their order, below.)
+        left.sort_unstable();
+        // `Trailer` announces the message's trailer fields, end to end (RFC 9110 §6.6.2); hyper
+        // writes to an HTTP/1.1 client only the trailers it names.
+        assert_eq!(left, ["accept", "trailer", "x-api-key"]);
 
         let mut plain = HeaderMap::new();
         plain.append("accept", http::HeaderValue::from_static("*/*"));

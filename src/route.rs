@@ -30,7 +30,8 @@ impl HostPattern {
             Some(rest) => (rest, true),
             None => (host, false),
         };
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        // Spelt as requests' hosts are (`[2001:DB8:0::1]` is `2001:db8::1`).
+        let host = normalize_host(host);
         validate_hostname(&host, wildcard)?;
         Ok(HostPattern {
             host,
@@ -96,7 +97,11 @@ impl std::fmt::Display for HostPattern {
         if self.wildcard {
             f.write_str("*.")?;
         }
-        f.write_str(&self.host)?;
+        if self.host.contains(':') {
+            write!(f, "[{}]", self.host)?;
+        } else {
+            f.write_str(&self.host)?;
+        }
         if let Some(p) = self.port {
             write!(f, ":{p}")?;
         }
@@ -123,6 +128,22 @@ fn split_host_port(s: &str) -> Result<(&str, Option<u16>), String> {
     }
 }
 
+/// The port of a request's `host:port` or `[v6]:port`, checked. (`http` parses it only when
+/// asked, and then gives `None` both for no port and for one that is not a number.) An empty
+/// port is the scheme's default (RFC 3986 §3.2.3).
+pub fn authority_port(authority: &http::uri::Authority) -> Result<Option<u16>, String> {
+    let s = authority.as_str();
+    let s = s.rsplit('@').next().unwrap_or(s);
+    let port = match s.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').and_then(|(_, p)| p.strip_prefix(':')),
+        None => s.rsplit_once(':').map(|(_, p)| p),
+    };
+    match port {
+        None | Some("") => Ok(None),
+        Some(p) => parse_port(p).map(Some),
+    }
+}
+
 fn parse_port(p: &str) -> Result<u16, String> {
     match p.parse::<u16>() {
         Ok(0) | Err(_) => Err(format!("`{p}` is not a port number (1-65535)")),
@@ -134,8 +155,8 @@ fn validate_hostname(host: &str, wildcard: bool) -> Result<(), String> {
     if host.is_empty() {
         return Err("the host is empty".into());
     }
-    if host.starts_with('[') {
-        return match host.trim_matches(['[', ']']).parse::<std::net::Ipv6Addr>() {
+    if host.contains(':') {
+        return match host.parse::<std::net::Ipv6Addr>() {
             Ok(_) if !wildcard => Ok(()),
             Ok(_) => Err("a wildcard cannot precede an IP address".into()),
             Err(_) => Err(format!("`{host}` is not a valid IPv6 address")),
@@ -320,6 +341,14 @@ impl RouteTable {
 
 /// Hosts compare case-insensitively and `api.example.com.` is `api.example.com`.
 pub fn normalize_host(host: &str) -> String {
+    // An IPv6 literal loses its brackets (`authority()` puts them back on the way out) and gets
+    // one spelling per address.
+    if let Some(rest) = host.strip_prefix('[') {
+        let v6 = rest.strip_suffix(']').unwrap_or(rest);
+        return v6
+            .parse::<std::net::Ipv6Addr>()
+            .map_or_else(|_| v6.to_ascii_lowercase(), |ip| ip.to_string());
+    }
     host.trim_end_matches('.').to_ascii_lowercase()
 }
 

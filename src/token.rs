@@ -78,12 +78,9 @@ pub enum TokenError {
     Timeout { endpoint: String, after: Duration },
     #[error("cannot reach the token endpoint {endpoint}: {cause}")]
     Unreachable { endpoint: String, cause: String },
-    #[error("the token endpoint {endpoint} answered 200 but {what}{}", excerpt_suffix(.excerpt))]
-    BadResponse {
-        endpoint: String,
-        what: String,
-        excerpt: String,
-    },
+    /// Never quotes the answer: a 2xx body may hold a token (see `parse_json`).
+    #[error("the token endpoint {endpoint} answered 200 but {what}")]
+    BadResponse { endpoint: String, what: String },
     #[error("{last} (retrying in {}s)", .retry_in.as_secs_f64().ceil().max(1.0))]
     BackingOff {
         last: Box<TokenError>,
@@ -112,6 +109,26 @@ pub struct Lifecycle {
     pub backoff_max: Duration,
     /// Fetch default-scope tokens at start (readiness waits for them).
     pub prefetch: bool,
+}
+
+impl Lifecycle {
+    /// Exponential with jitter, capped at `backoff_max`; a 429's own wait (`Retry-After`) wins
+    /// when it is longer, up to [`RETRY_AFTER_MAX`] (or `backoff_max` if that is longer): a
+    /// provider that asks for a day must not take its routes down for a day.
+    pub fn backoff(&self, attempts: u32, error: &TokenError) -> Duration {
+        let max = self.backoff_max;
+        let base = self.backoff_initial.as_secs_f64()
+            * 2f64.powi(attempts.saturating_sub(1).min(30) as i32);
+        let capped = base.min(max.as_secs_f64());
+        let jittered = Duration::from_secs_f64(capped * (0.5 + 0.5 * random_unit()));
+        match error {
+            TokenError::Status {
+                retry_after: Some(ra),
+                ..
+            } => jittered.max((*ra).min(max.max(RETRY_AFTER_MAX))),
+            _ => jittered,
+        }
+    }
 }
 
 impl Default for Lifecycle {
@@ -270,7 +287,8 @@ impl Tokens {
         match result {
             Ok(fetched) => {
                 let generation = slot.generation.fetch_add(1, Ordering::Relaxed) + 1;
-                let lifetime = fetched.lifetime.max(Duration::from_secs(1));
+                // Clamped: a lifetime of years (or garbage) must not overflow the clock.
+                let lifetime = fetched.lifetime.clamp(Duration::from_secs(1), MAX_LIFETIME);
                 let token = Arc::new(Token {
                     value: fetched.value,
                     signing_secret: fetched.signing_secret,
@@ -296,7 +314,7 @@ impl Tokens {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 let mut failure = slot.failure.lock().unwrap_or_else(|e| e.into_inner());
                 let attempts = failure.as_ref().map_or(0, |f| f.attempts) + 1;
-                let wait = self.backoff(attempts, &error);
+                let wait = self.lifecycle.backoff(attempts, &error);
                 tracing::warn!(
                     provider = %self.provider.name,
                     scope,
@@ -304,28 +322,14 @@ impl Tokens {
                     retry_in_ms = wait.as_millis() as u64,
                     "token request failed: {error}"
                 );
+                let now = Instant::now();
                 *failure = Some(Failure {
                     error: error.clone(),
-                    retry_at: Instant::now() + wait,
+                    retry_at: now.checked_add(wait).unwrap_or(now),
                     attempts,
                 });
                 Err(error)
             }
-        }
-    }
-
-    /// Exponential with jitter, capped; a 429's own wait wins when it is longer.
-    fn backoff(&self, attempts: u32, error: &TokenError) -> Duration {
-        let base = self.lifecycle.backoff_initial.as_secs_f64()
-            * 2f64.powi(attempts.saturating_sub(1).min(30) as i32);
-        let capped = base.min(self.lifecycle.backoff_max.as_secs_f64());
-        let jittered = Duration::from_secs_f64(capped * (0.5 + 0.5 * random_unit()));
-        match error {
-            TokenError::Status {
-                retry_after: Some(ra),
-                ..
-            } => jittered.max(*ra).min(self.lifecycle.backoff_max.max(*ra)),
-            _ => jittered,
         }
     }
 
@@ -346,26 +350,43 @@ impl Tokens {
         let scope = scope.to_string();
         slot.used.store(false, Ordering::Relaxed);
         tokio::spawn(async move {
-            tokio::time::sleep_until(at.into()).await;
-            // A reload or shutdown dropped the cache: nothing to refresh.
-            let (Some(tokens), Some(slot)) = (tokens.upgrade(), slot_w.upgrade()) else {
-                return;
-            };
-            if !slot.used.load(Ordering::Relaxed) {
-                return;
+            let mut at = at;
+            loop {
+                tokio::time::sleep_until(at.into()).await;
+                // A reload or shutdown dropped the cache: nothing to refresh.
+                let (Some(tokens), Some(slot)) = (tokens.upgrade(), slot_w.upgrade()) else {
+                    return;
+                };
+                if !slot.used.load(Ordering::Relaxed) {
+                    return;
+                }
+                let _flight = slot.flight().await;
+                // Someone refetched meanwhile (a 401, or expiry): that fetch's timer owns the
+                // next refresh, and this one must not add a second.
+                if slot.generation.load(Ordering::Relaxed) != generation {
+                    return;
+                }
+                tokens
+                    .stats
+                    .proactive_refreshes
+                    .fetch_add(1, Ordering::Relaxed);
+                // A success schedules the next refresh itself.
+                if tokens.fetch_into(&slot, &scope).await.is_ok() {
+                    return;
+                }
+                // The current token stays in use meanwhile. Try again when the backoff allows,
+                // if that is before the token runs out (after that, requests fetch themselves).
+                let retry_at = slot
+                    .failure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .map(|f| f.retry_at);
+                match (retry_at, slot.valid()) {
+                    (Some(r), Some(t)) if r < t.usable_until => at = r,
+                    _ => return,
+                }
             }
-            let _flight = slot.flight().await;
-            // Someone refetched meanwhile (a 401, or expiry): that fetch's timer owns the next
-            // refresh, and this one must not add a second.
-            if slot.generation.load(Ordering::Relaxed) != generation {
-                return;
-            }
-            tokens
-                .stats
-                .proactive_refreshes
-                .fetch_add(1, Ordering::Relaxed);
-            // On failure the current token stays in use until it expires; requests then retry.
-            let _ = tokens.fetch_into(&slot, &scope).await;
         });
     }
 }
@@ -498,6 +519,13 @@ fn random_unit() -> f64 {
 // ---------------------------------------------------------------------------------------------
 // The HTTP side of a token request, shared by every provider kind.
 
+/// The longest a fetched token is kept, whatever lifetime its answer claims.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The longest a 429's `Retry-After` keeps a provider's requests failing (unless
+/// `tokens.backoff_max` is longer).
+pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(600);
+
 /// Largest token response read; anything bigger is not a token response.
 const MAX_TOKEN_RESPONSE: usize = 256 * 1024;
 
@@ -509,13 +537,14 @@ pub struct Answer {
 }
 
 /// Sends a token request through the provider's client. Non-2xx answers become `Status` errors
-/// with a short excerpt of the body, with `secrets` blanked out.
+/// with a short excerpt of the body, with `secrets` blanked out (in the endpoint too: a recipe may
+/// put a secret into the URL's path).
 pub async fn call(
     client: &Client,
     req: Request<Body>,
     secrets: &[&Secret],
 ) -> Result<Answer, TokenError> {
-    let endpoint = endpoint_of(req.uri());
+    let endpoint = redact(endpoint_of(req.uri()), secrets);
     let resp = client
         .request(req)
         .await
@@ -568,17 +597,28 @@ pub fn endpoint_of(uri: &http::Uri) -> String {
     )
 }
 
+/// `text` with every secret replaced, as written and as percent-encoded.
+fn redact(mut text: String, secrets: &[&Secret]) -> String {
+    for s in secrets {
+        let s = s.expose();
+        if !s.is_empty() {
+            text = text.replace(s, "[redacted]");
+            let encoded = crate::providers::oauth2::encode(s);
+            if encoded != s {
+                text = text.replace(&encoded, "[redacted]");
+            }
+        }
+    }
+    text
+}
+
 /// The first 200 characters of a body, one line, with every secret replaced.
 pub fn excerpt(body: &[u8], secrets: &[&Secret]) -> String {
-    let mut text: String = String::from_utf8_lossy(body)
+    let text: String = String::from_utf8_lossy(body)
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    for s in secrets {
-        if !s.expose().is_empty() {
-            text = text.replace(s.expose(), "[redacted]");
-        }
-    }
+    let text = redact(text, secrets);
     let text = text.trim();
     match text.char_indices().nth(200) {
         Some((i, _)) => format!("{}…", &text[..i]),
@@ -594,13 +634,24 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
-/// The body of a 2xx token answer as JSON. A body that is not JSON is quoted (cut short, secrets
-/// blanked): it is an error page, not a token.
+/// The body of a 2xx token answer as JSON. A body that is not JSON is described, never quoted: a
+/// 2xx answer may hold a token in another format, or a page that repeats the request's secrets.
 pub fn parse_json(answer: &Answer) -> Result<serde_json::Value, TokenError> {
-    serde_json::from_slice(&answer.body).map_err(|_| TokenError::BadResponse {
-        endpoint: answer.endpoint.clone(),
-        what: "the body is not JSON".into(),
-        excerpt: excerpt(&answer.body, &[]),
+    serde_json::from_slice(&answer.body).map_err(|_| {
+        let content_type = answer
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            // `to_str` takes only visible ASCII: nothing to escape.
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("no content type");
+        TokenError::BadResponse {
+            endpoint: answer.endpoint.clone(),
+            what: format!(
+                "the body is not JSON ({}, {} bytes)",
+                content_type,
+                answer.body.len()
+            ),
+        }
     })
 }
 
@@ -614,7 +665,6 @@ pub fn missing_field(answer: &Answer, json: &serde_json::Value, path: &str) -> T
     TokenError::BadResponse {
         endpoint: answer.endpoint.clone(),
         what: format!("its JSON has no `{path}` (top-level keys: {keys})"),
-        excerpt: String::new(),
     }
 }
 
@@ -625,8 +675,11 @@ pub fn json_path<'a>(v: &'a serde_json::Value, path: &str) -> Option<&'a serde_j
 
 /// Seconds as a JSON number or numeric string.
 pub fn json_seconds(v: &serde_json::Value) -> Option<Duration> {
-    let secs = v.as_f64().or_else(|| v.as_str()?.trim().parse().ok())?;
-    (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs))
+    let secs: f64 = v.as_f64().or_else(|| v.as_str()?.trim().parse().ok())?;
+    // Not `from_secs_f64`, which panics past u64::MAX seconds.
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
 }
 
 /// The time left until a JWT's `exp`, if the token is a JWT that has one.
@@ -768,6 +821,67 @@ mod tests {
         assert!(e.starts_with("bad client [redacted] xxx"));
         assert!(!e.contains("s3cr3t"));
         assert!(e.chars().count() <= 201);
+    }
+
+    #[test]
+    fn json_helpers_survive_absurd_lifetimes() {
+        // Past u64::MAX seconds, `Duration::from_secs_f64` would panic.
+        assert!(json_seconds(&serde_json::json!(1e30)).is_none());
+        assert!(json_seconds(&serde_json::json!("1e400")).is_none());
+        assert!(json_seconds(&serde_json::json!(-5)).is_none());
+        assert!(json_seconds(&serde_json::json!(0)).is_none());
+        assert_eq!(
+            json_seconds(&serde_json::json!(1e18)),
+            Some(Duration::from_secs(1_000_000_000_000_000_000))
+        );
+    }
+
+    #[test]
+    fn a_429s_wait_is_honoured_up_to_a_bound() {
+        let lifecycle = Lifecycle::default();
+        let limited = |secs| TokenError::Status {
+            endpoint: "https://t/token".into(),
+            status: 429,
+            excerpt: String::new(),
+            retry_after: Some(Duration::from_secs(secs)),
+        };
+        // Longer than backoff_max (60 s): honoured.
+        assert_eq!(
+            lifecycle.backoff(1, &limited(300)),
+            Duration::from_secs(300)
+        );
+        // A day: cut to the bound, so the provider's routes are not down for a day.
+        assert_eq!(lifecycle.backoff(1, &limited(86_400)), RETRY_AFTER_MAX);
+        assert_eq!(lifecycle.backoff(1, &limited(u64::MAX)), RETRY_AFTER_MAX);
+        // A longer backoff_max is the bound instead.
+        let patient = Lifecycle {
+            backoff_max: Duration::from_secs(3600),
+            ..Lifecycle::default()
+        };
+        assert_eq!(
+            patient.backoff(1, &limited(86_400)),
+            Duration::from_secs(3600)
+        );
+        // Without a 429, the jittered exponential, capped.
+        let other = TokenError::Config("x".into());
+        let first = lifecycle.backoff(1, &other);
+        assert!(first >= Duration::from_millis(500) && first <= Duration::from_secs(1));
+        assert!(lifecycle.backoff(30, &other) <= Duration::from_secs(60));
+    }
+
+    #[test]
+    fn endpoints_are_named_without_secrets_in_their_path() {
+        let uri: http::Uri = "https://u:pw-9@portal.example/auth/k%2By+z/token?secret=s"
+            .parse()
+            .expect("a valid URI");
+        // A secret goes into a URL form-encoded, as `exchange::Recipe::fetch` puts it.
+        let key = Secret::new("k+y z");
+        let pass = Secret::new("pw-9");
+        let named = redact(endpoint_of(&uri), &[&key, &pass]);
+        assert_eq!(
+            named,
+            "https://u:[redacted]@portal.example/auth/[redacted]/token"
+        );
     }
 
     #[test]

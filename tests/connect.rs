@@ -112,6 +112,37 @@ async fn static_and_token_credentials_over_intercepted_http1_and_http2() {
 }
 
 #[tokio::test]
+async fn an_ipv6_literal_route_is_intercepted_with_a_leaf_for_its_address() {
+    let s = setup().await;
+    let plain = credproxy::fakes::echo::start(listener().await, None);
+    // The route's traffic goes to a plain fake on 127.0.0.1: no IPv6 socket is needed.
+    let extra = format!(
+        "routes:\n  - {{host: '[2001:db8::7]', provider: static, connect_to: '{}', upstream_scheme: http}}\n",
+        plain.addr
+    );
+    let yaml = s.yaml("").replace("routes:\n", &extra);
+    let proxy = s.env.proxy(&yaml).await;
+    // `CONNECT [2001:db8::7]:443`, then TLS that checks the leaf's IP address name (reqwest
+    // cannot: it refuses an IPv6 literal as a TLS server name).
+    let roots = proxy_roots(&s.env);
+    let (answer, mut tls) = tls_tunnel(proxy.addr, "[2001:db8::7]", &roots).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    tls.write_all(b"GET /__echo HTTP/1.1\r\nHost: [2001:db8::7]\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("static-value"),
+        "the credential was injected: {text}"
+    );
+    assert_eq!(proxy.leaf_mints(), 1);
+    assert_eq!(plain.requests().len(), 1);
+}
+
+#[tokio::test]
 async fn unmapped_hosts_are_tunnelled_untouched() {
     let s = setup().await;
     let proxy = s.env.proxy(&s.yaml("")).await;
@@ -157,7 +188,9 @@ async fn tls_tunnel(
             .unwrap()
             .with_root_certificates(roots.clone())
             .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+    // `[2001:db8::7]` is the IP address name `2001:db8::7`.
+    let name =
+        rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string()).unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await

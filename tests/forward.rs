@@ -315,7 +315,7 @@ X-Custom-Hop: secret-ish\r\n\
 Keep-Alive: timeout=5\r\n\
 Proxy-Connection: keep-alive\r\n\
 Proxy-Authorization: Basic cHJveHk6cGFzcw==\r\n\
-TE: trailers\r\n\
+TE: gzip;q=0.5, trailers\r\n\
 Upgrade: websocket\r\n\
 X-Normal: yes\r\n\r\n";
     let answer = raw(proxy.addr, request).await;
@@ -328,7 +328,6 @@ X-Normal: yes\r\n\r\n";
         "keep-alive",
         "proxy-connection",
         "proxy-authorization",
-        "te",
         "upgrade",
     ] {
         assert!(
@@ -337,6 +336,9 @@ X-Normal: yes\r\n\r\n";
         );
     }
     assert_eq!(header_values(&echo, "x-normal"), ["yes"]);
+    // The client's codings are its own; that it takes trailers, the proxy (which passes them on)
+    // says again in its own `TE`.
+    assert_eq!(header_values(&echo, "te"), ["trailers"]);
     assert_eq!(header_values(&echo, "x-api-key"), ["injected-value"]);
 
     let r = get(&client(proxy.addr), "http://portal.stackbill.example/").await;
@@ -456,6 +458,68 @@ routes:
 }
 
 #[tokio::test]
+async fn ipv6_literals_and_explicit_default_ports_reach_their_route() {
+    let env = Env::new();
+    let fake = env.tls_echo().await;
+    let plain = echo::start(listener().await, None);
+    // No IPv6 socket is needed: `connect_to` sends the route's traffic to the fake on 127.0.0.1.
+    let yaml = format!(
+        "providers:
+  p:
+    headers: {{x-api-key: injected-value}}
+routes:
+  - {{host: '[2001:DB8::1]', provider: p, connect_to: '{}', upstream_scheme: http}}
+  - {{host: api.example.com, provider: p, connect_to: '{}'}}
+unmapped: deny
+",
+        plain.addr, fake.addr
+    );
+    let proxy = env.proxy(&yaml).await;
+    let c = client(proxy.addr);
+
+    for url in [
+        "http://[2001:db8::1]/__echo",
+        "http://[2001:db8:0::1]:80/__echo",
+    ] {
+        let r = get(&c, url).await;
+        assert_eq!(r.status(), 200, "{url}");
+        let echo = echoed(r).await;
+        assert_eq!(
+            header_values(&echo, "x-api-key"),
+            ["injected-value"],
+            "{url}"
+        );
+        assert_eq!(echo["authority"], "[2001:db8::1]", "{url}");
+    }
+
+    // `http://host:80/` is `http://host/`: an HTTPS route still goes to 443 (the fake's TLS),
+    // instead of trying TLS on port 80.
+    let r = get(&c, "http://api.example.com:80/__echo").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        header_values(&echoed(r).await, "x-api-key"),
+        ["injected-value"]
+    );
+
+    // A port that is not a port is refused, not replaced by the default one.
+    for request in [
+        &b"GET http://api.example.com:99999/__echo HTTP/1.1\r\nHost: api.example.com:99999\r\n\r\n"
+            [..],
+        &b"GET http://api.example.com:0/__echo HTTP/1.1\r\nHost: api.example.com:0\r\n\r\n"[..],
+        &b"CONNECT api.example.com:70000 HTTP/1.1\r\nHost: api.example.com:70000\r\n\r\n"[..],
+    ] {
+        let answer = raw(proxy.addr, request).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("is not a port number"), "{answer}");
+    }
+    assert_eq!(
+        fake.requests().len(),
+        1,
+        "only the good request reached the fake"
+    );
+}
+
+#[tokio::test]
 async fn malformed_requests_get_precise_4xx() {
     let env = Env::new();
     let fake = env.tls_echo().await;
@@ -554,6 +618,22 @@ async fn local_endpoint_forwards_to_its_route_with_host_rewritten() {
         [basic(ACCOUNT, BILLING_KEY)]
     );
     assert_eq!(echo["uri"], "/v3/__echo?x=1");
+
+    // HTTP/2 cleartext with prior knowledge (gRPC clients, `curl --http2-prior-knowledge`): its
+    // requests always carry a scheme and authority, and are still plain local requests.
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = get(&h2, format!("http://{addr}/v3/__echo?x=2")).await;
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    let echo = echoed(r).await;
+    assert_eq!(echo["uri"], "/v3/__echo?x=2");
+    assert_eq!(
+        header_values(&echo, "authorization"),
+        [basic(ACCOUNT, BILLING_KEY)]
+    );
 
     let r = get(&c, format!("http://{addr}/v1/customers")).await;
     assert_refused(&r, 404, "not_routed");

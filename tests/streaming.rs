@@ -172,3 +172,89 @@ async fn a_256_mib_download_streams_through() {
         "the client lagged the upstream by {gap} bytes: the proxy is buffering the download"
     );
 }
+
+/// `upstream.response_timeout` is how long the upstream may take to answer, and it cannot answer
+/// before it has the body: an upload that takes longer than the timeout passes, one that stops
+/// for longer than it gets a 504 that says so.
+#[tokio::test]
+async fn a_slow_upload_outlasts_the_response_timeout_and_a_stalled_one_is_cut() {
+    let env = Env::new();
+    let upstream = fakes::serve(listener().await, None, |req, _peer| async move {
+        let n = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes().len(),
+            Err(_) => 0,
+        };
+        fakes::respond(http::StatusCode::OK, "text/plain", format!("stored {n}"))
+    });
+    let yaml = format!("  response_timeout: 1s\n{}", route_yaml(upstream.addr));
+    let proxy = env.proxy(&yaml).await;
+
+    // Eight pieces 300 ms apart: 2.1 s in all, with no gap as long as the timeout.
+    let body = futures_util::stream::iter(0..8u8).then(|i| async move {
+        if i > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+        Ok::<_, std::io::Error>(Bytes::from(vec![i; 1000]))
+    });
+    let r = send(
+        client(proxy.addr)
+            .post("http://bulk.example.com/upload")
+            .body(reqwest::Body::wrap_stream(body)),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "stored 8000");
+
+    // 10 of 1,000 promised bytes, then nothing.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        b"POST http://bulk.example.com/upload HTTP/1.1\r\nHost: bulk.example.com\r\nContent-Length: 1000\r\n\r\n0123456789",
+    )
+    .await
+    .unwrap();
+    let answer = read_response(&mut s).await;
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains("\"error\":\"upload_stalled\""), "{answer}");
+    assert!(
+        answer.contains("made no progress for 1s") && answer.contains("bulk.example.com"),
+        "{answer}"
+    );
+}
+
+/// Trailer fields (a checksum after a streamed body, say) reach a client that accepts them.
+#[tokio::test]
+async fn response_trailers_pass_through() {
+    let env = Env::new();
+    let upstream = fakes::serve(listener().await, None, |_req, _peer| async move {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", http::HeaderValue::from_static("c0ffee"));
+        let frames = futures_util::stream::iter([
+            Ok::<_, std::io::Error>(hyper::body::Frame::data(Bytes::from_static(b"payload"))),
+            Ok(hyper::body::Frame::trailers(trailers)),
+        ]);
+        let mut r = http::Response::new(credproxy::body::stream(http_body_util::StreamBody::new(
+            frames,
+        )));
+        r.headers_mut()
+            .insert("trailer", http::HeaderValue::from_static("x-checksum"));
+        r
+    });
+    let proxy = env.proxy(&route_yaml(upstream.addr)).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        b"GET http://bulk.example.com/t HTTP/1.1\r\nHost: bulk.example.com\r\nTE: trailers\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let answer = String::from_utf8_lossy(&read_until_closed(&mut s).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("payload"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\nx-checksum: c0ffee\r\n"),
+        "the trailer reached the client: {answer}"
+    );
+}

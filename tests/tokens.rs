@@ -113,6 +113,44 @@ async fn short_lived_tokens_are_refreshed_before_they_expire() {
     );
 }
 
+#[tokio::test]
+async fn a_failed_refresh_is_retried_while_the_old_token_still_serves() {
+    let env = Env::new();
+    let (fake, issuer) = oauth_fake(&env).await;
+    let proxy = env
+        .proxy(&oauth_yaml(fake.addr, "basic", "  refresh_at: 0.5\n"))
+        .await;
+    issuer.set_ttl(Duration::from_secs(6));
+    let c = client(proxy.addr);
+    let url = "http://acme.api.openvpn.com/api/v1/users";
+    assert_eq!(get(&c, url).await.status(), 200);
+    assert_eq!(issuer.token_requests(), 1);
+    // The refresh (about 3 s in) fails once; the endpoint is back straight after.
+    issuer.set_mode(Mode::Status(500));
+    let tokens = proxy.tokens("connexa").unwrap();
+    let mut failed_once = false;
+    for _ in 0..400 {
+        // Traffic all along: the token is in use, so it is kept fresh.
+        let r = get(&c, url).await;
+        assert_eq!(r.status(), 200, "the old token keeps serving");
+        if !failed_once && issuer.token_requests() == 2 {
+            failed_once = true;
+            issuer.set_mode(Mode::Normal);
+        }
+        if issuer.token_requests() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(failed_once, "the refresh was tried");
+    assert_eq!(issuer.token_requests(), 3, "the refresh was tried again");
+    assert_eq!(
+        tokens.stats.proactive_refreshes.load(Ordering::Relaxed),
+        2,
+        "the second try was the refresh timer's, before the old token ran out, not a request's"
+    );
+}
+
 const LICENSE: &str = "9085e05b-0000-4000-8000-00000000c0de";
 const SUB_KEY: &str = "apim-subscription-key-Qq1";
 const APP_ID: &str = "app-id-7f3e";
@@ -378,7 +416,8 @@ async fn slow_garbage_and_incomplete_token_answers_are_named() {
             Mode::Slow(Duration::from_secs(5)),
             "did not answer within 1s",
         ),
-        (Mode::Garbage, "the body is not JSON"),
+        // Described, never quoted: a 2xx body may be a token in another format.
+        (Mode::Garbage, "the body is not JSON (text/html, 27 bytes)"),
         (Mode::MissingToken, "has no `access_token`"),
     ];
     for (mode, words) in cases {
@@ -392,6 +431,7 @@ async fn slow_garbage_and_incomplete_token_answers_are_named() {
         .await;
         assert!(msg.contains(words), "`{msg}` should say `{words}`");
         assert!(!body.to_string().contains(CLIENT_SECRET));
+        assert!(!msg.contains("gateway error"), "{msg}");
     }
 }
 
@@ -682,4 +722,33 @@ async fn a_hundred_simultaneous_401s_cause_one_refresh() {
         2,
         "the first token and a single refresh"
     );
+}
+
+/// `client_auth: keep` with a provider that adds two headers (Cloudneeti's subscription key and
+/// token): a client that brings its own (stale) token gets the API's 401 as it is, and the proxy
+/// keeps its own good token: the 401 was about the client's.
+#[tokio::test]
+async fn a_401_to_the_clients_own_token_does_not_cost_the_proxy_its_token() {
+    let env = Env::new();
+    let (fake, issuer) = cloudneeti_fake(&env).await;
+    let yaml = cloudneeti_yaml(fake.addr, "current", "")
+        .replace("    provider: neeti\n", "    provider: neeti\n    client_auth: keep\n");
+    let proxy = env.proxy(&yaml).await;
+    let c = client(proxy.addr);
+    let url = format!("http://api.cloudneeti.com/onboarding/license/{LICENSE}/licenseAccounts");
+    assert_eq!(get(&c, &url).await.status(), 200);
+    assert_eq!(issuer.token_requests(), 1);
+
+    for _ in 0..3 {
+        let r = send(c.get(&url).header("authorization", "Bearer clients-own-stale-token")).await;
+        assert_eq!(r.status(), 401, "the API's answer to the client's token");
+        assert!(r.headers().get("x-credproxy-retry").is_none());
+    }
+    assert_eq!(
+        issuer.token_requests(),
+        1,
+        "no token thrown away or fetched for the client's 401s"
+    );
+    assert_eq!(get(&c, &url).await.status(), 200);
+    assert_eq!(issuer.token_requests(), 1);
 }

@@ -122,6 +122,17 @@ impl Recipe {
         }
     }
 
+    /// The token URL for `scope` with the secrets in it, each percent-encoded as `{scope}` is:
+    /// a `&`, `#` or `/` in a secret must stay inside its value.
+    fn filled_url(&self, scope: &str) -> String {
+        let encoded: BTreeMap<String, Secret> = self
+            .vars
+            .iter()
+            .map(|(k, v)| (k.clone(), Secret::new(super::oauth2::encode(v.expose()))))
+            .collect();
+        fill(&self.url_for(scope), &encoded, &[("scope", scope)])
+    }
+
     pub async fn fetch(
         &self,
         client: &Client,
@@ -129,7 +140,7 @@ impl Recipe {
         secrets: &[&Secret],
     ) -> Result<Fetched, TokenError> {
         let extra = [("scope", scope)];
-        let url = fill(&self.url_for(scope), &self.vars, &extra);
+        let url = self.filled_url(scope);
         let mut req = Request::builder().method(self.method.clone()).uri(&url);
         for (name, template) in &self.headers {
             let value = crate::providers::sensitive_value(&fill(template, &self.vars, &extra))
@@ -279,6 +290,26 @@ mod tests {
         assert_eq!(
             r.url_for("acc 1"),
             "https://api.cloudneeti.com/authorize/license/L/token?accountId=acc+1"
+        );
+    }
+
+    #[test]
+    fn secrets_in_the_token_url_stay_inside_their_value() {
+        let mut r = cloudneeti(
+            "api.example.com",
+            "L",
+            CloudneetiEndpoint::Current,
+            Secret::new("a"),
+            Secret::new("b"),
+            Secret::new("c"),
+            Duration::from_secs(60),
+        );
+        r.url = "https://api.example.com/auth/{key}/token?sig={sig}".into();
+        r.vars.insert("key".into(), Secret::new("k/1"));
+        r.vars.insert("sig".into(), Secret::new("a&b=c#d+e"));
+        assert_eq!(
+            r.filled_url(""),
+            "https://api.example.com/auth/k%2F1/token?sig=a%26b%3Dc%23d%2Be"
         );
     }
 }
