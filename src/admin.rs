@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::body::{Body, respond};
-use crate::listen::{Shared, reload};
+use crate::listen::{Shared, reload_off_runtime};
 
 /// Serves the admin endpoints until `stop` changes.
 pub async fn serve(
@@ -35,7 +35,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let (shared, ready) = (shared.clone(), ready.clone());
-                async move { Ok::<_, Infallible>(handle(&shared, &ready, req)) }
+                async move { Ok::<_, Infallible>(handle(&shared, &ready, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -48,7 +48,7 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
     respond(status, "application/json", v.to_string() + "\n")
 }
 
-fn handle(shared: &Shared, ready: &AtomicBool, req: Request<Incoming>) -> Response<Body> {
+async fn handle(shared: &Shared, ready: &AtomicBool, req: Request<Incoming>) -> Response<Body> {
     // A web page must not reach the admin port through DNS rebinding: only loopback names.
     if !crate::access::loopback_host(req.headers()) {
         return json(
@@ -90,7 +90,7 @@ fn handle(shared: &Shared, ready: &AtomicBool, req: Request<Incoming>) -> Respon
             state.metrics.encode(&state),
         ),
         (&Method::GET, "/status") => json(StatusCode::OK, status(&state)),
-        (&Method::POST, "/reload") => match reload(shared) {
+        (&Method::POST, "/reload") => match reload_off_runtime(shared.clone()).await {
             Ok(()) => json(StatusCode::OK, serde_json::json!({"reloaded": true})),
             Err(e) => json(
                 StatusCode::CONFLICT,

@@ -725,14 +725,29 @@ fn is_dot_segment(seg: &str) -> bool {
     rest.is_empty() && (1..=2).contains(&dots)
 }
 
-/// `/v1/customers/../../v3/invoices` must not pick the Customers route and reach Billing.
+/// `/v1/customers/../../v3/invoices` must not pick the Customers route and reach Billing. Nor
+/// may the spellings some servers normalise too: `..%2F` (a percent-encoded slash), a backslash,
+/// or `..;x` (a path parameter, which Tomcat and Spring drop before normalising).
 fn reject_dot_segments(path: &str) -> Result<(), ProxyError> {
-    // Most paths have neither a dot nor a `%`: one scan of the bytes instead of the segments.
-    let suspect = path.bytes().any(|b| b == b'.' || b == b'%');
-    if suspect && path.split('/').any(is_dot_segment) {
+    // Most paths have no dot, `%` or backslash: one scan of the bytes instead of the segments.
+    let suspect = path.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\'));
+    if !suspect {
+        return Ok(());
+    }
+    let separated;
+    let path = if path.contains(['%', '\\']) {
+        separated = ["%2F", "%2f", "%5C", "%5c", "\\"]
+            .iter()
+            .fold(path.to_string(), |p, sep| p.replace(sep, "/"));
+        separated.as_str()
+    } else {
+        path
+    };
+    let dot = |seg: &str| is_dot_segment(seg.split(';').next().unwrap_or(seg));
+    if path.split('/').any(dot) {
         return Err(ProxyError::bad_request(
             "dot_segments",
-            "the path contains `.` or `..` segments; send the normalised path",
+            "the path contains `.` or `..` segments (perhaps percent-encoded, after a backslash or `%2F`, or with `;` parameters); send the normalised path",
         ));
     }
     Ok(())
@@ -990,6 +1005,19 @@ mod tests {
         assert!(reject_dot_segments("/v1/customers/..").is_err());
         assert!(reject_dot_segments("/v1/./x").is_err());
         assert!(reject_dot_segments("/v1/customers/42").is_ok());
+        for sneaky in [
+            "/v1/customers/..%2F..%2Fv3/invoices",
+            "/v1/customers/..%2f..%2fv3/invoices",
+            "/v1/customers/%2e%2e%5Cv3",
+            "/v1/customers\\..\\v3",
+            "/v1/customers/..;/v3/invoices",
+            "/v1/customers/.;x=1/v3",
+        ] {
+            assert!(reject_dot_segments(sneaky).is_err(), "{sneaky}");
+        }
+        for fine in ["/v1/a%2Fb", "/v1/a;b=c/d", "/v1/file.tar.gz", "/v1/%7Euser"] {
+            assert!(reject_dot_segments(fine).is_ok(), "{fine}");
+        }
     }
 
     #[test]

@@ -232,8 +232,8 @@ impl Running {
 
     /// Re-reads the config file the proxy was started from and swaps it in, or keeps the
     /// current one and says why not.
-    pub fn reload(&self) -> Result<(), String> {
-        reload(&self.state)
+    pub async fn reload(&self) -> Result<(), String> {
+        reload_off_runtime(self.state.clone()).await
     }
 
     /// The state requests currently run on.
@@ -394,7 +394,15 @@ impl Drop for OpenConnection {
 
 /// Re-reads the config file of the current state and swaps in a state built from it. A file with
 /// problems, or one that changes the listeners (they are bound once), leaves everything as it was.
-pub fn reload(shared: &Shared) -> Result<(), String> {
+/// [`reload`] on a blocking thread: it reads files and loads TLS roots, which must not hold up the
+/// requests of a one-thread runtime meanwhile.
+pub async fn reload_off_runtime(shared: Shared) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || reload(&shared))
+        .await
+        .unwrap_or_else(|e| Err(format!("the reload stopped: {e}")))
+}
+
+fn reload(shared: &Shared) -> Result<(), String> {
     let old = shared.load_full();
     let path = std::path::PathBuf::from(&old.config.source);
     let config = crate::config::load(&path).map_err(|e| e.to_string())?;

@@ -448,7 +448,7 @@ async fn wait_for_signals(running: Option<&credproxy::Running>) {
                         let mut states = vec![sd_notify::NotifyState::Reloading];
                         states.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
                         let _ = sd_notify::notify(&states);
-                        if let Err(e) = r.reload() {
+                        if let Err(e) = r.reload().await {
                             tracing::error!("reload refused, the running config stays:\n{e}");
                         }
                         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);

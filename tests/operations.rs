@@ -77,7 +77,7 @@ async fn reload_under_load_loses_nothing_refuses_broken_files_and_keeps_tokens()
     tokio::time::sleep(Duration::from_millis(200)).await;
     for value in ["v2", "v3", "v4"] {
         std::fs::write(&path, yaml(&env, fake.addr, connexa.addr, value)).unwrap();
-        proxy.reload().unwrap();
+        proxy.reload().await.unwrap();
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     // A broken file is refused with its problems; the running config stays.
@@ -86,7 +86,7 @@ async fn reload_under_load_loses_nothing_refuses_broken_files_and_keeps_tokens()
         yaml(&env, fake.addr, connexa.addr, "v5").replace("provider: p,", "provider: nope,"),
     )
     .unwrap();
-    let err = proxy.reload().expect_err("broken file refused");
+    let err = proxy.reload().await.expect_err("broken file refused");
     assert!(
         err.contains("config.yaml:") && err.contains("unknown provider `nope`"),
         "{err}"
@@ -126,7 +126,7 @@ async fn changing_listeners_needs_a_restart() {
             .replace("listen: 127.0.0.1:0", "listen: 127.0.0.1:1"),
     )
     .unwrap();
-    let err = proxy.reload().expect_err("refused");
+    let err = proxy.reload().await.expect_err("refused");
     assert!(err.contains("restart credproxy"), "{err}");
 }
 
@@ -507,7 +507,7 @@ async fn an_open_https_tunnel_follows_a_reload() {
     let echo = echoed(get(&c, "https://api.example.com/__echo").await).await;
     assert_eq!(header_values(&echo, "x-k"), ["v1"]);
     std::fs::write(&path, yaml(&env, fake.addr, fake.addr, "v2")).unwrap();
-    proxy.reload().unwrap();
+    proxy.reload().await.unwrap();
     let echo = echoed(get(&c, "https://api.example.com/__echo").await).await;
     assert_eq!(
         header_values(&echo, "x-k"),

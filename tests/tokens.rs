@@ -731,8 +731,10 @@ async fn a_hundred_simultaneous_401s_cause_one_refresh() {
 async fn a_401_to_the_clients_own_token_does_not_cost_the_proxy_its_token() {
     let env = Env::new();
     let (fake, issuer) = cloudneeti_fake(&env).await;
-    let yaml = cloudneeti_yaml(fake.addr, "current", "")
-        .replace("    provider: neeti\n", "    provider: neeti\n    client_auth: keep\n");
+    let yaml = cloudneeti_yaml(fake.addr, "current", "").replace(
+        "    provider: neeti\n",
+        "    provider: neeti\n    client_auth: keep\n",
+    );
     let proxy = env.proxy(&yaml).await;
     let c = client(proxy.addr);
     let url = format!("http://api.cloudneeti.com/onboarding/license/{LICENSE}/licenseAccounts");
@@ -740,7 +742,11 @@ async fn a_401_to_the_clients_own_token_does_not_cost_the_proxy_its_token() {
     assert_eq!(issuer.token_requests(), 1);
 
     for _ in 0..3 {
-        let r = send(c.get(&url).header("authorization", "Bearer clients-own-stale-token")).await;
+        let r = send(
+            c.get(&url)
+                .header("authorization", "Bearer clients-own-stale-token"),
+        )
+        .await;
         assert_eq!(r.status(), 401, "the API's answer to the client's token");
         assert!(r.headers().get("x-credproxy-retry").is_none());
     }
