@@ -496,7 +496,7 @@ struct ExchangeFile {
 #[serde(deny_unknown_fields)]
 struct ScopedFile {
     segment: String,
-    url: String,
+    url: Spanned<String>,
 }
 
 fn default_method() -> String {
@@ -1321,11 +1321,13 @@ impl Validator<'_> {
         };
         let mut unknown: Vec<(String, String)> = Vec::new();
         let scoped_extra: &[&str] = if e.scoped.is_some() { &["scope"] } else { &[] };
-        self.url(
-            &e.url,
-            &format!("{k}.url"),
-            &e.secrets.keys().map(String::as_str).collect::<Vec<_>>(),
-        );
+        let secret_names: Vec<&str> = e.secrets.keys().map(String::as_str).collect();
+        self.url(&e.url, &format!("{k}.url"), &secret_names);
+        if let Some(sc) = &e.scoped {
+            let mut allowed = secret_names.clone();
+            allowed.push("scope");
+            self.url(&sc.url, &format!("{k}.scoped.url"), &allowed);
+        }
         let mut check = |what: String, t: &str, extra: &[&str]| {
             for p in known(extra, t) {
                 unknown.push((what.clone(), p));
@@ -1333,7 +1335,7 @@ impl Validator<'_> {
         };
         check(format!("{k}.url"), &e.url.value, &[]);
         if let Some(sc) = &e.scoped {
-            check(format!("{k}.scoped.url"), &sc.url, &["scope"]);
+            check(format!("{k}.scoped.url"), &sc.url.value, &["scope"]);
         }
         for (h, v) in &e.headers {
             check(format!("{k}.headers.{h}"), v, scoped_extra);
@@ -1403,7 +1405,7 @@ impl Validator<'_> {
             url: e.url.value.clone(),
             scoped: e.scoped.as_ref().map(|s| Scoped {
                 segment: s.segment.clone(),
-                url: s.url.clone(),
+                url: s.url.value.clone(),
             }),
             headers,
             body: match (&e.json, &e.form) {
@@ -1748,6 +1750,18 @@ mod tests {
         );
         assert!(
             found[0].contains("tokens.backoff_max: must be at least tokens.backoff_initial"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn a_token_exchange_scoped_url_must_be_a_url() {
+        let yaml = "providers:\n  x:\n    token_exchange:\n      url: 'https://portal.example/token'\n      scoped: {segment: account, url: 'htps//portal.example/token?a={scope}'}\n      secrets: {key: k}\n      json: {k: '{key}'}\n      token_path: token\n      send: {authorization: 'Bearer {token}'}\n";
+        let found = problems(yaml);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("c.yaml:5:")
+                && found[0].contains("providers.x.token_exchange.scoped.url: `htps//portal.example/token?a={scope}` is not an http(s) URL with a host"),
             "{found:?}"
         );
     }
