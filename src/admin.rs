@@ -23,11 +23,15 @@ pub async fn serve(
     ready: Arc<AtomicBool>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut accept_errors = (0, None);
     loop {
         let (stream, _peer) = tokio::select! {
             a = listener.accept() => match a {
                 Ok(a) => a,
-                Err(_) => continue,
+                Err(e) => {
+                    crate::listen::accept_failed(&e, &mut accept_errors).await;
+                    continue;
+                }
             },
             _ = stop.changed() => return,
         };

@@ -17,6 +17,12 @@ use time::{Duration, OffsetDateTime};
 #[error("certificate: {0}")]
 pub struct CaError(String);
 
+impl CaError {
+    pub fn new(message: impl Into<String>) -> CaError {
+        CaError(message.into())
+    }
+}
+
 impl From<rcgen::Error> for CaError {
     fn from(e: rcgen::Error) -> Self {
         CaError(e.to_string())

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -441,6 +441,21 @@ fn reload(shared: &Shared) -> Result<(), String> {
     Ok(())
 }
 
+/// After a failed `accept` (EMFILE and friends): back off instead of spinning, since the
+/// listener stays ready and would fail again at once, and warn at most every 10 s, not 20 times a
+/// second.
+pub async fn accept_failed(e: &std::io::Error, errors: &mut (u64, Option<Instant>)) {
+    errors.0 += 1;
+    if errors
+        .1
+        .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
+    {
+        tracing::warn!(failures = errors.0, "accept failed: {e}");
+        *errors = (0, Some(Instant::now()));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
 async fn accept_loop(
     listener: TcpListener,
     entry: Entry,
@@ -452,14 +467,13 @@ async fn accept_loop(
     let workers = shared.load().workers.clone();
     let idle = shared.load().config.limits.header_read_timeout;
     let drain = Drain::default();
+    let mut accept_errors = (0, None);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning; the listener stays up.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    accept_failed(&e, &mut accept_errors).await;
                     continue;
                 }
             },

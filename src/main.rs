@@ -324,7 +324,7 @@ fn ca(action: CaAction, file: PathBuf) -> ExitCode {
             println!("{}", files.key.display());
             Ok(())
         }
-        CaAction::Export { der } => credproxy::ca::load_or_create(files).map(|ca| {
+        CaAction::Export { der } => credproxy::ca::load_or_create(files).and_then(|ca| {
             use std::io::Write;
             let mut out = std::io::stdout();
             let written = if der {
@@ -332,9 +332,10 @@ fn ca(action: CaAction, file: PathBuf) -> ExitCode {
             } else {
                 out.write_all(ca.cert_pem().as_bytes())
             };
-            if let Err(e) = written.and_then(|_| out.flush()) {
-                eprintln!("credproxy: writing the certificate: {e}");
-            }
+            // A full disk or a closed pipe is a failure (exit 1), not a silent empty file.
+            written
+                .and_then(|_| out.flush())
+                .map_err(|e| credproxy::ca::CaError::new(format!("writing it to stdout: {e}")))
         }),
         CaAction::Rotate => credproxy::ca::rotate(files).map(|(cert_bak, key_bak)| {
             println!(

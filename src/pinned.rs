@@ -398,6 +398,15 @@ impl Pinned {
                 Some(u) => (Plan::Reuse(u), Slot::Busy),
                 None => (Plan::Pool { learn: true }, other),
             },
+            // Its client went with a reload: no request will ask for it again, and keeping it
+            // would hold its upstream socket and stop this connection from pinning anew.
+            Slot::Idle(u) if u.spares.strong_count() == 0 => {
+                drop(u);
+                match spare() {
+                    Some(u) => (Plan::Reuse(u), Slot::Busy),
+                    None => (Plan::Pool { learn: true }, Slot::Empty),
+                }
+            }
             other => (Plan::Pool { learn: true }, other),
         };
         *slot = back;

@@ -484,6 +484,18 @@ async fn a_client_that_rejects_the_ca_is_warned_about_once_and_the_ca_cli_works(
     );
     let path = ca_command(&["path"], &config);
     assert!(String::from_utf8_lossy(&path.stdout).contains("ca.pem"));
+    // A write that fails (a full disk) is a failure, not a silent empty file.
+    if let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") {
+        let out = Command::new(env!("CARGO_BIN_EXE_credproxy"))
+            .args(["ca", "export", "--config"])
+            .arg(&config)
+            .stdout(full)
+            .output()
+            .expect("credproxy runs");
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("writing it to stdout"), "{err}");
+    }
 
     let proxy = Binary::run(&config, &[("RUST_LOG", "info".as_ref())]);
     let addr = proxy.addr;

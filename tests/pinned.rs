@@ -78,6 +78,28 @@ async fn a_keep_alive_client_gets_its_own_upstream_connection_from_its_second_re
 }
 
 #[tokio::test]
+async fn a_keep_alive_client_pins_again_after_a_reload() {
+    let env = Env::new();
+    let fake = echo::start(listener().await, Some(http1_only(&env)));
+    let proxy = env.proxy(&echo_yaml(fake.addr, "")).await;
+    let c = client(proxy.addr);
+    for _ in 0..3 {
+        echoed(get(&c, "http://api.example.com/__echo").await).await;
+    }
+    proxy.reload().await.unwrap();
+    for _ in 0..3 {
+        echoed(get(&c, "http://api.example.com/__echo").await).await;
+    }
+    let p = peers(&fake);
+    assert_eq!(p.len(), 6);
+    // Before: the pool, then a pinned connection. After the reload (new clients, new pools):
+    // the new pool, then a new pinned connection, not the pool for ever.
+    assert!(p[1] == p[2] && p[0] != p[1], "{p:?}");
+    assert!(p[3] != p[4] && p[4] == p[5], "{p:?}");
+    assert!(p[4] != p[1], "the old pinned connection was let go: {p:?}");
+}
+
+#[tokio::test]
 async fn a_new_client_connection_starts_on_a_spare_over_https() {
     let env = Env::new();
     let fake = echo::start(listener().await, Some(http1_only(&env)));
