@@ -292,6 +292,13 @@ pub enum DialError {
     },
     #[error("{host} resolves to no address")]
     NoAddress { host: String },
+    #[error(
+        "{host} has no address of the family of the source address {bind} (egress.bind): an IPv4 source reaches only IPv4 addresses, an IPv6 one only IPv6"
+    )]
+    NoAddressOfFamily {
+        host: String,
+        bind: std::net::IpAddr,
+    },
     #[error("connecting to {addr}: {}", describe_io(.source))]
     Connect {
         addr: String,
@@ -511,53 +518,129 @@ async fn proxy_connect(
     }
 }
 
+/// How long an attempt to connect to one address has before the next address is tried alongside
+/// it (RFC 8305's "Connection Attempt Delay"): a blackholed IPv6 route must not use up all of
+/// `connect_timeout` while IPv4 would have worked.
+const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
 async fn dial_now(
     host: &str,
     port: u16,
     bind: Option<std::net::IpAddr>,
 ) -> Result<TcpStream, DialError> {
-    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+    let resolved: Vec<_> = tokio::net::lookup_host((host, port))
         .await
         .map_err(|source| DialError::Resolve {
             host: host.to_string(),
             source,
         })?
-        // A source address can only reach destinations of its own family.
+        .collect();
+    // A source address can only reach destinations of its own family.
+    let addrs: Vec<_> = resolved
+        .iter()
+        .copied()
         .filter(|a| bind.is_none_or(|b| b.is_ipv4() == a.is_ipv4()))
         .collect();
+    if addrs.is_empty() {
+        return Err(match bind {
+            Some(bind) if !resolved.is_empty() => DialError::NoAddressOfFamily {
+                host: host.to_string(),
+                bind,
+            },
+            _ => DialError::NoAddress {
+                host: host.to_string(),
+            },
+        });
+    }
+    connect_any(addrs, bind).await.map_err(|e| {
+        e.unwrap_or(DialError::NoAddress {
+            host: host.to_string(),
+        })
+    })
+}
+
+/// "Happy eyeballs", simplified from RFC 8305: the families take turns, starting with the
+/// resolver's first choice; each attempt gets `ATTEMPT_DELAY` before the next starts alongside
+/// it, a failure starts the next at once, and the first connection wins. `Err(None)`: no address.
+async fn connect_any(
+    addrs: Vec<std::net::SocketAddr>,
+    bind: Option<std::net::IpAddr>,
+) -> Result<TcpStream, Option<DialError>> {
+    let mut queue = interleave_families(addrs).into_iter();
+    let mut attempts = futures_util::stream::FuturesUnordered::new();
     let mut last = None;
-    for addr in &addrs {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        };
-        let socket = socket.map_err(|source| DialError::Connect {
-            addr: addr.to_string(),
-            source,
-        })?;
-        if let Some(ip) = bind {
-            socket
-                .bind(std::net::SocketAddr::new(ip, 0))
-                .map_err(|source| DialError::Bind { bind: ip, source })?;
-        }
-        match socket.connect(*addr).await {
-            Ok(s) => {
-                // Small API calls: don't let Nagle hold a request head back.
-                let _ = s.set_nodelay(true);
-                return Ok(s);
+    loop {
+        if attempts.is_empty() {
+            match queue.next() {
+                Some(addr) => attempts.push(connect_one(addr, bind)),
+                None => break,
             }
-            Err(source) => {
-                last = Some(DialError::Connect {
-                    addr: addr.to_string(),
-                    source,
-                })
+        }
+        tokio::select! {
+            Some(result) = futures_util::StreamExt::next(&mut attempts) => match result {
+                Ok(s) => return Ok(s),
+                // The source address itself is unusable: no other destination will do better.
+                Err(e @ DialError::Bind { .. }) => return Err(Some(e)),
+                Err(e) => {
+                    last = Some(e);
+                    if let Some(addr) = queue.next() {
+                        attempts.push(connect_one(addr, bind));
+                    }
+                }
+            },
+            () = tokio::time::sleep(ATTEMPT_DELAY), if queue.len() > 0 => {
+                if let Some(addr) = queue.next() {
+                    attempts.push(connect_one(addr, bind));
+                }
             }
         }
     }
-    Err(last.unwrap_or(DialError::NoAddress {
-        host: host.to_string(),
-    }))
+    Err(last)
+}
+
+/// `addrs` with IPv6 and IPv4 taking turns, starting with the family of the first.
+fn interleave_families(addrs: Vec<std::net::SocketAddr>) -> Vec<std::net::SocketAddr> {
+    let first_v6 = addrs.first().is_some_and(|a| a.is_ipv6());
+    let (mut first, mut second): (Vec<_>, Vec<_>) =
+        addrs.into_iter().partition(|a| a.is_ipv6() == first_v6);
+    let mut out = Vec::with_capacity(first.len() + second.len());
+    let (mut a, mut b) = (first.drain(..), second.drain(..));
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return out,
+            (x, y) => out.extend(x.into_iter().chain(y)),
+        }
+    }
+}
+
+async fn connect_one(
+    addr: std::net::SocketAddr,
+    bind: Option<std::net::IpAddr>,
+) -> Result<TcpStream, DialError> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    };
+    let socket = socket.map_err(|source| DialError::Connect {
+        addr: addr.to_string(),
+        source,
+    })?;
+    if let Some(ip) = bind {
+        socket
+            .bind(std::net::SocketAddr::new(ip, 0))
+            .map_err(|source| DialError::Bind { bind: ip, source })?;
+    }
+    let s = socket
+        .connect(addr)
+        .await
+        .map_err(|source| DialError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+    // Small API calls: don't let Nagle hold a request head back.
+    let _ = s.set_nodelay(true);
+    Ok(s)
 }
 
 /// What a "what is my IP" service at `url` sees when asked through `egress` (first line of its
@@ -601,5 +684,70 @@ pub async fn check_source(config: &Config, egress: &Egress, url: &str) -> Result
         Ok(first)
     } else {
         Err(format!("HTTP {status}: {first}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_families_take_turns_from_the_resolvers_first_choice() {
+        let a = |s: &str| s.parse::<std::net::SocketAddr>().expect("address");
+        let addrs = vec![
+            a("[2001:db8::1]:443"),
+            a("[2001:db8::2]:443"),
+            a("192.0.2.1:443"),
+            a("192.0.2.2:443"),
+            a("192.0.2.3:443"),
+        ];
+        assert_eq!(
+            interleave_families(addrs),
+            [
+                a("[2001:db8::1]:443"),
+                a("192.0.2.1:443"),
+                a("[2001:db8::2]:443"),
+                a("192.0.2.2:443"),
+                a("192.0.2.3:443")
+            ]
+        );
+        let v4_first = vec![a("192.0.2.1:80"), a("[2001:db8::1]:80")];
+        assert_eq!(interleave_families(v4_first.clone()), v4_first);
+    }
+
+    /// An address that takes SYNs and never answers (a blackholed route) must not hold up the
+    /// next one: here, a loopback listener whose accept queue is full, so Linux drops new SYNs.
+    #[tokio::test]
+    async fn an_address_that_never_answers_does_not_hold_up_the_next() {
+        let silent = TcpSocket::new_v4().expect("socket");
+        silent
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let silent = silent.listen(1).expect("listen");
+        let silent_addr = silent.local_addr().expect("addr");
+        // Fill its queue (never accepted).
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(silent_addr))
+                    .await
+            {
+                held.push(s);
+            }
+        }
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let good_addr = good.local_addr().expect("addr");
+        let connected = tokio::time::timeout(
+            Duration::from_secs(10),
+            connect_any(vec![silent_addr, good_addr], None),
+        )
+        .await
+        .expect("the second address was tried while the first hung")
+        .map_err(|e| e.map(|e| e.to_string()))
+        .expect("connected");
+        assert_eq!(connected.peer_addr().expect("peer"), good_addr);
+        drop(held);
     }
 }
