@@ -231,6 +231,23 @@ pub fn load_or_create(files: &CaFiles) -> Result<Ca, CaError> {
         return Ca::from_pem(&cert, &key)
             .map_err(|e| CaError(format!("{}: {}", files.cert.display(), e.0)));
     }
+    if files.key.exists() {
+        // A key without its certificate: an earlier first start stopped between writing the two
+        // (the certificate is written last). Set it aside rather than refuse to start for ever.
+        let aside = PathBuf::from(format!("{}.orphan-{}", files.key.display(), unix_now()));
+        std::fs::rename(&files.key, &aside).map_err(|e| {
+            CaError(format!(
+                "{} exists without {}, and cannot be moved aside: {e}",
+                files.key.display(),
+                files.cert.display()
+            ))
+        })?;
+        tracing::warn!(
+            "{} had no certificate beside it (an interrupted first start?): kept as {}",
+            files.key.display(),
+            aside.display()
+        );
+    }
     let ca = new_local_ca(files)?;
     write_ca(&ca, &files.cert, &files.key)?;
     tracing::info!(
@@ -260,10 +277,7 @@ pub fn rotate(files: &CaFiles) -> Result<(PathBuf, PathBuf), CaError> {
                 .into(),
         ));
     }
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let stamp = unix_now();
     let backup = |p: &Path| PathBuf::from(format!("{}.bak-{stamp}", p.display()));
     let (cert_bak, key_bak) = (backup(&files.cert), backup(&files.key));
     let ca = new_local_ca(files)?;
@@ -279,14 +293,28 @@ pub fn rotate(files: &CaFiles) -> Result<(PathBuf, PathBuf), CaError> {
     Ok((cert_bak, key_bak))
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The key first, then the certificate, whole or not at all (written beside it and renamed): a
+/// certificate on disk always has its key.
 fn write_ca(ca: &Ca, cert: &Path, key: &Path) -> Result<(), CaError> {
     if let Some(dir) = cert.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| CaError(format!("cannot create {}: {e}", dir.display())))?;
     }
     write_private(key, ca.key_pem().as_bytes())?;
-    std::fs::write(cert, ca.cert_pem())
-        .map_err(|e| CaError(format!("cannot write {}: {e}", cert.display())))
+    let partial = PathBuf::from(format!("{}.partial", cert.display()));
+    std::fs::write(&partial, ca.cert_pem())
+        .and_then(|()| std::fs::rename(&partial, cert))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&partial);
+            CaError(format!("cannot write {}: {e}", cert.display()))
+        })
 }
 
 #[cfg(unix)]

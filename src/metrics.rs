@@ -146,7 +146,8 @@ impl Metrics {
             for (provider, tokens) in &providers {
                 let _ = writeln!(
                     extra,
-                    "{name}_total{{provider=\"{provider}\"}} {}",
+                    "{name}_total{{provider=\"{}\"}} {}",
+                    label_value(provider),
                     get(&tokens.stats)
                 );
             }
@@ -166,5 +167,26 @@ impl Metrics {
             "# HELP credproxy_leaf_cache_hits Handshakes served with a cached leaf.\n# TYPE credproxy_leaf_cache_hits counter\ncredproxy_leaf_cache_hits_total {hits}"
         );
         body + &extra + "# EOF\n"
+    }
+}
+
+/// A label value in the text format: a provider name may hold `"`, `\\` or a newline (config does
+/// not forbid them), which must not break the scrape.
+fn label_value(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains(['"', '\\', '\n']) {
+        return v.into();
+    }
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(super::label_value("connexa"), "connexa");
+        assert_eq!(super::label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }

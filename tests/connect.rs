@@ -310,6 +310,26 @@ async fn the_ca_persists_and_its_key_must_be_private() {
         err.contains(&key.display().to_string()) && err.contains("0644"),
         "{err}"
     );
+
+    // A key left without its certificate (a first start stopped between the two writes) is set
+    // aside, and a new CA made, instead of every later start failing on "File exists".
+    let ca_pem = s.env.state_dir().join("ca.pem");
+    std::fs::remove_file(&ca_pem).unwrap();
+    let third = s.env.proxy(&s.yaml("")).await;
+    let new_pem = std::fs::read_to_string(&ca_pem).unwrap();
+    assert_ne!(new_pem, pem, "a new CA");
+    let orphans = std::fs::read_dir(s.env.state_dir())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref().is_ok_and(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("ca-key.pem.orphan-")
+            })
+        })
+        .count();
+    assert_eq!(orphans, 1, "the old key was kept aside");
+    third.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
