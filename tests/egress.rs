@@ -192,6 +192,33 @@ async fn traffic_goes_through_the_upstream_proxy_with_its_credentials_only_there
 }
 
 #[tokio::test]
+async fn proxy_credentials_in_the_url_are_percent_decoded() {
+    let env = Env::new();
+    let corp = proxy::start(listener().await, proxy_auth("svc@corp", "p@ss:w/rd%"));
+    let tls_upstream = env.tls_echo().await;
+    let plain_upstream = echo::start(listener().await, None);
+    let egress = format!(
+        "egress: {{proxy: 'http://svc%40corp:p%40ss%3Aw%2Frd%25@{}'}}",
+        corp.addr
+    );
+    let proxy = env
+        .proxy(&routes_through(
+            &egress,
+            tls_upstream.addr,
+            plain_upstream.addr,
+        ))
+        .await;
+    let echo = echoed(get(&client(proxy.addr), "http://api.example.com/__echo").await).await;
+    assert_eq!(header_values(&echo, "x-k"), ["v"]);
+    let seen = corp.seen();
+    assert!(
+        !seen.is_empty() && seen.iter().all(|s| s.authorized),
+        "{}",
+        seen.len()
+    );
+}
+
+#[tokio::test]
 async fn a_wrong_proxy_password_is_a_502_naming_the_proxy() {
     let env = Env::new();
     let corp = proxy::start(listener().await, proxy_auth("svc", "right"));
