@@ -77,7 +77,11 @@ async fn handle(shared: &Shared, ready: &AtomicBool, req: Request<Incoming>) -> 
                 Vec::new()
             };
             if !ready.load(Ordering::Relaxed) {
-                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n")
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "starting or stopping\n",
+                )
             } else if !missing.is_empty() {
                 respond(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -258,9 +258,13 @@ pub fn load_or_create(files: &CaFiles) -> Result<Ca, CaError> {
 }
 
 fn new_local_ca(files: &CaFiles) -> Result<Ca, CaError> {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+    // The shipped unit's `ProcSubset=pid` hides /proc/sys: /etc/hostname is the next best name.
+    let host = ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
         .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into());
+        .find(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
     Ca::generate_constrained(
         &format!("credproxy local CA ({host})"),
         5 * 365,

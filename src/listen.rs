@@ -198,6 +198,8 @@ pub struct Running {
     /// The admin listener's address, when enabled.
     pub admin_addr: Option<SocketAddr>,
     state: Shared,
+    /// `/readyz`: true from the end of start to the start of shutdown.
+    ready: Arc<std::sync::atomic::AtomicBool>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
     /// Declared last: the other threads of `runtime.shape: per_core` end after the rest.
@@ -207,6 +209,9 @@ pub struct Running {
 impl Running {
     /// Stops accepting, lets in-flight requests finish (up to `drain`), then returns.
     pub async fn shutdown(mut self, drain: Duration) {
+        // A load balancer polling an admin keep-alive connection must see the drain.
+        self.ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let _ = self.shutdown.send(true);
         let tunnels = self
             .state
@@ -333,6 +338,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         local_endpoints,
         admin_addr,
         state,
+        ready,
         shutdown,
         tasks,
         _threads: threads,

@@ -497,6 +497,41 @@ async fn shutdown_drains_requests_inside_intercepted_https_tunnels() {
 }
 
 #[tokio::test]
+async fn readiness_turns_503_when_the_drain_starts() {
+    let env = Env::new();
+    let slow = credproxy::fakes::serve(listener().await, None, |_, _| async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        credproxy::fakes::respond(http::StatusCode::OK, "text/plain", "finally")
+    });
+    let proxy = env
+        .proxy(&format!(
+            "providers:\n  p:\n    headers: {{x-k: v}}\nroutes:\n  - {{host: api.example.com, provider: p, connect_to: '{}', upstream_scheme: http}}\n",
+            slow.addr
+        ))
+        .await;
+    let admin = proxy.admin_addr.unwrap();
+    // One keep-alive connection to the admin port, as a load balancer's health check keeps.
+    let checker = direct_client();
+    let readyz = format!("http://{admin}/readyz");
+    assert_eq!(get(&checker, &readyz).await.status(), 200);
+    let c = client(proxy.addr);
+    let request = tokio::spawn(async move {
+        c.get("http://api.example.com/slow")
+            .send()
+            .await
+            .map(|r| r.status())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = tokio::spawn(proxy.shutdown(Duration::from_secs(10)));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = get(&checker, &readyz).await;
+    assert_eq!(r.status(), 503, "draining is not ready");
+    assert_eq!(r.text().await.unwrap(), "starting or stopping\n");
+    assert_eq!(request.await.unwrap().expect("the request finished"), 200);
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
 async fn an_open_https_tunnel_follows_a_reload() {
     let env = Env::new();
     let fake = env.tls_echo().await;
