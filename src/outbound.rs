@@ -28,9 +28,9 @@ use crate::route::Route;
 /// One way of dialling (`connect_to` × egress) with its pool. Clones share the pool.
 #[derive(Clone)]
 pub struct Client {
-    pool: HyperClient<HttpsConnector<Dialer>, Body>,
+    pool: HyperClient<Connector, Body>,
     /// Dials the HTTP/1.1-only connections that `pinned` keeps for one client connection.
-    pin_connector: Option<HttpsConnector<Dialer>>,
+    pin_connector: Option<Connector>,
     /// Tells clients apart (a reload builds new ones), for pinned connections.
     id: u64,
     pub(crate) pool_idle_timeout: Duration,
@@ -60,7 +60,7 @@ impl Client {
 
     /// The connector for a pinned connection, or `None` when this client must not pin
     /// (`upstream.pin_connections: false`, or an egress through an upstream proxy).
-    pub(crate) fn pin_connector(&self) -> Option<&HttpsConnector<Dialer>> {
+    pub(crate) fn pin_connector(&self) -> Option<&Connector> {
         self.pin_connector.as_ref()
     }
 }
@@ -245,19 +245,22 @@ fn build_client(dialer: Dialer, tls: rustls::ClientConfig, settings: &Upstream) 
     // HTTP/1.1 only (no ALPN offered, so TLS servers pick HTTP/1.1): a pinned connection serves
     // one client connection's requests one at a time; HTTP/2's shared connection is the pool's.
     // Not through an upstream proxy, where plain HTTP needs absolute-form requests.
+    let after = dialer.connect_timeout;
     let pin_connector = (settings.pin_connections && dialer.egress.proxy.is_none()).then(|| {
-        hyper_rustls::HttpsConnectorBuilder::new()
+        let inner = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls.clone())
             .https_or_http()
             .enable_http1()
-            .wrap_connector(dialer.clone())
+            .wrap_connector(dialer.clone());
+        Connector { inner, after }
     });
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+    let inner = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
         .wrap_connector(dialer);
+    let connector = Connector { inner, after };
     let pool = HyperClient::builder(TokioExecutor::new())
         .pool_idle_timeout(settings.pool_idle_timeout)
         .pool_timer(TokioTimer::new())
@@ -270,6 +273,39 @@ fn build_client(dialer: Dialer, tls: rustls::ClientConfig, settings: &Upstream) 
         pool_idle_timeout: settings.pool_idle_timeout,
         spares: crate::pinned::Spares::default(),
         dials: crate::pinned::Dials::default(),
+    }
+}
+
+/// TCP (and the upstream proxy's CONNECT), then TLS, all within `upstream.connect_timeout`: a
+/// server that takes the connection but never answers the TLS handshake must not pass for a
+/// slow response (`response_timeout`).
+#[derive(Clone)]
+pub struct Connector {
+    inner: HttpsConnector<Dialer>,
+    after: Duration,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = <HttpsConnector<Dialer> as tower_service::Service<Uri>>::Response;
+    type Error = crate::body::BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let addr = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+        let after = self.after;
+        let connecting = self.inner.call(uri);
+        Box::pin(async move {
+            match tokio::time::timeout(after, connecting).await {
+                Ok(connected) => connected,
+                Err(_) => {
+                    Err(Box::new(DialError::Timeout { addr, after }) as crate::body::BoxError)
+                }
+            }
+        })
     }
 }
 

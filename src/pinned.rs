@@ -25,11 +25,10 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version, header};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
-use hyper_rustls::HttpsConnector;
 use tower_service::Service;
 
 use crate::body::{self, Body};
-use crate::outbound::{Client, Conn, Dialer, LocalAddr};
+use crate::outbound::{Client, Conn, Connector, LocalAddr};
 
 /// What one client connection keeps between its requests.
 pub struct Pinned(Mutex<Slot>);
@@ -285,11 +284,7 @@ type Boxed<'a, T> = Pin<Box<dyn Future<Output = Result<T, Failure>> + Send + 'a>
 
 // The rare paths' futures are boxed by these plain functions, not by `Box::pin(..)` in place: in
 // place, the caller's future would still keep room for the unboxed future it moves from.
-fn dial_boxed<'a>(
-    client: &'a Client,
-    connector: &'a HttpsConnector<Dialer>,
-    key: Key,
-) -> Boxed<'a, Upstream> {
+fn dial_boxed<'a>(client: &'a Client, connector: &'a Connector, key: Key) -> Boxed<'a, Upstream> {
     Box::pin(dial(client, connector, key))
 }
 
@@ -491,11 +486,7 @@ impl Drop for Watched {
     }
 }
 
-async fn dial(
-    client: &Client,
-    connector: &HttpsConnector<Dialer>,
-    key: Key,
-) -> Result<Upstream, Failure> {
+async fn dial(client: &Client, connector: &Connector, key: Key) -> Result<Upstream, Failure> {
     let uri = Uri::builder()
         .scheme(if key.https { "https" } else { "http" })
         .authority(key.authority.as_str())

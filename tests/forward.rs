@@ -457,6 +457,34 @@ routes:
     .await;
 }
 
+/// A server that takes the TCP connection and never answers the TLS handshake is a connection
+/// that did not happen (`connect_timeout`), not a slow answer (`response_timeout`).
+#[tokio::test]
+async fn a_tls_handshake_that_never_finishes_is_a_connect_timeout() {
+    let env = Env::new();
+    let silent = listener().await;
+    let silent_addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            open.push(s);
+        }
+    });
+    let yaml = format!(
+        "  connect_timeout: 1s\n  response_timeout: 60s\nproviders:\n  p:\n    headers: {{x-api-key: v}}\nroutes:\n  - {{host: mute.example.com, provider: p, connect_to: '{silent_addr}'}}\n"
+    );
+    let proxy = env.proxy(&yaml).await;
+    let r = get(&client(proxy.addr), "http://mute.example.com/x").await;
+    assert_refused(&r, 504, "upstream_timeout");
+    let body: serde_json::Value = r.json().await.unwrap();
+    let msg = body["message"].as_str().unwrap();
+    assert!(
+        msg.contains("connect_timeout") && msg.contains("mute.example.com"),
+        "{msg}"
+    );
+    held.abort();
+}
+
 #[tokio::test]
 async fn ipv6_literals_and_explicit_default_ports_reach_their_route() {
     let env = Env::new();
