@@ -19,6 +19,10 @@ pub enum ProxyError {
     )]
     Denied { host: String },
     #[error(
+        "{host} has routes, but none whose path_prefix covers `{path}`, and the config says `unmapped: deny`; add a route for this path or set `unmapped: passthrough`"
+    )]
+    PathDenied { host: String, path: String },
+    #[error(
         "the request already carries `{header}`, and this route is set to `client_auth: reject`; remove the header, the proxy adds the credentials"
     )]
     ClientCredentials { header: String },
@@ -89,7 +93,7 @@ impl ProxyError {
             ProxyError::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ProxyError::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
+            ProxyError::Denied { .. } | ProxyError::PathDenied { .. } => StatusCode::FORBIDDEN,
             ProxyError::NotRouted { .. } => StatusCode::NOT_FOUND,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTls { .. }
@@ -103,7 +107,7 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::BadRequest { code, .. } => code,
-            ProxyError::Denied { .. } => "host_denied",
+            ProxyError::Denied { .. } | ProxyError::PathDenied { .. } => "host_denied",
             ProxyError::ClientCredentials { .. } => "client_credentials_rejected",
             ProxyError::NotRouted { .. } => "not_routed",
             ProxyError::UpstreamConnect { .. } => "upstream_unreachable",

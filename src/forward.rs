@@ -351,8 +351,21 @@ async fn forward(
         }
         None => {
             if state.config.unmapped == Unmapped::Deny {
-                return Err(ProxyError::Denied {
-                    host: target.host.clone(),
+                // A host with routes, on none of their paths: say so, not "no route maps it".
+                let host_routed = state
+                    .config
+                    .routes
+                    .iter()
+                    .any(|r| r.host.matches(&target.host, target.port));
+                return Err(if host_routed {
+                    ProxyError::PathDenied {
+                        host: target.host.clone(),
+                        path: target.path().to_string(),
+                    }
+                } else {
+                    ProxyError::Denied {
+                        host: target.host.clone(),
+                    }
                 });
             }
             (target.scheme, target.explicit_port.then_some(target.port))

@@ -407,7 +407,13 @@ async fn run(config: credproxy::config::Config) -> ExitCode {
         "shutting down: no new connections; in-flight requests have {}",
         humantime::format_duration(drain)
     );
-    running.shutdown(drain).await;
+    tokio::select! {
+        () = running.shutdown(drain) => {}
+        // A second Ctrl-C or SIGTERM: the user (or systemd's stop timeout) will not wait.
+        () = wait_for_signals(None) => {
+            tracing::warn!("second signal: stopping now, without waiting for the requests in flight");
+        }
+    }
     ExitCode::SUCCESS
 }
 
@@ -454,7 +460,7 @@ async fn wait_for_signals(running: Option<&credproxy::Running>) {
                         }
                         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
                     }
-                    None => tracing::info!("SIGHUP ignored: the demo has nothing to reload"),
+                    None => tracing::info!("SIGHUP ignored: nothing to reload now"),
                 },
             }
         }

@@ -109,6 +109,14 @@ async fn basic_credentials_are_chosen_by_path_and_replace_the_clients() {
     // A path no route covers on the same host is not given either key.
     let other = get(&c, "http://api.cloudnet.services/v2/other").await;
     assert_refused(&other, 403, "host_denied");
+    let body: serde_json::Value = other.json().await.unwrap();
+    let msg = body["message"].as_str().unwrap();
+    assert!(
+        msg.contains(
+            "api.cloudnet.services has routes, but none whose path_prefix covers `/v2/other`"
+        ),
+        "{msg}"
+    );
 }
 
 #[tokio::test]

@@ -430,6 +430,52 @@ routes:
 }
 
 #[tokio::test]
+async fn a_second_sigterm_stops_at_once_without_waiting_for_the_drain() {
+    let env = Env::new();
+    let hang = credproxy::fakes::serve(listener().await, None, |_, _| async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        credproxy::fakes::respond(http::StatusCode::OK, "text/plain", "late")
+    });
+    let path = env.write_config(&format!(
+        "limits: {{drain_timeout: 10m}}\nproviders:\n  p:\n    headers: {{x-k: v}}\nroutes:\n  - {{host: slow.example.com, provider: p, upstream_scheme: http, connect_to: '{}'}}\n",
+        hang.addr
+    ));
+    let mut proxy = Binary::run(&path, &[("RUST_LOG", "info".as_ref())]);
+    let c = client(proxy.addr);
+    let stuck = tokio::spawn(async move { c.get("http://slow.example.com/x").send().await });
+    // The request is in flight (the fake has it) before the first signal.
+    for _ in 0..100 {
+        if !hang.requests().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(hang.requests().len(), 1);
+    kill(&proxy.child, "-TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        proxy.child.try_wait().unwrap().is_none(),
+        "the first SIGTERM drains (for up to 10 minutes)"
+    );
+    kill(&proxy.child, "-TERM");
+    let exited = tokio::task::spawn_blocking(move || {
+        for _ in 0..200 {
+            if let Ok(Some(s)) = proxy.child.try_wait() {
+                return Some((s, proxy.log()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    })
+    .await
+    .unwrap();
+    let (status, log) = exited.expect("the second SIGTERM stopped it");
+    assert!(status.success(), "{log}");
+    assert!(log.contains("second signal: stopping now"), "{log}");
+    assert!(stuck.await.unwrap().is_err(), "the stuck request was cut");
+}
+
+#[tokio::test]
 async fn prefetch_makes_readiness_wait_for_the_first_token_and_recover_without_traffic() {
     let env = Env::new();
     let (connexa, issuer) = env.oauth_fake("cid", "cs").await;
