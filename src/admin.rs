@@ -148,9 +148,16 @@ fn status(state: &crate::listen::State) -> serde_json::Value {
             })
         })
         .collect();
+    let ca = state.leaves.as_ref().and_then(|l| l.ca.not_after()).map(|at| {
+        serde_json::json!({
+            "not_after": at,
+            "days_left": (at - time::OffsetDateTime::now_utc().unix_timestamp()).div_euclid(86_400),
+        })
+    });
     serde_json::json!({
         "config": state.config.source,
         "loaded_at": loaded,
+        "ca": ca,
         "routes": routes,
         "providers": providers,
         "leaf_certificates": state.leaves.as_ref().map(|l| l.mints.load(Ordering::Relaxed)),

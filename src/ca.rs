@@ -103,6 +103,28 @@ impl Ca {
         })
     }
 
+    /// When the CA certificate stops being valid (Unix seconds), if it can be read.
+    pub fn not_after(&self) -> Option<i64> {
+        let (_, parsed) = x509_parser::parse_x509_certificate(self.cert.as_ref()).ok()?;
+        Some(parsed.validity().not_after.timestamp())
+    }
+
+    /// A warning when the CA has expired or expires within 30 days: every client would then
+    /// refuse the intercepted connections, and replacing it takes each client's import.
+    pub fn expiry_warning(&self) -> Option<String> {
+        let left = self.not_after()? - OffsetDateTime::now_utc().unix_timestamp();
+        let days = left.div_euclid(86_400);
+        if left <= 0 {
+            Some("the local CA has expired: clients refuse intercepted HTTPS; make a new one with `credproxy ca rotate` (or replace ca.cert/ca.key) and import it into the clients".into())
+        } else if days < 30 {
+            Some(format!(
+                "the local CA expires in {days} day(s): clients will then refuse intercepted HTTPS; make a new one with `credproxy ca rotate` (or replace ca.cert/ca.key) and import it into the clients"
+            ))
+        } else {
+            None
+        }
+    }
+
     pub fn key_pem(&self) -> String {
         self.issuer.key().serialize_pem()
     }
@@ -359,4 +381,27 @@ fn check_key_mode(path: &Path) -> Result<(), CaError> {
 #[cfg(not(unix))]
 fn check_key_mode(_path: &Path) -> Result<(), CaError> {
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_is_warned_about_a_month_ahead() {
+        let ca = |days| Ca::generate("t", days).expect("a CA");
+        assert_eq!(ca(5 * 365).expiry_warning(), None);
+        assert_eq!(ca(31).expiry_warning(), None);
+        let soon = ca(10).expiry_warning().expect("a warning");
+        // 10 days from now, to the second: 9 or 10 whole days left, depending on the rounding.
+        assert!(
+            soon.contains("expires in 9 day(s)") || soon.contains("expires in 10 day(s)"),
+            "{soon}"
+        );
+        let gone = ca(-1).expiry_warning().expect("a warning");
+        assert!(gone.contains("has expired"), "{gone}");
+        let left =
+            ca(10).not_after().expect("readable") - OffsetDateTime::now_utc().unix_timestamp();
+        assert!((9 * 86_400..=10 * 86_400).contains(&left), "{left}");
+    }
 }

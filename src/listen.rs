@@ -128,6 +128,9 @@ impl State {
                 None => {
                     let ca =
                         crate::ca::load_or_create(&config.ca.files).map_err(|e| e.to_string())?;
+                    if let Some(w) = ca.expiry_warning() {
+                        tracing::warn!("{w}");
+                    }
                     Some(Arc::new(Leaves::new(
                         ca,
                         config.ca.leaf_days,

@@ -270,6 +270,9 @@ routes:
     assert_eq!(status, 200);
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(json["routes"].as_array().unwrap().len(), 3);
+    // The generated CA is good for 5 years: its expiry shows, for monitoring.
+    let days_left = json["ca"]["days_left"].as_i64().unwrap();
+    assert!((5 * 365 - 2..=5 * 365).contains(&days_left), "{days_left}");
     let connexa_status = json["providers"]
         .as_array()
         .unwrap()
