@@ -73,6 +73,19 @@ routes:
     )
 }
 
+/// POSTs `body`, streamed, to bulk.example.com through the proxy.
+async fn upload<S>(proxy: std::net::SocketAddr, body: S) -> reqwest::Response
+where
+    S: futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+{
+    send(
+        client(proxy)
+            .post("http://bulk.example.com/upload")
+            .body(reqwest::Body::wrap_stream(body)),
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_256_mib_upload_streams_through() {
     let env = Env::new();
@@ -109,12 +122,7 @@ async fn a_256_mib_upload_streams_through() {
             Ok::<_, std::io::Error>(chunk(i))
         }
     });
-    let r = send(
-        client(proxy.addr)
-            .post("http://bulk.example.com/upload")
-            .body(reqwest::Body::wrap_stream(body)),
-    )
-    .await;
+    let r = upload(proxy.addr, body).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "stored");
     assert_eq!(received.load(Ordering::SeqCst), TOTAL, "every byte arrived");
@@ -196,12 +204,7 @@ async fn a_slow_upload_outlasts_the_response_timeout_and_a_stalled_one_is_cut() 
         }
         Ok::<_, std::io::Error>(Bytes::from(vec![i; 1000]))
     });
-    let r = send(
-        client(proxy.addr)
-            .post("http://bulk.example.com/upload")
-            .body(reqwest::Body::wrap_stream(body)),
-    )
-    .await;
+    let r = upload(proxy.addr, body).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "stored 8000");
 

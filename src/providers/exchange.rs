@@ -269,17 +269,21 @@ pub fn cloudneeti(
 mod tests {
     use super::*;
 
-    #[test]
-    fn account_scope_needs_a_segment_after_the_id() {
-        let r = cloudneeti(
-            "api.cloudneeti.com",
+    fn recipe(host: &str) -> Recipe {
+        cloudneeti(
+            host,
             "L",
             CloudneetiEndpoint::Current,
             Secret::new("a"),
             Secret::new("b"),
             Secret::new("c"),
             Duration::from_secs(60),
-        );
+        )
+    }
+
+    #[test]
+    fn account_scope_needs_a_segment_after_the_id() {
+        let r = recipe("api.cloudneeti.com");
         assert_eq!(
             r.scope_of("/audit/license/L/account/acc-1/healthstatus"),
             Some("acc-1")
@@ -295,15 +299,7 @@ mod tests {
 
     #[test]
     fn secrets_in_the_token_url_stay_inside_their_value() {
-        let mut r = cloudneeti(
-            "api.example.com",
-            "L",
-            CloudneetiEndpoint::Current,
-            Secret::new("a"),
-            Secret::new("b"),
-            Secret::new("c"),
-            Duration::from_secs(60),
-        );
+        let mut r = recipe("api.example.com");
         r.url = "https://api.example.com/auth/{key}/token?sig={sig}".into();
         r.vars.insert("key".into(), Secret::new("k/1"));
         r.vars.insert("sig".into(), Secret::new("a&b=c#d+e"));
