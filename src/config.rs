@@ -499,31 +499,6 @@ struct ScopedFile {
     url: Spanned<String>,
 }
 
-/// `%XX` escapes decoded; anything else (a lone `%`) kept as written.
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (
-            bytes[i],
-            bytes.get(i + 1).copied().and_then(hex),
-            bytes.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(hi), Some(lo)) => {
-                out.push((hi * 16 + lo) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn default_method() -> String {
     "POST".into()
 }
@@ -1279,10 +1254,11 @@ impl Validator<'_> {
             return None;
         };
         // Percent-encoded in the URL, as curl and `HTTP_PROXY` take them (`p%40ss` is `p@ss`).
-        let mut user = userinfo.map(|u| percent_decode(u.split_once(':').map_or(u, |(u, _)| u)));
+        let mut user =
+            userinfo.map(|u| providers::oauth2::decode(u.split_once(':').map_or(u, |(u, _)| u)));
         let mut pass = userinfo.and_then(|u| {
             u.split_once(':')
-                .map(|(_, p)| crate::secret::Secret::new(percent_decode(p)))
+                .map(|(_, p)| crate::secret::Secret::new(providers::oauth2::decode(p)))
         });
         if userinfo.is_some_and(|u| u.contains(':')) {
             self.warnings.push(format!("{}: {key}.proxy: the proxy password is written in the URL; prefer `proxy_password: env:NAME`", self.file));

@@ -285,40 +285,15 @@ pub(super) fn status_of(n: u16) -> http::StatusCode {
 
 /// The `name=value` pairs of a query string or form body, percent- and `+`-decoded.
 pub(super) fn form_pairs(s: &str) -> Vec<(String, String)> {
+    // `+` is a space in a form; a `+` itself comes as `%2B`, decoded after.
+    let decode = |s: &str| crate::providers::oauth2::decode(&s.replace('+', " "));
     s.split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode(k), percent_decode(v))
+            (decode(k), decode(v))
         })
         .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok())
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A fresh GUID-looking identifier (job ids and the like).
@@ -366,6 +341,23 @@ fn hex_upper(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forms_and_urls_decode_with_one_decoder() {
+        assert_eq!(
+            form_pairs("a=b+c%2Bd&e%3D=%zz%&f"),
+            [
+                ("a".to_string(), "b c+d".to_string()),
+                ("e=".to_string(), "%zz%".to_string()),
+                ("f".to_string(), String::new()),
+            ]
+        );
+        // Outside a form, `+` is itself; a sign is not a hex digit.
+        assert_eq!(
+            crate::providers::oauth2::decode("p%40ss+w%2Frd%+5"),
+            "p@ss+w/rd%+5"
+        );
+    }
 
     #[test]
     fn tokens_are_unique_scoped_and_revocable() {
