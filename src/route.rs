@@ -134,14 +134,7 @@ fn split_host_port(s: &str) -> Result<(&str, Option<u16>), String> {
 pub fn authority_port(authority: &http::uri::Authority) -> Result<Option<u16>, String> {
     let s = authority.as_str();
     let s = s.rsplit('@').next().unwrap_or(s);
-    let port = match s.strip_prefix('[') {
-        Some(rest) => rest.split_once(']').and_then(|(_, p)| p.strip_prefix(':')),
-        None => s.rsplit_once(':').map(|(_, p)| p),
-    };
-    match port {
-        None | Some("") => Ok(None),
-        Some(p) => parse_port(p).map(Some),
-    }
+    split_host_port(s.strip_suffix(':').unwrap_or(s)).map(|(_, port)| port)
 }
 
 fn parse_port(p: &str) -> Result<u16, String> {
@@ -360,6 +353,20 @@ mod tests {
         let provider = Provider::new("p", "headers", crate::providers::Kind::Static(Vec::new()));
         let host = HostPattern::parse(host).expect("valid pattern");
         Route::new(name.into(), host, prefix.into(), Arc::new(provider))
+    }
+
+    #[test]
+    fn request_ports_are_checked_not_defaulted() {
+        let port = |a: &str| authority_port(&a.parse().expect("an authority"));
+        assert_eq!(port("h"), Ok(None));
+        assert_eq!(port("h:"), Ok(None), "an empty port is the default");
+        assert_eq!(port("h:8080"), Ok(Some(8080)));
+        assert_eq!(port("[::1]"), Ok(None));
+        assert_eq!(port("[::1]:8443"), Ok(Some(8443)));
+        assert_eq!(port("u:p@h:81"), Ok(Some(81)));
+        for bad in ["h:99999", "h:0", "[::1]:70000"] {
+            assert!(port(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
