@@ -177,7 +177,6 @@ impl Outbound {
                 .or_insert_with(|| {
                     let dialer = Dialer {
                         connect_to: connect_to.clone().map(Arc::new),
-                        connect_timeout: config.upstream.connect_timeout,
                         egress: egress.clone(),
                     };
                     build_client(dialer, tls.clone(), &config.upstream)
@@ -219,7 +218,8 @@ impl Outbound {
 
     /// A raw connection to `host:port` for a blind CONNECT tunnel, leaving like unmapped traffic.
     pub async fn tunnel(&self, host: &str, port: u16) -> Result<TcpStream, DialError> {
-        open(&self.default_egress, host, port, true, self.connect_timeout)
+        let opening = open(&self.default_egress, host, port, true);
+        within(self.connect_timeout, format!("{host}:{port}"), opening)
             .await
             .map(|(s, _)| s)
     }
@@ -230,7 +230,6 @@ impl Outbound {
 pub fn egress_client(config: &Config, egress: &Egress) -> Result<Client, String> {
     let dialer = Dialer {
         connect_to: None,
-        connect_timeout: config.upstream.connect_timeout,
         egress: egress.clone(),
     };
     Ok(build_client(
@@ -245,7 +244,7 @@ fn build_client(dialer: Dialer, tls: rustls::ClientConfig, settings: &Upstream) 
     // HTTP/1.1 only (no ALPN offered, so TLS servers pick HTTP/1.1): a pinned connection serves
     // one client connection's requests one at a time; HTTP/2's shared connection is the pool's.
     // Not through an upstream proxy, where plain HTTP needs absolute-form requests.
-    let after = dialer.connect_timeout;
+    let after = settings.connect_timeout;
     let pin_connector = (settings.pin_connections && dialer.egress.proxy.is_none()).then(|| {
         let inner = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls.clone())
@@ -296,16 +295,7 @@ impl tower_service::Service<Uri> for Connector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let addr = uri.authority().map(|a| a.to_string()).unwrap_or_default();
-        let after = self.after;
-        let connecting = self.inner.call(uri);
-        Box::pin(async move {
-            match tokio::time::timeout(after, connecting).await {
-                Ok(connected) => connected,
-                Err(_) => {
-                    Err(Box::new(DialError::Timeout { addr, after }) as crate::body::BoxError)
-                }
-            }
-        })
+        Box::pin(within(self.after, addr, self.inner.call(uri)))
     }
 }
 
@@ -315,7 +305,6 @@ impl tower_service::Service<Uri> for Connector {
 #[derive(Clone)]
 pub struct Dialer {
     connect_to: Option<Arc<(String, u16)>>,
-    connect_timeout: Duration,
     egress: Egress,
 }
 
@@ -453,13 +442,13 @@ impl tower_service::Service<Uri> for Dialer {
                 )
             }),
         };
-        let timeout = self.connect_timeout;
         let egress = self.egress.clone();
         Box::pin(async move {
             let (host, port) = target.ok_or(DialError::NoHost)?;
             // Through a proxy: HTTPS upstreams get a CONNECT tunnel; plain HTTP goes to the
             // proxy itself in absolute form.
-            let (stream, local) = open(&egress, &host, port, https, timeout).await?;
+            // Within `upstream.connect_timeout`, with the TLS handshake: see `Connector`.
+            let (stream, local) = open(&egress, &host, port, https).await?;
             Ok(Conn {
                 io: TokioIo::new(stream),
                 absolute_form: egress.proxy.is_some() && !https,
@@ -469,35 +458,38 @@ impl tower_service::Service<Uri> for Dialer {
     }
 }
 
+/// `connecting`, or after `after` a `DialError::Timeout` naming `addr`.
+async fn within<T, E: From<DialError>>(
+    after: Duration,
+    addr: String,
+    connecting: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    match tokio::time::timeout(after, connecting).await {
+        Ok(r) => r,
+        Err(_) => Err(DialError::Timeout { addr, after }.into()),
+    }
+}
+
 /// A connection towards `host:port` as `egress` says: from its source address, and through its
-/// proxy (a CONNECT tunnel when `tunnel`, else a plain connection to the proxy).
+/// proxy (a CONNECT tunnel when `tunnel`, else a plain connection to the proxy). The caller
+/// bounds it in time (`within`).
 async fn open(
     egress: &Egress,
     host: &str,
     port: u16,
     tunnel: bool,
-    timeout: Duration,
 ) -> Result<(TcpStream, Option<std::net::SocketAddr>), DialError> {
-    let work = async {
-        let Some(proxy) = &egress.proxy else {
-            let s = dial_now(host, port, egress.bind).await?;
-            let local = s.local_addr().ok();
-            return Ok((s, local));
-        };
-        let mut s = dial_now(&proxy.host, proxy.port, egress.bind).await?;
+    let Some(proxy) = &egress.proxy else {
+        let s = dial_now(host, port, egress.bind).await?;
         let local = s.local_addr().ok();
-        if tunnel {
-            proxy_connect(&mut s, proxy, host, port).await?;
-        }
-        Ok((s, local))
+        return Ok((s, local));
     };
-    match tokio::time::timeout(timeout, work).await {
-        Ok(r) => r,
-        Err(_) => Err(DialError::Timeout {
-            addr: format!("{host}:{port}"),
-            after: timeout,
-        }),
+    let mut s = dial_now(&proxy.host, proxy.port, egress.bind).await?;
+    let local = s.local_addr().ok();
+    if tunnel {
+        proxy_connect(&mut s, proxy, host, port).await?;
     }
+    Ok((s, local))
 }
 
 /// `CONNECT host:port` through an upstream proxy, with its credentials.
@@ -637,10 +629,10 @@ async fn connect_any(
 /// `addrs` with IPv6 and IPv4 taking turns, starting with the family of the first.
 fn interleave_families(addrs: Vec<std::net::SocketAddr>) -> Vec<std::net::SocketAddr> {
     let first_v6 = addrs.first().is_some_and(|a| a.is_ipv6());
-    let (mut first, mut second): (Vec<_>, Vec<_>) =
+    let (first, second): (Vec<_>, Vec<_>) =
         addrs.into_iter().partition(|a| a.is_ipv6() == first_v6);
     let mut out = Vec::with_capacity(first.len() + second.len());
-    let (mut a, mut b) = (first.drain(..), second.drain(..));
+    let (mut a, mut b) = (first.into_iter(), second.into_iter());
     loop {
         match (a.next(), b.next()) {
             (None, None) => return out,
