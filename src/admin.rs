@@ -148,11 +148,8 @@ fn status(state: &crate::listen::State) -> serde_json::Value {
             })
         })
         .collect();
-    let ca = state.leaves.as_ref().and_then(|l| l.ca.not_after()).map(|at| {
-        serde_json::json!({
-            "not_after": at,
-            "days_left": (at - time::OffsetDateTime::now_utc().unix_timestamp()).div_euclid(86_400),
-        })
+    let ca = state.leaves.as_ref().and_then(|l| {
+        Some(serde_json::json!({"not_after": l.ca.not_after()?, "days_left": l.ca.days_left()?}))
     });
     serde_json::json!({
         "config": state.config.source,

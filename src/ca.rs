@@ -109,20 +109,24 @@ impl Ca {
         Some(parsed.validity().not_after.timestamp())
     }
 
+    /// Whole days until `not_after` (negative once it has passed).
+    pub fn days_left(&self) -> Option<i64> {
+        let left = self.not_after()? - OffsetDateTime::now_utc().unix_timestamp();
+        Some(left.div_euclid(86_400))
+    }
+
     /// A warning when the CA has expired or expires within 30 days: every client would then
     /// refuse the intercepted connections, and replacing it takes each client's import.
     pub fn expiry_warning(&self) -> Option<String> {
         let left = self.not_after()? - OffsetDateTime::now_utc().unix_timestamp();
-        let days = left.div_euclid(86_400);
-        if left <= 0 {
-            Some("the local CA has expired: clients refuse intercepted HTTPS; make a new one with `credproxy ca rotate` (or replace ca.cert/ca.key) and import it into the clients".into())
-        } else if days < 30 {
-            Some(format!(
-                "the local CA expires in {days} day(s): clients will then refuse intercepted HTTPS; make a new one with `credproxy ca rotate` (or replace ca.cert/ca.key) and import it into the clients"
-            ))
-        } else {
-            None
-        }
+        let when = match left.div_euclid(86_400) {
+            _ if left <= 0 => "has expired".to_string(),
+            days @ 0..30 => format!("expires in {days} day(s)"),
+            _ => return None,
+        };
+        Some(format!(
+            "the local CA {when}: clients refuse intercepted HTTPS once it has; make a new one with `credproxy ca rotate` (or replace ca.cert/ca.key) and import it into the clients"
+        ))
     }
 
     pub fn key_pem(&self) -> String {
