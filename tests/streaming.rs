@@ -209,14 +209,11 @@ async fn a_slow_upload_outlasts_the_response_timeout_and_a_stalled_one_is_cut() 
     assert_eq!(r.text().await.unwrap(), "stored 8000");
 
     // 10 of 1,000 promised bytes, then nothing.
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(
-        &mut s,
+    let answer = raw(
+        proxy.addr,
         b"POST http://bulk.example.com/upload HTTP/1.1\r\nHost: bulk.example.com\r\nContent-Length: 1000\r\n\r\n0123456789",
     )
-    .await
-    .unwrap();
-    let answer = read_response(&mut s).await;
+    .await;
     assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
     assert!(answer.contains("\"error\":\"upload_stalled\""), "{answer}");
     assert!(
@@ -244,14 +241,12 @@ async fn response_trailers_pass_through() {
         r
     });
     let proxy = env.proxy(&route_yaml(upstream.addr)).await;
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(
-        &mut s,
+    // Read until the proxy closes (`Connection: close`): the trailers come after the last chunk.
+    let answer = raw(
+        proxy.addr,
         b"GET http://bulk.example.com/t HTTP/1.1\r\nHost: bulk.example.com\r\nTE: trailers\r\nConnection: close\r\n\r\n",
     )
-    .await
-    .unwrap();
-    let answer = String::from_utf8_lossy(&read_until_closed(&mut s).await).into_owned();
+    .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("payload"), "{answer}");
     assert!(
