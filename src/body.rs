@@ -28,13 +28,21 @@ where
     body.map_err(Into::into).boxed_unsync()
 }
 
-/// Whether a streamed upload has ended (`true`), and each of its frames (a change).
-pub type Progress = tokio::sync::watch::Receiver<bool>;
+/// How far a streamed upload has got; each of its frames is a change too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upload {
+    Sending,
+    Done,
+    /// The client's body broke off (a client gone away mid-upload, say).
+    Failed,
+}
+
+pub type Progress = tokio::sync::watch::Receiver<Upload>;
 
 /// A streamed body that reports its progress: the response timeout counts from an upload's last
 /// frame (see `forward::after_upload`).
 pub fn watched(body: Body) -> (Body, Progress) {
-    let (tx, rx) = tokio::sync::watch::channel(false);
+    let (tx, rx) = tokio::sync::watch::channel(Upload::Sending);
     let watched = Watched {
         inner: body,
         progress: Some(tx),
@@ -44,7 +52,7 @@ pub fn watched(body: Body) -> (Body, Progress) {
 
 struct Watched {
     inner: Body,
-    progress: Option<tokio::sync::watch::Sender<bool>>,
+    progress: Option<tokio::sync::watch::Sender<Upload>>,
 }
 
 impl http_body::Body for Watched {
@@ -61,12 +69,13 @@ impl http_body::Body for Watched {
         match &frame {
             Poll::Ready(Some(Ok(_))) => {
                 if let Some(p) = &this.progress {
-                    p.send_replace(false);
+                    p.send_replace(Upload::Sending);
                 }
             }
-            Poll::Ready(_) => {
+            Poll::Ready(end) => {
                 if let Some(p) = this.progress.take() {
-                    p.send_replace(true);
+                    let failed = matches!(end, Some(Err(_)));
+                    p.send_replace(if failed { Upload::Failed } else { Upload::Done });
                 }
             }
             Poll::Pending => {}

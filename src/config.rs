@@ -133,6 +133,10 @@ struct LimitsFile {
     /// larger bodies stream and are not retried.
     #[serde(default = "default_replay_buffer")]
     replay_buffer: usize,
+    /// A blind CONNECT tunnel or an upgraded (WebSocket) connection that carries no byte either
+    /// way for this long is closed.
+    #[serde(default = "d15m", deserialize_with = "duration")]
+    tunnel_idle_timeout: Duration,
 }
 
 impl Default for LimitsFile {
@@ -143,6 +147,7 @@ impl Default for LimitsFile {
             replay_buffer: default_replay_buffer(),
             drain_timeout: d10s(),
             max_connections: default_max_connections(),
+            tunnel_idle_timeout: d15m(),
         }
     }
 }
@@ -370,6 +375,9 @@ fn d10s() -> Duration {
 fn d30s() -> Duration {
     Duration::from_secs(30)
 }
+fn d15m() -> Duration {
+    Duration::from_secs(15 * 60)
+}
 fn d60s() -> Duration {
     Duration::from_secs(60)
 }
@@ -585,6 +593,7 @@ pub struct Limits {
     pub replay_buffer: usize,
     pub drain_timeout: Duration,
     pub max_connections: usize,
+    pub tunnel_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -815,6 +824,11 @@ impl Validator<'_> {
                 "how long a client may take to send a request head, and how long an idle connection is kept",
             ),
             (
+                "limits.tunnel_idle_timeout",
+                raw.limits.tunnel_idle_timeout,
+                "how long a tunnel or WebSocket connection may carry nothing",
+            ),
+            (
                 "upstream.connect_timeout",
                 raw.upstream.connect_timeout,
                 "how long a connection to an upstream may take",
@@ -886,6 +900,7 @@ impl Validator<'_> {
                 replay_buffer: raw.limits.replay_buffer,
                 drain_timeout: raw.limits.drain_timeout,
                 max_connections: raw.limits.max_connections.max(1),
+                tunnel_idle_timeout: raw.limits.tunnel_idle_timeout,
             },
             threads: resolve_threads(raw.runtime.threads),
             shape: raw.runtime.shape,

@@ -37,14 +37,7 @@ pub async fn handle(
             "CONNECT needs a host:port target",
         ));
     }
-    // The tunnel outlives this HTTP connection (whose slot is freed at the upgrade): it takes a
-    // slot of its own, and shows in the open-connections gauge.
-    let slot = state
-        .connection_slots
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ProxyError::TooManyConnections)?;
-    let open = crate::listen::OpenConnection::new(state.metrics.clone());
+    let held = crate::relay::hold(&state)?;
     // Over HTTP/2 the tunnel is a stream of the client's connection, which the watchdog must not
     // close while the tunnel lives. (Over HTTP/1 that connection ends at the upgrade.)
     let busy = req
@@ -67,7 +60,7 @@ pub async fn handle(
                 cause: "the local CA's name constraints do not cover it; run `credproxy ca rotate` after adding its route, and import the new CA".into(),
             });
         }
-        spawn_intercept(state, upgrade, host, port, peer, (slot, open, busy));
+        spawn_intercept(state, upgrade, host, port, peer, (held, busy));
         return Ok(Response::new(empty()));
     }
 
@@ -90,15 +83,12 @@ pub async fn handle(
                 cause: e.to_string(),
             },
         })?;
+    let idle = state.config.limits.tunnel_idle_timeout;
     tokio::spawn(async move {
-        let _held = (slot, open, busy);
+        let _held = (held, busy);
         let Ok(upgraded) = upgrade.await else { return };
-        let mut client = TokioIo::new(upgraded);
-        let mut upstream = upstream;
-        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            Ok((up, down)) => tracing::debug!(%peer, target, up, down, "tunnel closed"),
-            Err(e) => tracing::debug!(%peer, target, "tunnel ended: {e}"),
-        }
+        let what = format!("tunnel {peer} -> {target}");
+        crate::relay::relay(TokioIo::new(upgraded), upstream, idle, &what).await;
     });
     Ok(Response::new(empty()))
 }
@@ -173,7 +163,8 @@ async fn intercept(
         let pinned = pinned.clone();
         crate::watchdog::track(&requests, forward::serve(state, entry, req, peer, pinned))
     });
-    let conn = server.serve_connection(TokioIo::new(tls), service);
+    // With upgrades: a WebSocket inside the tunnel (`upgrade`).
+    let conn = server.serve_connection_with_upgrades(TokioIo::new(tls), service);
     // Watched like the listeners' connections, so a shutdown lets in-flight requests finish.
     let watcher = state
         .tunnels
@@ -181,8 +172,9 @@ async fn intercept(
         .ok()
         .and_then(|g| g.as_ref().map(|g| g.watcher()));
     let Some(watcher) = watcher else { return };
-    let close =
-        |c: std::pin::Pin<&mut _>| hyper_util::server::conn::auto::Connection::graceful_shutdown(c);
+    let close = |c: std::pin::Pin<&mut _>| {
+        hyper_util::server::conn::auto::UpgradeableConnection::graceful_shutdown(c)
+    };
     let served = crate::watchdog::serve(conn, close, &activity, idle, watcher).await;
     if let Err(e) = served {
         tracing::debug!(%peer, host, "intercepted connection ended: {e}");

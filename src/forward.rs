@@ -141,7 +141,7 @@ pub async fn serve(
                 .cloned(),
         };
         route_slot.clone_from(&route);
-        forward(&state, route.as_deref(), target, req, &pinned)
+        forward(&state, route.as_deref(), target, req, &pinned, peer)
             .await
             .map_err(|e| (e, route))
     }
@@ -329,15 +329,22 @@ async fn forward(
     target: &Target,
     req: Request<Incoming>,
     pinned: &Pinned,
+    peer: SocketAddr,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
-    if strip_hop_by_hop(&mut parts.headers) {
+    let hop = strip_hop_by_hop(&mut parts.headers);
+    if hop.trailers {
         // The client takes trailers, so the proxy does too: it passes them on (RFC 9110 §10.1.4).
         parts
             .headers
             .insert(header::TE, http::HeaderValue::from_static("trailers"));
     }
     parts.headers.remove(header::HOST);
+    // A switch of protocols (WebSocket) is asked for hop by hop, so the proxy asks again.
+    let mut asked = match hop.upgrade {
+        Some(protocols) => crate::upgrade::asked(state, protocols, &mut parts.extensions)?,
+        None => None,
+    };
 
     let (scheme, port_in_uri) = match route {
         Some(route) => {
@@ -407,6 +414,9 @@ async fn forward(
         // Origin form: `pinned::request` makes it absolute for the pool.
         *upstream_req.uri_mut() = Uri::from(target.path_and_query.clone());
         *upstream_req.headers_mut() = headers;
+        if let Some(asked) = &asked {
+            crate::upgrade::mark(asked, upstream_req.headers_mut());
+        }
         // The pool picks HTTP/1.1 or HTTP/2 per connection (ALPN); the client's version is not ours.
         *upstream_req.version_mut() = Version::HTTP_11;
         let egress = route.map_or(&state.outbound.default_egress, |r| &r.egress);
@@ -426,8 +436,18 @@ async fn forward(
             pinned,
             https: scheme == Scheme::Https,
             authority: &authority,
+            upgrade: asked.is_some(),
         };
         let mut response = send(state, &out, upstream_req, upload).await?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(asked) = asked.take()
+        {
+            let chosen = response.extensions_mut().remove::<Switched>().map(|s| s.0);
+            let what = format!("upgrade {peer} -> {authority}");
+            let idle = state.config.limits.tunnel_idle_timeout;
+            crate::upgrade::join(asked, &mut response, chosen, idle, what);
+            return Ok(response);
+        }
         state
             .stats(route)
             .upstream_latency(sent.elapsed().as_secs_f64());
@@ -526,7 +546,13 @@ struct Outgoing<'a> {
     pinned: &'a Pinned,
     https: bool,
     authority: &'a Authority,
+    /// A request that switches protocols, on a connection of its own (`upgrade`).
+    upgrade: bool,
 }
+
+/// The `Upgrade` of an upstream's 101 (the headers lose it with the other hop-by-hop ones).
+#[derive(Clone)]
+struct Switched(http::HeaderValue);
 
 async fn send(
     state: &State,
@@ -535,23 +561,33 @@ async fn send(
     upload: Option<body::Progress>,
 ) -> Result<Response<Body>, ProxyError> {
     let timeout = state.config.upstream.response_timeout;
-    let sent = pinned::request(out.pinned, out.client, req, out.https, out.authority);
-    let answer = match upload {
-        None => tokio::time::timeout(timeout, sent).await.ok(),
-        Some(upload) => match after_upload(sent, upload, timeout).await {
-            Ok(answer) => answer,
-            Err(Stalled) => {
-                return Err(ProxyError::UploadStalled {
-                    host: out.authority.as_str().to_string(),
-                    after: timeout,
-                });
-            }
-        },
+    let mut upload = upload;
+    let answer = if out.upgrade {
+        let sent = crate::upgrade::request(out.client, req, out.https, out.authority);
+        within(sent, upload.as_mut(), timeout).await
+    } else {
+        let sent = pinned::request(out.pinned, out.client, req, out.https, out.authority);
+        within(sent, upload.as_mut(), timeout).await
+    };
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(Stalled) => {
+            return Err(ProxyError::UploadStalled {
+                host: out.authority.as_str().to_string(),
+                after: timeout,
+            });
+        }
     };
     let response = match answer {
         Some(Ok(resp)) => resp,
         Some(Err(e)) => {
             let (err, connecting) = e.cause();
+            if upload.is_some_and(|u| *u.borrow() == body::Upload::Failed) {
+                // The client broke its upload off: its fault, not the upstream's.
+                return Err(ProxyError::ClientBody {
+                    cause: format!("the request body broke off: {}", root_cause(err)),
+                });
+            }
             return Err(upstream_error(out.authority.as_str(), err, connecting));
         }
         None => {
@@ -563,24 +599,33 @@ async fn send(
         }
     };
     let (mut parts, body) = response.into_parts();
+    let chosen = (parts.status == StatusCode::SWITCHING_PROTOCOLS)
+        .then(|| parts.headers.get(header::UPGRADE).cloned())
+        .flatten();
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(chosen) = chosen {
+        parts.extensions.insert(Switched(chosen));
+    }
     Ok(Response::from_parts(parts, body))
 }
 
 /// A streamed upload took no frame for the whole response timeout.
 struct Stalled;
 
-/// `upstream.response_timeout` for a request with a streamed body: the upstream cannot be
-/// expected to answer before it has the body, and an upload of any size may take longer than
-/// the timeout. So the timeout counts from the upload's last progress: `Err` when no frame went
-/// for that long, `Ok(None)` when no answer came for that long after the body ended.
-async fn after_upload<F: std::future::Future>(
+/// `upstream.response_timeout`. For a request with a streamed body (`upload`), the upstream
+/// cannot be expected to answer before it has the body, and an upload of any size may take
+/// longer than the timeout. So the timeout counts from the upload's last progress: `Err` when no
+/// frame went for that long, `Ok(None)` when no answer came for that long after the body ended.
+async fn within<F: std::future::Future>(
     sent: F,
-    mut upload: body::Progress,
+    upload: Option<&mut body::Progress>,
     timeout: std::time::Duration,
 ) -> Result<Option<F::Output>, Stalled> {
+    let Some(upload) = upload else {
+        return Ok(tokio::time::timeout(timeout, sent).await.ok());
+    };
     let mut sent = std::pin::pin!(sent);
-    while !*upload.borrow_and_update() {
+    while *upload.borrow_and_update() == body::Upload::Sending {
         tokio::select! {
             answer = &mut sent => return Ok(Some(answer)),
             progress = tokio::time::timeout(timeout, upload.changed()) => match progress {
@@ -783,8 +828,18 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-/// Removes them; says whether they included `TE: trailers` (a client that accepts trailers).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
+/// What a request's hop-by-hop headers said that the proxy acts on.
+#[derive(Default)]
+pub struct Hop {
+    /// `TE: trailers`: the client accepts trailers.
+    pub trailers: bool,
+    /// The `Upgrade` header, when `Connection` lists `upgrade`: the client asks to switch
+    /// protocols.
+    pub upgrade: Option<http::HeaderValue>,
+}
+
+/// Removes them, and says what they asked for.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> Hop {
     // One scan of the names, hashing none of them: most messages carry no hop-by-hop header, or
     // only `Connection` (nginx sends `Connection: keep-alive` with every response).
     let (mut connection, mut others) = (false, false);
@@ -799,6 +854,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     // `keep-alive` or `close`: the first needs nothing more and the second is removed by name,
     // so neither is split into a list (which then stays empty, without allocating).
     let mut close = false;
+    let mut hop = Hop::default();
+    let mut upgrade = false;
     let mut listed: Vec<HeaderName> = Vec::new();
     if connection && let header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
         for value in entry.remove_entry_mult().1 {
@@ -814,6 +871,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
             for name in value.split(',').map(str::trim) {
                 if name.eq_ignore_ascii_case("close") {
                     close = true;
+                } else if name.eq_ignore_ascii_case("upgrade") {
+                    // `Upgrade` itself is hop-by-hop: it goes with the others, below.
+                    upgrade = true;
                 } else if !name.eq_ignore_ascii_case("keep-alive")
                     && let Ok(name) = HeaderName::from_bytes(name.as_bytes())
                 {
@@ -825,15 +885,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     if close {
         headers.remove("close");
     }
+    if upgrade {
+        hop.upgrade = headers.get(header::UPGRADE).cloned();
+    }
     for name in &listed {
         headers.remove(name);
     }
     // Remove only the others present (usually none): a removal hashes its name, and a scan of a
     // message's few names is cheaper than seven removals.
     if !others {
-        return false;
+        return hop;
     }
-    let trailers = headers.get_all(header::TE).iter().any(|v| {
+    hop.trailers = headers.get_all(header::TE).iter().any(|v| {
         v.to_str().is_ok_and(|v| {
             v.split(',').any(|t| {
                 t.split(';')
@@ -847,7 +910,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     while let Some(name) = headers.keys().find(|n| is_hop_by_hop(n)).cloned() {
         headers.remove(&name);
     }
-    trailers
+    hop
 }
 
 /// Turns a client error into what the user needs to know: which host, and why.
@@ -880,15 +943,20 @@ fn upstream_error(
         }
         source = e.source();
     }
-    let cause = std::iter::successors(Some(err), |e| e.source())
-        .last()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let cause = root_cause(err);
     if connecting {
         ProxyError::UpstreamConnect { host, cause }
     } else {
         ProxyError::Upstream { host, cause }
     }
+}
+
+/// The innermost error of a chain: the one that says what happened.
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    std::iter::successors(Some(err), |e| e.source())
+        .last()
+        .map(|e| e.to_string())
+        .unwrap_or_default()
 }
 
 /// What went wrong with a client call, for token-endpoint errors.
@@ -979,7 +1047,10 @@ mod tests {
         }
         // A second value of one name goes too.
         h.append(header::TE, http::HeaderValue::from_static("trailers"));
-        assert!(strip_hop_by_hop(&mut h), "`TE: trailers` is reported");
+        assert!(
+            strip_hop_by_hop(&mut h).trailers,
+            "`TE: trailers` is reported"
+        );
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         // (Removal may reorder different names; the values of one name keep their order, below.)
         left.sort_unstable();

@@ -25,9 +25,11 @@ pub mod mitm;
 pub mod outbound;
 pub mod pinned;
 pub mod providers;
+pub mod relay;
 pub mod route;
 pub mod secret;
 pub mod token;
+pub mod upgrade;
 pub mod watchdog;
 pub mod workers;
 

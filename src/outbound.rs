@@ -29,8 +29,11 @@ use crate::route::Route;
 #[derive(Clone)]
 pub struct Client {
     pool: HyperClient<Connector, Body>,
-    /// Dials the HTTP/1.1-only connections that `pinned` keeps for one client connection.
-    pin_connector: Option<Connector>,
+    /// Dials HTTP/1.1-only connections: those `pinned` keeps for one client connection, and
+    /// those an upgrade (WebSocket) takes for itself.
+    h1: Connector,
+    /// Whether client connections may pin (see `pin_connector`).
+    pin: bool,
     /// Tells clients apart (a reload builds new ones), for pinned connections.
     id: u64,
     pub(crate) pool_idle_timeout: Duration,
@@ -61,7 +64,12 @@ impl Client {
     /// The connector for a pinned connection, or `None` when this client must not pin
     /// (`upstream.pin_connections: false`, or an egress through an upstream proxy).
     pub(crate) fn pin_connector(&self) -> Option<&Connector> {
-        self.pin_connector.as_ref()
+        self.pin.then_some(&self.h1)
+    }
+
+    /// The connector for an HTTP/1.1 connection of a request's own (an upgrade).
+    pub(crate) fn h1_connector(&self) -> &Connector {
+        &self.h1
     }
 }
 
@@ -243,16 +251,18 @@ fn build_client(dialer: Dialer, tls: rustls::ClientConfig, settings: &Upstream) 
     static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     // HTTP/1.1 only (no ALPN offered, so TLS servers pick HTTP/1.1): a pinned connection serves
     // one client connection's requests one at a time; HTTP/2's shared connection is the pool's.
-    // Not through an upstream proxy, where plain HTTP needs absolute-form requests.
+    // An upgrade exists in HTTP/1.1 only.
     let after = settings.connect_timeout;
-    let pin_connector = (settings.pin_connections && dialer.egress.proxy.is_none()).then(|| {
-        let inner = hyper_rustls::HttpsConnectorBuilder::new()
+    let h1 = Connector {
+        inner: hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls.clone())
             .https_or_http()
             .enable_http1()
-            .wrap_connector(dialer.clone());
-        Connector { inner, after }
-    });
+            .wrap_connector(dialer.clone()),
+        after,
+    };
+    // Not through an upstream proxy, where plain HTTP needs absolute-form requests.
+    let pin = settings.pin_connections && dialer.egress.proxy.is_none();
     let inner = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -267,7 +277,8 @@ fn build_client(dialer: Dialer, tls: rustls::ClientConfig, settings: &Upstream) 
         .build(connector);
     Client {
         pool,
-        pin_connector,
+        h1,
+        pin,
         id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         pool_idle_timeout: settings.pool_idle_timeout,
         spares: crate::pinned::Spares::default(),
@@ -282,6 +293,25 @@ fn build_client(dialer: Dialer, tls: rustls::ClientConfig, settings: &Upstream) 
 pub struct Connector {
     inner: HttpsConnector<Dialer>,
     after: Duration,
+}
+
+impl Connector {
+    /// One connection to `https`/`authority`, outside any pool.
+    pub(crate) async fn open(
+        &self,
+        https: bool,
+        authority: &str,
+    ) -> Result<hyper_rustls::MaybeHttpsStream<Conn>, crate::body::BoxError> {
+        use tower_service::Service;
+        let uri = Uri::builder()
+            .scheme(if https { "https" } else { "http" })
+            .authority(authority)
+            .path_and_query("/")
+            .build()?;
+        let mut connector = self.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
+        connector.call(uri).await
+    }
 }
 
 impl tower_service::Service<Uri> for Connector {
@@ -372,6 +402,14 @@ impl Conn {
             hyper_rustls::MaybeHttpsStream::Https(tls) => tls.inner().get_ref().0.inner(),
         };
         conn.local.map(LocalAddr)
+    }
+
+    /// Whether requests over this connection go in absolute form (plain HTTP to an upstream proxy).
+    pub(crate) fn absolute_form_of(stream: &hyper_rustls::MaybeHttpsStream<Conn>) -> bool {
+        match stream {
+            hyper_rustls::MaybeHttpsStream::Http(c) => c.absolute_form,
+            hyper_rustls::MaybeHttpsStream::Https(_) => false,
+        }
     }
 }
 

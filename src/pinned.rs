@@ -25,7 +25,6 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version, header};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
-use tower_service::Service;
 
 use crate::body::{self, Body};
 use crate::outbound::{Client, Conn, Connector, LocalAddr};
@@ -487,17 +486,10 @@ impl Drop for Watched {
 }
 
 async fn dial(client: &Client, connector: &Connector, key: Key) -> Result<Upstream, Failure> {
-    let uri = Uri::builder()
-        .scheme(if key.https { "https" } else { "http" })
-        .authority(key.authority.as_str())
-        .path_and_query("/")
-        .build()
-        .map_err(|e| Failure::Dial(Box::new(e)))?;
-    let mut connector = connector.clone();
-    std::future::poll_fn(|cx| connector.poll_ready(cx))
+    let io = connector
+        .open(key.https, &key.authority)
         .await
         .map_err(Failure::Dial)?;
-    let io = connector.call(uri).await.map_err(Failure::Dial)?;
     let local = Conn::local_of(&io);
     let (sender, conn) = hyper::client::conn::http1::handshake(io)
         .await

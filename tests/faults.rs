@@ -252,19 +252,6 @@ async fn connect_tunnels_count_against_max_connections() {
     drop(tunnels);
 }
 
-/// Waits (up to 2 s) for the proxy's connection gauge to reach 0, and asserts it did: the
-/// connections closed on the proxy's side gave back their `max_connections` slots.
-async fn no_connection_left(proxy: &credproxy::Running) {
-    let metrics = proxy.state().metrics.clone();
-    for _ in 0..100 {
-        if metrics.open_connections.get() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(metrics.open_connections.get(), 0, "connections left open");
-}
-
 #[tokio::test]
 async fn a_client_that_never_sends_a_byte_is_closed_after_the_header_timeout() {
     let env = Env::new();

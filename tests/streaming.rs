@@ -256,3 +256,45 @@ async fn response_trailers_pass_through() {
         "the trailer reached the client: {answer}"
     );
 }
+
+/// A client that breaks its upload off is the client's failure: the request is counted and
+/// logged as a 400 `client_body`, not as an upstream failure (a 5xx someone would be paged for).
+#[tokio::test]
+async fn an_upload_the_client_breaks_off_counts_as_a_client_error() {
+    use tokio::io::AsyncWriteExt;
+    let env = Env::new();
+    let upstream = fakes::serve(listener().await, None, |req, _peer| async move {
+        let stored = req.into_body().collect().await.is_ok();
+        fakes::respond(http::StatusCode::OK, "text/plain", format!("{stored}"))
+    });
+    let proxy = env.proxy(&route_yaml(upstream.addr)).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"POST http://bulk.example.com/upload HTTP/1.1\r\nHost: bulk.example.com\r\nContent-Length: 100000\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    // Once the upload has reached the upstream, the client goes away.
+    for _ in 0..250 {
+        if !upstream.requests().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(upstream.requests().len(), 1);
+    drop(s);
+
+    let count = |status: &str| {
+        let labels = credproxy::metrics::RequestLabels {
+            route: "bulk.example.com".into(),
+            provider: "p".into(),
+            status: status.into(),
+        };
+        proxy.state().metrics.requests.get_or_create(&labels).get()
+    };
+    for _ in 0..250 {
+        if count("4xx") + count("5xx") > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!((count("4xx"), count("5xx")), (1, 0));
+}

@@ -293,6 +293,24 @@ pub async fn read_until_closed<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Ve
     }
 }
 
+/// Waits (up to 2 s) for the proxy's open-connections gauge to reach `n`, and asserts it did.
+pub async fn open_connections_reach(proxy: &credproxy::Running, n: i64) {
+    let metrics = proxy.state().metrics.clone();
+    for _ in 0..100 {
+        if metrics.open_connections.get() == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metrics.open_connections.get(), n, "open connections");
+}
+
+/// Waits (up to 2 s) for the proxy's connection gauge to reach 0, and asserts it did: the
+/// connections closed on the proxy's side gave back their `max_connections` slots.
+pub async fn no_connection_left(proxy: &credproxy::Running) {
+    open_connections_reach(proxy, 0).await;
+}
+
 /// Sends a request built on a client; a request that gets no response at all fails the test.
 pub async fn send(request: reqwest::RequestBuilder) -> reqwest::Response {
     request.send().await.expect("a response")

@@ -1,0 +1,154 @@
+//! Bytes both ways between two connections that have left HTTP behind: blind CONNECT tunnels and
+//! upgraded (WebSocket) connections. Either holds a `max_connections` slot of its own, and is
+//! closed when it carries nothing either way for `limits.tunnel_idle_timeout`: a peer that
+//! vanished without closing (a laptop put to sleep, a NAT that forgot the flow) must not hold
+//! that slot for ever.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::error::ProxyError;
+use crate::listen::{OpenConnection, State};
+
+/// Ticks per timeout, as for client connections (`watchdog`): a quiet relay is closed between
+/// 1 and 1.25 timeouts after its last byte.
+const TICKS: u32 = 4;
+
+/// A connection slot and the open-connections gauge, held for as long as a relay lives: it
+/// outlives the HTTP connection it came from (whose own slot is freed at the upgrade).
+pub struct Held {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _open: OpenConnection,
+}
+
+/// A slot for a relay, or 503 when `limits.max_connections` are open already.
+pub fn hold(state: &State) -> Result<Held, ProxyError> {
+    let slot = state
+        .connection_slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ProxyError::TooManyConnections)?;
+    Ok(Held {
+        _slot: slot,
+        _open: OpenConnection::new(state.metrics.clone()),
+    })
+}
+
+/// Copies between `client` and `upstream` until both have closed, one fails, or nothing moved
+/// for `idle`; then logs how it ended (`what` names the relay in that line).
+pub async fn relay<C, U>(client: C, upstream: U, idle: Duration, what: &str)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    // Reads only: every byte written was read first.
+    let moved = AtomicU64::new(0);
+    let mut client = Counted {
+        io: client,
+        moved: &moved,
+    };
+    let mut upstream = Counted {
+        io: upstream,
+        moved: &moved,
+    };
+    let mut copy = std::pin::pin!(tokio::io::copy_bidirectional(&mut client, &mut upstream));
+    let tick = idle / TICKS;
+    let (mut seen, mut quiet) = (0, 0);
+    loop {
+        tokio::select! {
+            done = &mut copy => {
+                match done {
+                    Ok((up, down)) => tracing::debug!(what, up, down, "relay closed"),
+                    Err(e) => tracing::debug!(what, "relay ended: {e}"),
+                }
+                return;
+            }
+            _ = tokio::time::sleep(tick) => {
+                let now = moved.load(Relaxed);
+                if now != seen {
+                    (seen, quiet) = (now, 0);
+                } else {
+                    quiet += 1;
+                    if quiet >= TICKS {
+                        tracing::info!(what, after = ?idle, "relay closed: nothing moved for limits.tunnel_idle_timeout");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A connection whose reads add to a shared byte count.
+struct Counted<'a, T> {
+    io: T,
+    moved: &'a AtomicU64,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.moved.fetch_add(read as u64, Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_relay_that_moves_nothing_for_the_idle_timeout_is_closed_and_a_busy_one_is_not() {
+        let (client, mut client_far) = tokio::io::duplex(64);
+        let (upstream, mut upstream_far) = tokio::io::duplex(64);
+        let idle = Duration::from_secs(60);
+        let relay = tokio::spawn(relay(client, upstream, idle, "test"));
+        // Busy for three timeouts: a byte every half timeout keeps it open.
+        for _ in 0..6 {
+            tokio::time::sleep(idle / 2).await;
+            client_far.write_all(b"x").await.unwrap();
+            let mut b = [0u8; 1];
+            upstream_far.read_exact(&mut b).await.unwrap();
+            assert_eq!(&b, b"x");
+        }
+        assert!(!relay.is_finished(), "a relay in use was closed");
+        // Then quiet: closed within 1.25 timeouts, and both ends see the close.
+        tokio::time::sleep(idle + idle / 4 + Duration::from_secs(1)).await;
+        assert!(relay.is_finished(), "an idle relay was kept");
+        let mut rest = Vec::new();
+        assert_eq!(client_far.read_to_end(&mut rest).await.unwrap(), 0);
+        assert_eq!(upstream_far.read_to_end(&mut rest).await.unwrap(), 0);
+    }
+}

@@ -1,0 +1,278 @@
+//! Requests that switch protocols (WebSocket): the handshake gets the route's credentials, and
+//! after the upstream's 101 the two connections are joined both ways; h2c is not passed on; an
+//! idle switched connection or blind tunnel is closed after `limits.tunnel_idle_timeout`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A WebSocket handshake for api.example.com, as a browser or Postman sends it (the key and
+/// accept values are RFC 6455's example).
+const HANDSHAKE: &str = "GET http://api.example.com/socket?room=1 HTTP/1.1\r\n\
+Host: api.example.com\r\n\
+Connection: keep-alive, Upgrade\r\n\
+Upgrade: websocket\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+Sec-WebSocket-Version: 13\r\n\r\n";
+
+/// A plain-TCP upstream that takes one connection at a time, keeps each request head it reads,
+/// and answers `answer`; after a 101 it sends back every byte it gets, upper-cased (so the
+/// client can tell the upstream's answer from its own bytes).
+async fn switching_upstream(answer: &'static str) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let l = listener().await;
+    let addr = l.local_addr().unwrap();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&head).to_ascii_lowercase());
+                s.write_all(answer.as_bytes()).await.unwrap();
+                if !answer.starts_with("HTTP/1.1 101") {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    let upper = buf[..n].to_ascii_uppercase();
+                    if s.write_all(&upper).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+const SWITCH: &str = "HTTP/1.1 101 Switching Protocols\r\n\
+Upgrade: websocket\r\n\
+Connection: Upgrade\r\n\
+Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+
+/// Reads a response head (up to the blank line) from `s`, lower-cased.
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut byte))
+            .await
+            .expect("a response head within 10 s")
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "closed in the head: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).to_ascii_lowercase()
+}
+
+/// Writes `msg` and reads as many bytes back.
+async fn round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    msg: &[u8],
+) -> Vec<u8> {
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    back
+}
+
+#[tokio::test]
+async fn a_websocket_handshake_gets_credentials_and_then_carries_bytes_both_ways() {
+    let env = Env::new();
+    let (upstream, heads) = switching_upstream(SWITCH).await;
+    let proxy = env.proxy(&http_route_yaml(upstream)).await;
+
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(HANDSHAKE.as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
+    assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
+    assert!(
+        head.contains("\r\nsec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=\r\n"),
+        "{head}"
+    );
+    // Both ways, more than once: the upstream's upper-cased echo.
+    assert_eq!(round_trip(&mut s, b"hello").await, b"HELLO");
+    assert_eq!(round_trip(&mut s, b"again").await, b"AGAIN");
+
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1);
+    let up = &heads[0];
+    assert!(up.starts_with("get /socket?room=1 http/1.1\r\n"), "{up}");
+    assert!(up.contains("\r\nx-k: v\r\n"), "credentials injected: {up}");
+    assert!(up.contains("\r\nconnection: upgrade\r\n"), "{up}");
+    assert!(up.contains("\r\nupgrade: websocket\r\n"), "{up}");
+    assert!(
+        up.contains("\r\nsec-websocket-key: dghlihnhbxbszsbub25jzq==\r\n"),
+        "{up}"
+    );
+    assert!(!up.contains("keep-alive"), "{up}");
+
+    // The joined connection holds a slot, and gives it back when the client closes.
+    open_connections_reach(&proxy, 1).await;
+    drop(s);
+    no_connection_left(&proxy).await;
+}
+
+#[tokio::test]
+async fn a_websocket_inside_an_intercepted_https_tunnel_gets_credentials() {
+    let env = Env::new();
+    // The upstream is TLS with the test CA's leaf, as routed hosts are.
+    let l = listener().await;
+    let upstream = l.local_addr().unwrap();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    let acceptor = tokio_rustls::TlsAcceptor::from(env.tls.clone());
+    tokio::spawn(async move {
+        let (tcp, _) = l.accept().await.unwrap();
+        let mut s = acceptor.accept(tcp).await.unwrap();
+        let head = read_head(&mut s).await;
+        seen.lock().unwrap().push(head);
+        s.write_all(SWITCH.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).await.unwrap();
+        s.write_all(&buf[..n].to_ascii_uppercase()).await.unwrap();
+        s.flush().await.unwrap();
+        // Until the client closes.
+        let _ = s.read(&mut buf).await;
+    });
+    let yaml = format!(
+        "providers:
+  p:
+    headers: {{x-api-key: injected-value}}
+routes:
+  - {{host: api.example.com, provider: p, connect_to: '{upstream}'}}
+"
+    );
+    let proxy = env.proxy(&yaml).await;
+    let roots = {
+        use rustls::pki_types::pem::PemObject;
+        let pem = std::fs::read(env.state_dir().join("ca.pem")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap())
+            .unwrap();
+        roots
+    };
+    let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\n\r\n")
+        .await
+        .unwrap();
+    let connected = read_head(&mut tcp).await;
+    assert!(connected.starts_with("http/1.1 200"), "{connected}");
+    let config =
+        rustls::ClientConfig::builder_with_provider(credproxy::outbound::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let handshake = HANDSHAKE.replace("GET http://api.example.com/", "GET /");
+    tls.write_all(handshake.as_bytes()).await.unwrap();
+    let head = read_head(&mut tls).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert_eq!(round_trip(&mut tls, b"wss").await, b"WSS");
+    let up = heads.lock().unwrap()[0].clone();
+    assert!(up.contains("\r\nx-api-key: injected-value\r\n"), "{up}");
+    assert!(up.contains("\r\nupgrade: websocket\r\n"), "{up}");
+}
+
+#[tokio::test]
+async fn a_refused_handshake_is_relayed_as_an_ordinary_answer() {
+    let env = Env::new();
+    let (upstream, heads) = switching_upstream(
+        "HTTP/1.1 401 Unauthorized\r\nContent-Type: text/plain\r\nContent-Length: 6\r\nConnection: close\r\n\r\nno way",
+    )
+    .await;
+    let proxy = env.proxy(&http_route_yaml(upstream)).await;
+    let answer = raw(proxy.addr, HANDSHAKE.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.ends_with("no way"), "{answer}");
+    assert_eq!(heads.lock().unwrap().len(), 1);
+    // The slot taken for the switch was given back with the answer.
+    no_connection_left(&proxy).await;
+}
+
+#[tokio::test]
+async fn an_h2c_upgrade_is_not_passed_on_and_the_request_is_answered_in_http1() {
+    let env = Env::new();
+    let fake = credproxy::fakes::echo::start(listener().await, None);
+    let proxy = env.proxy(&http_route_yaml(fake.addr)).await;
+    // What `curl --http2 http://…` sends.
+    let answer = raw(
+        proxy.addr,
+        b"GET http://api.example.com/__echo HTTP/1.1\r\nHost: api.example.com\r\n\
+Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = answer.split_once("\r\n\r\n").unwrap().1;
+    let echo: serde_json::Value = serde_json::from_str(body).unwrap();
+    let headers = echo["headers"].as_object().unwrap();
+    for gone in ["upgrade", "http2-settings", "connection"] {
+        assert!(!headers.contains_key(gone), "{gone} went upstream: {echo}");
+    }
+    assert_eq!(header_values(&echo, "x-k"), ["v"]);
+}
+
+#[tokio::test]
+async fn idle_switched_connections_and_blind_tunnels_are_closed() {
+    let env = Env::new();
+    let (upstream, _heads) = switching_upstream(SWITCH).await;
+    let yaml = format!(
+        "limits: {{tunnel_idle_timeout: 1s}}\n{}",
+        http_route_yaml(upstream)
+    );
+    let proxy = env.proxy(&yaml).await;
+
+    let mut ws = TcpStream::connect(proxy.addr).await.unwrap();
+    ws.write_all(HANDSHAKE.as_bytes()).await.unwrap();
+    assert!(read_head(&mut ws).await.starts_with("http/1.1 101"));
+    assert_eq!(round_trip(&mut ws, b"x").await, b"X");
+
+    // A blind tunnel (the host has no route) to the same upstream.
+    let mut tunnel = TcpStream::connect(proxy.addr).await.unwrap();
+    tunnel
+        .write_all(format!("CONNECT {upstream} HTTP/1.1\r\nHost: {upstream}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert!(read_head(&mut tunnel).await.starts_with("http/1.1 200"));
+
+    // Then both stay quiet: the proxy closes them (or read_until_closed fails the test).
+    assert!(read_until_closed(&mut ws).await.is_empty());
+    assert!(read_until_closed(&mut tunnel).await.is_empty());
+    no_connection_left(&proxy).await;
+}
