@@ -100,6 +100,9 @@ struct UpstreamFile {
     /// repeated requests to one host, instead of a pool checkout per request.
     #[serde(default = "yes")]
     pin_connections: bool,
+    /// `Via: 1.1 credproxy` on the requests forwarded and the responses relayed (RFC 9110 §7.6.3).
+    #[serde(default = "yes")]
+    via: bool,
 }
 
 impl Default for UpstreamFile {
@@ -110,6 +113,7 @@ impl Default for UpstreamFile {
             response_timeout: d60s(),
             pool_idle_timeout: d30s(),
             pin_connections: true,
+            via: true,
         }
     }
 }
@@ -584,6 +588,7 @@ pub struct Upstream {
     pub response_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pin_connections: bool,
+    pub via: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1023,6 +1028,7 @@ impl Validator<'_> {
             response_timeout: raw.response_timeout,
             pool_idle_timeout: raw.pool_idle_timeout,
             pin_connections: raw.pin_connections,
+            via: raw.via,
         }
     }
 

@@ -340,6 +340,9 @@ async fn forward(
             .insert(header::TE, http::HeaderValue::from_static("trailers"));
     }
     parts.headers.remove(header::HOST);
+    if state.config.upstream.via {
+        parts.headers.append(header::VIA, via(parts.version));
+    }
     // A switch of protocols (WebSocket) is asked for hop by hop, so the proxy asks again.
     let mut asked = match hop.upgrade {
         Some(protocols) => crate::upgrade::asked(state, protocols, &mut parts.extensions)?,
@@ -603,6 +606,9 @@ async fn send(
         .then(|| parts.headers.get(header::UPGRADE).cloned())
         .flatten();
     strip_hop_by_hop(&mut parts.headers);
+    if state.config.upstream.via {
+        parts.headers.append(header::VIA, via(parts.version));
+    }
     if let Some(chosen) = chosen {
         parts.extensions.insert(Switched(chosen));
     }
@@ -748,6 +754,19 @@ async fn prepare_body(
         whole.extend_from_slice(&c);
     }
     Ok(Prepared::Whole(whole.freeze()))
+}
+
+/// This proxy's entry in `Via` (RFC 9110 §7.6.3) for a message received in `version`: after
+/// any entries of the proxies before it, so the recipient sees the whole chain. A pseudonym
+/// rather than a host name: the path inside this host is nobody's business.
+fn via(version: Version) -> http::HeaderValue {
+    http::HeaderValue::from_static(match version {
+        Version::HTTP_09 => "0.9 credproxy",
+        Version::HTTP_10 => "1.0 credproxy",
+        Version::HTTP_2 => "2 credproxy",
+        Version::HTTP_3 => "3 credproxy",
+        _ => "1.1 credproxy",
+    })
 }
 
 /// `host`, `[v6]`, `host:port`: one allocation, no `format!` (this runs for every request).

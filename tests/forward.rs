@@ -357,6 +357,34 @@ X-Normal: yes\r\n\r\n";
 }
 
 #[tokio::test]
+async fn via_names_the_proxy_after_earlier_ones_both_ways_and_can_be_turned_off() {
+    let env = Env::new();
+    let fake = echo::start(listener().await, None);
+    let proxy = env.proxy(&http_route_yaml(fake.addr)).await;
+    let r = send(
+        client(proxy.addr)
+            .get("http://api.example.com/__echo")
+            .header("via", "1.1 corp-gateway"),
+    )
+    .await;
+    let via: Vec<_> = r.headers().get_all("via").iter().cloned().collect();
+    assert_eq!(via, ["1.1 credproxy"], "on the response");
+    let echo = echoed(r).await;
+    assert_eq!(
+        header_values(&echo, "via"),
+        ["1.1 corp-gateway", "1.1 credproxy"],
+        "on the request, after the proxy before it"
+    );
+
+    let quiet = env
+        .proxy(&format!("  via: false\n{}", http_route_yaml(fake.addr)))
+        .await;
+    let r = get(&client(quiet.addr), "http://api.example.com/__echo").await;
+    assert!(r.headers().get("via").is_none());
+    assert!(header_values(&echoed(r).await, "via").is_empty());
+}
+
+#[tokio::test]
 async fn redirects_go_back_to_the_client_and_credentials_stay_home() {
     let env = Env::new();
     let mapped = env.tls_echo().await;
