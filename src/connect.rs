@@ -60,7 +60,8 @@ pub async fn handle(
                 cause: "the local CA's name constraints do not cover it; run `credproxy ca rotate` after adding its route, and import the new CA".into(),
             });
         }
-        spawn_intercept(state, upgrade, host, port, peer, (held, busy));
+        let keep = crate::relay::Keep::new((held, busy));
+        spawn_intercept(state, upgrade, host, port, peer, keep);
         return Ok(Response::new(empty()));
     }
 
@@ -102,11 +103,10 @@ fn spawn_intercept(
     host: String,
     port: u16,
     peer: SocketAddr,
-    held: impl Send + 'static,
+    keep: crate::relay::Keep,
 ) {
     tokio::spawn(async move {
-        intercept(state, upgrade, host, port, peer).await;
-        drop(held);
+        intercept(state, upgrade, host, port, peer, keep).await;
     });
 }
 
@@ -116,6 +116,7 @@ async fn intercept(
     host: String,
     port: u16,
     peer: SocketAddr,
+    keep: crate::relay::Keep,
 ) {
     let upgraded = match upgrade.await {
         Ok(u) => u,
@@ -155,7 +156,12 @@ async fn intercept(
     let pinned = Arc::new(crate::pinned::Pinned::new());
     let activity = Arc::new(crate::watchdog::Activity::default());
     let requests = activity.clone();
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: hyper::Request<Incoming>| {
+        // A WebSocket inside the tunnel keeps the tunnel's slot (and, over HTTP/2, the client
+        // connection's request in flight) for as long as it lives.
+        if req.headers().contains_key(hyper::header::UPGRADE) {
+            req.extensions_mut().insert(keep.clone());
+        }
         // Like the listeners: each request runs on the config current when it arrives, so a
         // long-lived tunnel follows reloads.
         let state = state2.current().unwrap_or_else(|| state2.clone());

@@ -344,10 +344,9 @@ async fn forward(
         parts.headers.append(header::VIA, via(parts.version));
     }
     // A switch of protocols (WebSocket) is asked for hop by hop, so the proxy asks again.
-    let mut asked = match hop.upgrade {
-        Some(protocols) => crate::upgrade::asked(state, protocols, &mut parts.extensions)?,
-        None => None,
-    };
+    let mut asked = hop
+        .upgrade
+        .and_then(|protocols| crate::upgrade::asked(&protocols, &mut parts.extensions));
 
     let (scheme, port_in_uri) = match route {
         Some(route) => {
@@ -417,8 +416,8 @@ async fn forward(
         // Origin form: `pinned::request` makes it absolute for the pool.
         *upstream_req.uri_mut() = Uri::from(target.path_and_query.clone());
         *upstream_req.headers_mut() = headers;
-        if let Some(asked) = &asked {
-            crate::upgrade::mark(asked, upstream_req.headers_mut());
+        if asked.is_some() {
+            crate::upgrade::mark(upstream_req.headers_mut());
         }
         // The pool picks HTTP/1.1 or HTTP/2 per connection (ALPN); the client's version is not ours.
         *upstream_req.version_mut() = Version::HTTP_11;
@@ -442,18 +441,17 @@ async fn forward(
             upgrade: asked.is_some(),
         };
         let mut response = send(state, &out, upstream_req, upload).await?;
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS
-            && let Some(asked) = asked.take()
-        {
-            let chosen = response.extensions_mut().remove::<Switched>().map(|s| s.0);
-            let what = format!("upgrade {peer} -> {authority}");
-            let idle = state.config.limits.tunnel_idle_timeout;
-            crate::upgrade::join(asked, &mut response, chosen, idle, what);
-            return Ok(response);
-        }
         state
             .stats(route)
             .upstream_latency(sent.elapsed().as_secs_f64());
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(asked) = asked.take()
+        {
+            let what = format!("upgrade {peer} -> {authority}");
+            let idle = state.config.limits.tunnel_idle_timeout;
+            crate::upgrade::join(asked, &mut response, idle, what);
+            return Ok(response);
+        }
         // Only plain HTTP talks to the upstream proxy directly; over HTTPS a 407 comes from
         // inside the tunnel and is the API's own answer.
         if response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED
@@ -553,10 +551,6 @@ struct Outgoing<'a> {
     upgrade: bool,
 }
 
-/// The `Upgrade` of an upstream's 101 (the headers lose it with the other hop-by-hop ones).
-#[derive(Clone)]
-struct Switched(http::HeaderValue);
-
 async fn send(
     state: &State,
     out: &Outgoing<'_>,
@@ -602,15 +596,9 @@ async fn send(
         }
     };
     let (mut parts, body) = response.into_parts();
-    let chosen = (parts.status == StatusCode::SWITCHING_PROTOCOLS)
-        .then(|| parts.headers.get(header::UPGRADE).cloned())
-        .flatten();
     strip_hop_by_hop(&mut parts.headers);
     if state.config.upstream.via {
         parts.headers.append(header::VIA, via(parts.version));
-    }
-    if let Some(chosen) = chosen {
-        parts.extensions.insert(Switched(chosen));
     }
     Ok(Response::from_parts(parts, body))
 }

@@ -552,6 +552,8 @@ impl Connection {
             permit,
         } = self;
         shared.load().workers.serving_here();
+        // Shared with a request that switches protocols, which then keeps the slot (`upgrade`).
+        let keep = crate::relay::Keep::new((open, permit));
         let pinned = Arc::new(Pinned::new());
         let activity = Arc::new(Activity::default());
         let requests = activity.clone();
@@ -560,6 +562,8 @@ impl Connection {
                 // An HTTP/2 tunnel is a stream of this connection: the tunnel counts as a
                 // request in flight for as long as it lives (`connect::handle`).
                 req.extensions_mut().insert(requests.clone());
+            } else if req.headers().contains_key(hyper::header::UPGRADE) {
+                req.extensions_mut().insert(keep.clone());
             }
             // Each request runs on the state current when it arrives, to its end.
             let state = shared.load_full();
@@ -573,7 +577,5 @@ impl Connection {
         if let Err(e) = served {
             tracing::debug!(%peer, "connection ended: {e}");
         }
-        drop(open);
-        drop(permit);
     }
 }

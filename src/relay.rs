@@ -18,11 +18,24 @@ use crate::listen::{OpenConnection, State};
 /// 1 and 1.25 timeouts after its last byte.
 const TICKS: u32 = 4;
 
-/// A connection slot and the open-connections gauge, held for as long as a relay lives: it
-/// outlives the HTTP connection it came from (whose own slot is freed at the upgrade).
+/// A connection slot and the open-connections gauge, held for as long as a blind tunnel lives:
+/// it outlives the HTTP connection it came from (whose own slot is freed at the upgrade).
 pub struct Held {
     _slot: tokio::sync::OwnedSemaphorePermit,
     _open: OpenConnection,
+}
+
+/// What keeps a client connection counted: its `max_connections` slot and its place in the
+/// gauge (and, for an intercepted tunnel carried by an HTTP/2 connection, that connection's
+/// request in flight). A request that switches protocols takes a share with it: the switched
+/// connection is the same client connection, counted once, for as long as either lives.
+#[derive(Clone)]
+pub struct Keep(#[allow(dead_code)] std::sync::Arc<dyn Send + Sync>);
+
+impl Keep {
+    pub fn new(held: impl Send + Sync + 'static) -> Keep {
+        Keep(std::sync::Arc::new(held))
+    }
 }
 
 /// A slot for a relay, or 503 when `limits.max_connections` are open already.

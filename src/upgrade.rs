@@ -1,11 +1,12 @@
-//! Requests that switch protocols (RFC 9110 §7.8), WebSocket above all: the request goes upstream
-//! with its credentials like any other, over an HTTP/1.1 connection of its own; when the upstream
+//! Requests that switch protocols (RFC 9110 §7.8), for WebSocket: the request goes upstream with
+//! its credentials like any other, over an HTTP/1.1 connection of its own; when the upstream
 //! answers 101, the client's connection and that one are joined byte for byte (`relay`), like a
 //! blind tunnel. Any other answer is relayed as usual, and the connection is not reused.
 //!
-//! `h2c` is not passed on: after it, the client would speak HTTP/2 straight to the upstream, and
-//! the proxy could add credentials to none of its later requests. Dropping it is what RFC 9113
-//! §3.1 lets a proxy do; the client goes on in HTTP/1.1.
+//! Only `websocket` is passed on. After any switch the proxy sees bytes, not requests: a switch to
+//! `h2c` (or to any protocol that carries HTTP) would let the client send requests past the
+//! route's path checks, from the proxy's address. Other offers are dropped, as RFC 9110 §7.8 lets
+//! an intermediary do, and the request is answered in HTTP/1.1.
 
 use http::header::{self, HeaderValue};
 use http::uri::Authority;
@@ -14,53 +15,49 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use crate::body::{self, Body};
-use crate::error::ProxyError;
-use crate::listen::State;
-use crate::outbound::{Client, Conn};
+use crate::outbound::{Client, Conn, LocalAddr};
 use crate::pinned::Failure;
-use crate::relay::Held;
+use crate::relay::Keep;
 
-/// A client's request to switch protocols: what it asked for, its side of the switch, and the
-/// connection slot the joined connections will hold.
+/// The one protocol passed on (see the module's doc).
+const WEBSOCKET: &str = "websocket";
+
+/// A client's request to switch to WebSocket: its side of the switch, and its connection's
+/// share of the slot the joined connections will hold.
 pub struct Asked {
-    protocols: HeaderValue,
     client: OnUpgrade,
-    held: Held,
+    keep: Keep,
 }
 
-/// Whether `Upgrade` names h2c (a protocol the proxy does not pass on; see the module's doc).
-fn is_h2c(protocols: &HeaderValue) -> bool {
+/// Whether an `Upgrade` value offers WebSocket, alone or among other offers. Compared as bytes:
+/// a value that is not text offers nothing else.
+fn offers_websocket(protocols: &HeaderValue) -> bool {
     protocols
-        .to_str()
-        .is_ok_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c")))
+        .as_bytes()
+        .split(|b| *b == b',')
+        .any(|p| p.trim_ascii().eq_ignore_ascii_case(WEBSOCKET.as_bytes()))
 }
 
 /// The switch a request asks for (its `Connection` listed `upgrade`, and `protocols` is its
-/// `Upgrade`), taking the client's side of it from `extensions`. `None` when there is nothing to
-/// pass on: no client side (HTTP/2 has no upgrades) or h2c; the request then goes as a plain one.
-pub fn asked(
-    state: &State,
-    protocols: HeaderValue,
-    extensions: &mut http::Extensions,
-) -> Result<Option<Asked>, ProxyError> {
-    if is_h2c(&protocols) {
-        return Ok(None);
+/// `Upgrade`), taking the client's side of it and its connection's `Keep` from `extensions`.
+/// `None` when there is nothing to pass on: no WebSocket among the offers, or no client side
+/// (HTTP/2 has no upgrades); the request then goes as a plain one.
+pub fn asked(protocols: &HeaderValue, extensions: &mut http::Extensions) -> Option<Asked> {
+    if !offers_websocket(protocols) {
+        return None;
     }
-    let Some(client) = extensions.remove::<OnUpgrade>() else {
-        return Ok(None);
-    };
-    let held = crate::relay::hold(state)?;
-    Ok(Some(Asked {
-        protocols,
-        client,
-        held,
-    }))
+    // Both put there by hyper and by the listener (or intercepted tunnel) with every request
+    // that carries `Upgrade`.
+    let client = extensions.remove::<OnUpgrade>()?;
+    let keep = extensions.remove::<Keep>()?;
+    Some(Asked { client, keep })
 }
 
-/// Puts the switch back on an outgoing request whose hop-by-hop headers were removed.
-pub fn mark(asked: &Asked, headers: &mut http::HeaderMap) {
+/// Puts the switch on a message whose hop-by-hop headers were removed: the request going
+/// upstream, and the 101 going back to the client.
+pub fn mark(headers: &mut http::HeaderMap) {
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(header::UPGRADE, asked.protocols.clone());
+    headers.insert(header::UPGRADE, HeaderValue::from_static(WEBSOCKET));
 }
 
 /// Sends `req` (origin-form URI, no Host) over a new HTTP/1.1 connection of its own. Boxed: a
@@ -85,6 +82,7 @@ async fn send(
         .open(https, authority.as_str())
         .await
         .map_err(Failure::Dial)?;
+    let local = Conn::local_of(&io);
     if Conn::absolute_form_of(&io) {
         // Plain HTTP through an upstream proxy: the proxy needs the whole URL.
         let absolute = format!("http://{authority}{}", req.uri());
@@ -104,27 +102,24 @@ async fn send(
             tracing::debug!(host, "upgrade connection ended: {e}");
         }
     });
-    let resp = sender.send_request(req).await.map_err(Failure::Http)?;
+    let mut resp = sender.send_request(req).await.map_err(Failure::Http)?;
+    // For `forward::ip_bound_hint`, as over the other connections.
+    if resp.status() == http::StatusCode::FORBIDDEN
+        && let Some(local) = local
+    {
+        resp.extensions_mut().insert::<LocalAddr>(local);
+    }
     Ok(resp.map(body::stream))
 }
 
-/// The upstream switched protocols (`response` is its 101, hop-by-hop headers removed, `chosen`
-/// its `Upgrade`): answers the client the same and joins the two connections once both sides
-/// have switched.
-pub fn join(
-    asked: Asked,
-    response: &mut Response<Body>,
-    chosen: Option<HeaderValue>,
-    idle: std::time::Duration,
-    what: String,
-) {
+/// The upstream switched protocols (`response` is its 101, hop-by-hop headers removed): answers
+/// the client the same, and joins the two connections once both sides have switched.
+pub fn join(asked: Asked, response: &mut Response<Body>, idle: std::time::Duration, what: String) {
     let upstream = hyper::upgrade::on(&mut *response);
-    let headers = response.headers_mut();
-    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(header::UPGRADE, chosen.unwrap_or(asked.protocols));
-    let Asked { client, held, .. } = asked;
+    mark(response.headers_mut());
+    let Asked { client, keep } = asked;
     tokio::spawn(async move {
-        let _held = held;
+        let _keep = keep;
         match tokio::try_join!(client, upstream) {
             Ok((client, upstream)) => {
                 crate::relay::relay(TokioIo::new(client), TokioIo::new(upstream), idle, &what)
@@ -136,16 +131,19 @@ pub fn join(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
-    fn h2c_is_recognised_in_any_case_and_list_position() {
-        for v in ["h2c", "H2C", "websocket, h2c", " h2c "] {
-            assert!(is_h2c(&HeaderValue::from_static(v)), "{v}");
+    fn only_a_websocket_offer_counts_in_any_case_and_list_position() {
+        for v in ["websocket", "WebSocket", "h2c, websocket", " websocket ,x"] {
+            assert!(offers_websocket(&HeaderValue::from_static(v)), "{v}");
         }
-        for v in ["websocket", "h2", "h2c-x", "TLS/1.2"] {
-            assert!(!is_h2c(&HeaderValue::from_static(v)), "{v}");
+        for v in ["h2c", "H2C", "websockets", "web socket", "TLS/1.2", ""] {
+            assert!(!offers_websocket(&HeaderValue::from_static(v)), "{v}");
         }
+        let not_text = HeaderValue::from_bytes(b"h2c, \xff").unwrap();
+        assert!(!offers_websocket(&not_text));
     }
 }

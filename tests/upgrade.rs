@@ -1,6 +1,7 @@
 //! Requests that switch protocols (WebSocket): the handshake gets the route's credentials, and
-//! after the upstream's 101 the two connections are joined both ways; h2c is not passed on; an
-//! idle switched connection or blind tunnel is closed after `limits.tunnel_idle_timeout`.
+//! after the upstream's 101 the two connections are joined both ways, on the client connection's
+//! own slot; no other protocol (h2c above all) is passed on; an idle switched connection or blind
+//! tunnel is closed after `limits.tunnel_idle_timeout`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -104,11 +105,31 @@ async fn round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     back
 }
 
+/// A TLS client that trusts the proxy's CA (for intercepted tunnels).
+fn client_tls(env: &Env) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(env.state_dir().join("ca.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap())
+        .unwrap();
+    rustls::ClientConfig::builder_with_provider(credproxy::outbound::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
 #[tokio::test]
 async fn a_websocket_handshake_gets_credentials_and_then_carries_bytes_both_ways() {
     let env = Env::new();
     let (upstream, heads) = switching_upstream(SWITCH).await;
-    let proxy = env.proxy(&http_route_yaml(upstream)).await;
+    // One slot: the switched connection keeps the one its client connection had.
+    let yaml = format!(
+        "limits: {{max_connections: 1}}\n{}",
+        http_route_yaml(upstream)
+    );
+    let proxy = env.proxy(&yaml).await;
 
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(HANDSHAKE.as_bytes()).await.unwrap();
@@ -137,8 +158,14 @@ async fn a_websocket_handshake_gets_credentials_and_then_carries_bytes_both_ways
     );
     assert!(!up.contains("keep-alive"), "{up}");
 
-    // The joined connection holds a slot, and gives it back when the client closes.
+    // The joined connection holds the slot, and gives it back when the client closes.
     open_connections_reach(&proxy, 1).await;
+    let refused = raw(
+        proxy.addr,
+        b"GET http://api.example.com/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+    )
+    .await;
+    assert!(refused.contains("too_many_connections"), "{refused}");
     drop(s);
     no_connection_left(&proxy).await;
 }
@@ -174,29 +201,14 @@ routes:
 "
     );
     let proxy = env.proxy(&yaml).await;
-    let roots = {
-        use rustls::pki_types::pem::PemObject;
-        let pem = std::fs::read(env.state_dir().join("ca.pem")).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap())
-            .unwrap();
-        roots
-    };
     let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
     tcp.write_all(b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\n\r\n")
         .await
         .unwrap();
     let connected = read_head(&mut tcp).await;
     assert!(connected.starts_with("http/1.1 200"), "{connected}");
-    let config =
-        rustls::ClientConfig::builder_with_provider(credproxy::outbound::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from("api.example.com").unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client_tls(&env)))
         .connect(name, tcp)
         .await
         .unwrap();
@@ -227,25 +239,43 @@ async fn a_refused_handshake_is_relayed_as_an_ordinary_answer() {
 }
 
 #[tokio::test]
-async fn an_h2c_upgrade_is_not_passed_on_and_the_request_is_answered_in_http1() {
+async fn no_offer_but_websocket_is_passed_on_and_the_request_is_answered_in_http1() {
     let env = Env::new();
+    let (upstream, heads) = switching_upstream(SWITCH).await;
     let fake = credproxy::fakes::echo::start(listener().await, None);
     let proxy = env.proxy(&http_route_yaml(fake.addr)).await;
-    // What `curl --http2 http://…` sends.
-    let answer = raw(
-        proxy.addr,
-        b"GET http://api.example.com/__echo HTTP/1.1\r\nHost: api.example.com\r\n\
-Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
-    )
-    .await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let body = answer.split_once("\r\n\r\n").unwrap().1;
-    let echo: serde_json::Value = serde_json::from_str(body).unwrap();
-    let headers = echo["headers"].as_object().unwrap();
-    for gone in ["upgrade", "http2-settings", "connection"] {
-        assert!(!headers.contains_key(gone), "{gone} went upstream: {echo}");
+    // What `curl --http2 http://…` sends; a value that is not text; another protocol.
+    for upgrade in [&b"h2c"[..], b"h2c, \xff", b"TLS/1.2"] {
+        let mut request =
+            b"GET http://api.example.com/__echo HTTP/1.1\r\nHost: api.example.com\r\n\
+Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nUpgrade: "
+                .to_vec();
+        request.extend_from_slice(upgrade);
+        request.extend_from_slice(b"\r\n\r\n");
+        let answer = raw(proxy.addr, &request).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let body = answer.split_once("\r\n\r\n").unwrap().1;
+        let echo: serde_json::Value = serde_json::from_str(body).unwrap();
+        let headers = echo["headers"].as_object().unwrap();
+        for gone in ["upgrade", "http2-settings", "connection"] {
+            assert!(!headers.contains_key(gone), "{gone} went upstream: {echo}");
+        }
+        assert_eq!(header_values(&echo, "x-k"), ["v"]);
     }
-    assert_eq!(header_values(&echo, "x-k"), ["v"]);
+
+    // WebSocket among other offers: only WebSocket goes on.
+    let proxy = env.proxy(&http_route_yaml(upstream)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        HANDSHAKE
+            .replace("Upgrade: websocket", "Upgrade: h2c, WebSocket")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert!(read_head(&mut s).await.starts_with("http/1.1 101"));
+    let up = heads.lock().unwrap()[0].clone();
+    assert!(up.contains("\r\nupgrade: websocket\r\n"), "{up}");
 }
 
 #[tokio::test]
@@ -275,4 +305,68 @@ async fn idle_switched_connections_and_blind_tunnels_are_closed() {
     assert!(read_until_closed(&mut ws).await.is_empty());
     assert!(read_until_closed(&mut tunnel).await.is_empty());
     no_connection_left(&proxy).await;
+}
+
+/// An intercepted tunnel carried by an HTTP/2 connection (a CONNECT stream): a WebSocket inside
+/// it outlives the tunnel's HTTP/1.1 connection, and the client's HTTP/2 connection must count
+/// as busy for as long, not idle after `header_read_timeout`.
+#[tokio::test]
+async fn a_websocket_in_a_tunnel_over_http2_outlives_the_header_timeout() {
+    let env = Env::new();
+    let l = listener().await;
+    let upstream = l.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(env.tls.clone());
+    tokio::spawn(async move {
+        let (tcp, _) = l.accept().await.unwrap();
+        let mut s = acceptor.accept(tcp).await.unwrap();
+        read_head(&mut s).await;
+        s.write_all(SWITCH.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 64];
+        loop {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 || s.write_all(&buf[..n].to_ascii_uppercase()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let yaml = format!(
+        "limits: {{header_read_timeout: 1s}}
+providers:
+  p:
+    headers: {{x-api-key: injected-value}}
+routes:
+  - {{host: api.example.com, provider: p, connect_to: '{upstream}'}}
+"
+    );
+    let proxy = env.proxy(&yaml).await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let connect = http::Request::builder()
+        .method("CONNECT")
+        .uri("api.example.com:443")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let mut resp = sender.send_request(connect).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let tunnel = hyper::upgrade::on(&mut resp).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client_tls(&env)))
+        .connect(
+            rustls::pki_types::ServerName::try_from("api.example.com").unwrap(),
+            hyper_util::rt::TokioIo::new(tunnel),
+        )
+        .await
+        .unwrap();
+    let handshake = HANDSHAKE.replace("GET http://api.example.com/", "GET /");
+    tls.write_all(handshake.as_bytes()).await.unwrap();
+    assert!(read_head(&mut tls).await.starts_with("http/1.1 101"));
+    assert_eq!(round_trip(&mut tls, b"one").await, b"ONE");
+    // Three header timeouts without a byte; the WebSocket is still there.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(round_trip(&mut tls, b"two").await, b"TWO");
 }
