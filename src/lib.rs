@@ -1,10 +1,11 @@
 //! credproxy: a local HTTP forward proxy that adds API credentials to requests.
 //!
 //! The request path, one module per stage: [`listen`] → [`route`] → [`credentials`] →
-//! [`forward`] (which calls [`outbound`] to leave the host). [`config`] decides what is valid,
-//! [`error`] decides what the client sees when the proxy itself answers, and [`providers`] holds
-//! one module per credential kind. [`fakes`] are faithful local stand-ins for the real providers,
-//! used by `credproxy demo` and the tests.
+//! [`forward`] (which calls [`outbound`] to leave the host). [`connect`] handles CONNECT
+//! (interception or a blind tunnel) and [`upgrade`] WebSocket handshakes; both end in
+//! [`relay`]. [`config`] decides what is valid, [`error`] decides what the client sees when the
+//! proxy itself answers, and [`providers`] holds one module per credential kind. [`fakes`] are
+//! faithful local stand-ins for the real providers, used by `credproxy demo` and the tests.
 #![deny(clippy::unwrap_used)]
 
 pub mod access;

@@ -507,6 +507,31 @@ async fn oauth2_client_authentication_basic_form_and_query() {
     }
 }
 
+/// A secret with characters that form-encoding changes: `basic` sends `%2B`, `%2F` and `%3D`
+/// (RFC 6749), `basic_raw` the characters themselves, which is what the fake takes (as servers
+/// that do not decode the parts, and CloudConnexa's own client, do).
+#[tokio::test]
+async fn oauth2_basic_raw_sends_the_secret_as_it_is() {
+    const SPECIAL: &str = "s3cr+t/with=signs";
+    for (method, status) in [("basic_raw", 200), ("basic", 503)] {
+        let env = Env::new();
+        let (fake, issuer) = env.oauth_fake(CLIENT_ID, SPECIAL).await;
+        let yaml = oauth_yaml(fake.addr, method, "").replace(CLIENT_SECRET, SPECIAL);
+        let proxy = env.proxy(&yaml).await;
+        let r = get(
+            &client(proxy.addr),
+            "http://acme.api.openvpn.com/api/v1/networks",
+        )
+        .await;
+        assert_eq!(r.status(), status, "{method}");
+        let methods = issuer.auth_methods();
+        assert!(
+            !methods.is_empty() && methods.iter().all(|m| *m == "basic"),
+            "{method}: {methods:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn wildcard_routes_get_one_token_per_matched_host() {
     let env = Env::new();

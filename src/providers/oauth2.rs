@@ -17,8 +17,12 @@ use crate::token::{self, Fetched, TokenError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientAuthMethod {
+    /// HTTP Basic with id and secret form-encoded first (RFC 6749 §2.3.1).
     #[default]
     Basic,
+    /// HTTP Basic with id and secret as they are, as most HTTP clients send it (curl `-u`, Go's
+    /// `SetBasicAuth`, which CloudConnexa's own client uses) and servers that do not decode expect.
+    BasicRaw,
     Form,
     Query,
 }
@@ -100,13 +104,18 @@ pub async fn fetch(
     let mut body_params = params.clone();
     let mut req = Request::builder().method(Method::POST);
     match s.auth {
-        ClientAuthMethod::Basic => {
-            // RFC 6749 §2.3.1: each part is form-encoded before the Basic encoding.
-            let pair = format!(
-                "{}:{}",
-                encode(s.client_id.expose()),
-                encode(s.client_secret.expose())
-            );
+        ClientAuthMethod::Basic | ClientAuthMethod::BasicRaw => {
+            let (id, secret) = (s.client_id.expose(), s.client_secret.expose());
+            let pair = if s.auth == ClientAuthMethod::Basic {
+                // RFC 6749 §2.3.1: each part is form-encoded before the Basic encoding.
+                format!("{}:{}", encode(id), encode(secret))
+            } else if id.contains(':') {
+                return Err(TokenError::Config(
+                    "client_id contains `:`, which HTTP Basic cannot carry unencoded: use client_auth: basic".into(),
+                ));
+            } else {
+                format!("{id}:{secret}")
+            };
             let value = format!(
                 "Basic {}",
                 base64::engine::general_purpose::STANDARD.encode(pair)
