@@ -40,7 +40,7 @@ pub enum Upload {
 pub type Progress = tokio::sync::watch::Receiver<Upload>;
 
 /// A streamed body that reports its progress: the response timeout counts from an upload's last
-/// frame (see `forward::within`).
+/// frame (see `forward::after_upload`).
 pub fn watched(body: Body) -> (Body, Progress) {
     let (tx, rx) = tokio::sync::watch::channel(Upload::Sending);
     let watched = Watched {

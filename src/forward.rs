@@ -559,12 +559,19 @@ async fn send(
 ) -> Result<Response<Body>, ProxyError> {
     let timeout = state.config.upstream.response_timeout;
     let mut upload = upload;
+    // The request's future is awaited where it is made: passed by value into another async fn,
+    // it was copied into that one's frame (several kilobytes, ~9,000 instructions per request;
+    // bench/notes.md, "WebSockets, `Via`, ...").
     let answer = if out.upgrade {
+        // A handshake has no body: the timeout counts from the start.
         let sent = crate::upgrade::request(out.client, req, out.https, out.authority);
-        within(sent, upload.as_mut(), timeout).await
+        Ok(tokio::time::timeout(timeout, sent).await.ok())
     } else {
         let sent = pinned::request(out.pinned, out.client, req, out.https, out.authority);
-        within(sent, upload.as_mut(), timeout).await
+        match upload.as_mut() {
+            None => Ok(tokio::time::timeout(timeout, sent).await.ok()),
+            Some(upload) => after_upload(sent, upload, timeout).await,
+        }
     };
     let answer = match answer {
         Ok(answer) => answer,
@@ -606,18 +613,15 @@ async fn send(
 /// A streamed upload took no frame for the whole response timeout.
 struct Stalled;
 
-/// `upstream.response_timeout`. For a request with a streamed body (`upload`), the upstream
-/// cannot be expected to answer before it has the body, and an upload of any size may take
-/// longer than the timeout. So the timeout counts from the upload's last progress: `Err` when no
-/// frame went for that long, `Ok(None)` when no answer came for that long after the body ended.
-async fn within<F: std::future::Future>(
+/// `upstream.response_timeout` for a request with a streamed body: the upstream cannot be
+/// expected to answer before it has the body, and an upload of any size may take longer than
+/// the timeout. So the timeout counts from the upload's last progress: `Err` when no frame went
+/// for that long, `Ok(None)` when no answer came for that long after the body ended.
+async fn after_upload<F: std::future::Future>(
     sent: F,
-    upload: Option<&mut body::Progress>,
+    upload: &mut body::Progress,
     timeout: std::time::Duration,
 ) -> Result<Option<F::Output>, Stalled> {
-    let Some(upload) = upload else {
-        return Ok(tokio::time::timeout(timeout, sent).await.ok());
-    };
     let mut sent = std::pin::pin!(sent);
     while *upload.borrow_and_update() == body::Upload::Sending {
         tokio::select! {

@@ -124,7 +124,7 @@ async fn an_ipv6_literal_route_is_intercepted_with_a_leaf_for_its_address() {
     let proxy = s.env.proxy(&yaml).await;
     // `CONNECT [2001:db8::7]:443`, then TLS that checks the leaf's IP address name (reqwest
     // cannot: it refuses an IPv6 literal as a TLS server name).
-    let roots = proxy_roots(&s.env);
+    let roots = s.env.proxy_roots();
     let (answer, mut tls) = tls_tunnel(proxy.addr, "[2001:db8::7]", &roots).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     tls.write_all(b"GET /__echo HTTP/1.1\r\nHost: [2001:db8::7]\r\nConnection: close\r\n\r\n")
@@ -207,21 +207,11 @@ async fn handshake(proxy: SocketAddr, host: &str, roots: &rustls::RootCertStore)
         .to_vec()
 }
 
-fn proxy_roots(env: &Env) -> rustls::RootCertStore {
-    use rustls::pki_types::pem::PemObject;
-    let pem = std::fs::read(env.state_dir().join("ca.pem")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap())
-        .unwrap();
-    roots
-}
-
 #[tokio::test]
 async fn leaves_name_the_host_chain_to_the_ca_and_are_minted_once() {
     let s = setup().await;
     let proxy = s.env.proxy(&s.yaml("")).await;
-    let roots = proxy_roots(&s.env);
+    let roots = s.env.proxy_roots();
     let leaf = handshake(proxy.addr, "api.example.com", &roots).await;
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
     let san = cert.subject_alternative_name().unwrap().unwrap();
@@ -439,7 +429,7 @@ async fn garbage_and_broken_handshakes_leave_the_proxy_serving() {
 async fn a_request_for_another_host_inside_a_tunnel_is_refused() {
     let s = setup().await;
     let proxy = s.env.proxy(&s.yaml("")).await;
-    let roots = proxy_roots(&s.env);
+    let roots = s.env.proxy_roots();
     let (_, mut tls) = tls_tunnel(proxy.addr, "api.example.com", &roots).await;
     tls.write_all(
         b"GET /__echo HTTP/1.1\r\nHost: api.cloudnet.services\r\nConnection: close\r\n\r\n",
@@ -557,7 +547,7 @@ async fn an_idle_intercepted_connection_is_closed_after_the_header_timeout() {
         .env
         .proxy(&s.yaml("limits: {header_read_timeout: 2s}\n"))
         .await;
-    let roots = proxy_roots(&s.env);
+    let roots = s.env.proxy_roots();
     let (answer, mut tls) = tls_tunnel(proxy.addr, "api.example.com", &roots).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     // Two requests a second apart (half the timeout): the tunnel is kept between them.
@@ -586,7 +576,7 @@ async fn shutdown_closes_idle_connections_and_tunnels_without_waiting_for_them()
         .await
         .unwrap();
     assert!(read_response(&mut plain).await.starts_with("HTTP/1.1 200"));
-    let roots = proxy_roots(&s.env);
+    let roots = s.env.proxy_roots();
     let (_, mut tls) = tls_tunnel(proxy.addr, "api.example.com", &roots).await;
     tls.write_all(b"GET /__echo HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
         .await

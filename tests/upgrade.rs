@@ -107,16 +107,10 @@ async fn round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 
 /// A TLS client that trusts the proxy's CA (for intercepted tunnels).
 fn client_tls(env: &Env) -> rustls::ClientConfig {
-    use rustls::pki_types::pem::PemObject;
-    let pem = std::fs::read(env.state_dir().join("ca.pem")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap())
-        .unwrap();
     rustls::ClientConfig::builder_with_provider(credproxy::outbound::crypto_provider())
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(roots)
+        .with_root_certificates(env.proxy_roots())
         .with_no_client_auth()
 }
 

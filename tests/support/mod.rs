@@ -136,6 +136,18 @@ impl Env {
         start_proxy(&self.write_config(rest)).await
     }
 
+    /// Trust in the proxy's own CA (its `ca.pem` in the state directory), for raw TLS clients
+    /// of intercepted tunnels.
+    pub fn proxy_roots(&self) -> rustls::RootCertStore {
+        use rustls::pki_types::pem::PemObject;
+        let pem = std::fs::read(self.state_dir().join("ca.pem")).expect("the proxy's CA");
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_slice(&pem).expect("a certificate"))
+            .expect("a root");
+        roots
+    }
+
     /// An echo fake behind TLS with the test CA's leaf, as routed hosts are.
     pub async fn tls_echo(&self) -> FakeServer {
         echo::start(listener().await, Some(self.tls.clone()))
