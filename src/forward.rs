@@ -555,10 +555,9 @@ async fn send(
     state: &State,
     out: &Outgoing<'_>,
     req: Request<Body>,
-    upload: Option<body::Progress>,
+    mut upload: Option<body::Progress>,
 ) -> Result<Response<Body>, ProxyError> {
     let timeout = state.config.upstream.response_timeout;
-    let mut upload = upload;
     // The request's future is awaited where it is made: passed by value into another async fn,
     // it was copied into that one's frame (several kilobytes, ~9,000 instructions per request;
     // bench/notes.md, "WebSockets, `Via`, ...").

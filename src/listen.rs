@@ -488,7 +488,7 @@ async fn accept_loop(
             },
             _ = stop.changed() => break,
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let Some(held) = crate::relay::Held::take(&slots, shared.load().metrics.clone()) else {
             // Over `limits.max_connections`: a clear answer and a closed socket, never a crash.
             tracing::warn!(%peer, "connection refused: limits.max_connections reached");
             tokio::spawn(refuse_busy(stream));
@@ -502,8 +502,7 @@ async fn accept_loop(
             server: server.clone(),
             watcher: drain.watcher(),
             idle,
-            open: OpenConnection::new(shared.load().metrics.clone()),
-            permit,
+            held,
         };
         match workers.pick() {
             None => {
@@ -534,9 +533,8 @@ struct Connection {
     watcher: Watcher,
     /// `limits.header_read_timeout` of the config the listener started with.
     idle: Duration,
-    /// Held while the connection lives: the open-connections gauge and a `max_connections` slot.
-    open: OpenConnection,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    /// Held while the connection lives: a `max_connections` slot and its place in the gauge.
+    held: crate::relay::Held,
 }
 
 impl Connection {
@@ -548,12 +546,11 @@ impl Connection {
             server,
             watcher,
             idle,
-            open,
-            permit,
+            held,
         } = self;
         shared.load().workers.serving_here();
         // Shared with a request that switches protocols, which then keeps the slot (`upgrade`).
-        let keep = crate::relay::Keep::new((open, permit));
+        let keep = crate::relay::Keep::new(held);
         let pinned = Arc::new(Pinned::new());
         let activity = Arc::new(Activity::default());
         let requests = activity.clone();

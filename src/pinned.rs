@@ -279,7 +279,7 @@ pub async fn request(
     }
 }
 
-type Boxed<'a, T> = Pin<Box<dyn Future<Output = Result<T, Failure>> + Send + 'a>>;
+pub(crate) type Boxed<'a, T> = Pin<Box<dyn Future<Output = Result<T, Failure>> + Send + 'a>>;
 
 // The rare paths' futures are boxed by these plain functions, not by `Box::pin(..)` in place: in
 // place, the caller's future would still keep room for the unboxed future it moves from.

@@ -5,6 +5,7 @@
 //! that slot for ever.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -18,11 +19,26 @@ use crate::listen::{OpenConnection, State};
 /// 1 and 1.25 timeouts after its last byte.
 const TICKS: u32 = 4;
 
-/// A connection slot and the open-connections gauge, held for as long as a blind tunnel lives:
-/// it outlives the HTTP connection it came from (whose own slot is freed at the upgrade).
+/// A `max_connections` slot and a place in the open-connections gauge: what each client
+/// connection holds while it lives, and a blind tunnel too (it outlives the HTTP connection it
+/// came from, whose own slot is freed at the upgrade).
 pub struct Held {
     _slot: tokio::sync::OwnedSemaphorePermit,
     _open: OpenConnection,
+}
+
+impl Held {
+    /// A slot from `slots`, counted in `metrics`; `None` when every slot is taken.
+    pub(crate) fn take(
+        slots: &Arc<tokio::sync::Semaphore>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Option<Held> {
+        let slot = slots.clone().try_acquire_owned().ok()?;
+        Some(Held {
+            _slot: slot,
+            _open: OpenConnection::new(metrics),
+        })
+    }
 }
 
 /// What keeps a client connection counted: its `max_connections` slot and its place in the
@@ -30,25 +46,17 @@ pub struct Held {
 /// request in flight). A request that switches protocols takes a share with it: the switched
 /// connection is the same client connection, counted once, for as long as either lives.
 #[derive(Clone)]
-pub struct Keep(#[allow(dead_code)] std::sync::Arc<dyn Send + Sync>);
+pub struct Keep(#[allow(dead_code)] Arc<dyn Send + Sync>);
 
 impl Keep {
     pub fn new(held: impl Send + Sync + 'static) -> Keep {
-        Keep(std::sync::Arc::new(held))
+        Keep(Arc::new(held))
     }
 }
 
-/// A slot for a relay, or 503 when `limits.max_connections` are open already.
+/// A slot for a blind tunnel, or 503 when `limits.max_connections` are open already.
 pub fn hold(state: &State) -> Result<Held, ProxyError> {
-    let slot = state
-        .connection_slots
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ProxyError::TooManyConnections)?;
-    Ok(Held {
-        _slot: slot,
-        _open: OpenConnection::new(state.metrics.clone()),
-    })
+    Held::take(&state.connection_slots, state.metrics.clone()).ok_or(ProxyError::TooManyConnections)
 }
 
 /// Copies between `client` and `upstream` until both have closed, one fails, or nothing moved

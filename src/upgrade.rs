@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::body::{self, Body};
 use crate::outbound::{Client, Conn, LocalAddr};
-use crate::pinned::Failure;
+use crate::pinned::{Boxed, Failure};
 use crate::relay::Keep;
 
 /// The one protocol passed on (see the module's doc).
@@ -67,7 +67,7 @@ pub fn request<'a>(
     req: Request<Body>,
     https: bool,
     authority: &'a Authority,
-) -> std::pin::Pin<Box<dyn Future<Output = Result<Response<Body>, Failure>> + Send + 'a>> {
+) -> Boxed<'a, Response<Body>> {
     Box::pin(send(client, req, https, authority))
 }
 
