@@ -37,7 +37,12 @@ pub async fn handle(
             "CONNECT needs a host:port target",
         ));
     }
-    let held = crate::relay::hold(&state)?;
+    // Over HTTP/1 the client connection's own slot (the listener's `Keep`); over HTTP/2 one of
+    // its own.
+    let held = match req.extensions_mut().remove::<crate::relay::Keep>() {
+        Some(keep) => keep,
+        None => crate::relay::Keep::new(crate::relay::hold(&state)?),
+    };
     // Over HTTP/2 the tunnel is a stream of the client's connection, which the watchdog must not
     // close while the tunnel lives. (Over HTTP/1 that connection ends at the upgrade.)
     let busy = req

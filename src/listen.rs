@@ -56,8 +56,8 @@ pub struct State {
     /// Intercepted CONNECT connections, drained on shutdown like the listeners' (process-wide:
     /// a reload hands it on; `None` once shutdown began).
     pub tunnels: Arc<std::sync::Mutex<Option<Drain>>>,
-    /// `limits.max_connections`, shared by the listeners and the CONNECT tunnels (which outlive
-    /// the HTTP connection they came from). Process-wide, fixed at start.
+    /// `limits.max_connections`, shared by the listeners and the CONNECT tunnels of HTTP/2
+    /// connections (an HTTP/1 tunnel keeps its connection's). Process-wide, fixed at start.
     pub connection_slots: Arc<tokio::sync::Semaphore>,
     /// The swap this state lives in, so work that outlives a request (an intercepted tunnel)
     /// can find the current state after a reload.
@@ -556,9 +556,16 @@ impl Connection {
         let requests = activity.clone();
         let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             if req.method() == hyper::Method::CONNECT {
-                // An HTTP/2 tunnel is a stream of this connection: the tunnel counts as a
-                // request in flight for as long as it lives (`connect::handle`).
-                req.extensions_mut().insert(requests.clone());
+                if req.version() == hyper::Version::HTTP_2 {
+                    // An HTTP/2 tunnel is a stream of this connection: the tunnel counts as a
+                    // request in flight for as long as it lives (`connect::handle`), and takes
+                    // a slot of its own (many share one connection).
+                    req.extensions_mut().insert(requests.clone());
+                } else {
+                    // An HTTP/1 tunnel *is* this connection, which ends at the switch: the
+                    // tunnel keeps its slot.
+                    req.extensions_mut().insert(keep.clone());
+                }
             } else if req.headers().contains_key(hyper::header::UPGRADE) {
                 req.extensions_mut().insert(keep.clone());
             }

@@ -1,6 +1,6 @@
 //! Bytes both ways between two connections that have left HTTP behind: blind CONNECT tunnels and
-//! upgraded (WebSocket) connections. Either holds a `max_connections` slot of its own, and is
-//! closed when it carries nothing either way for `limits.tunnel_idle_timeout`: a peer that
+//! upgraded (WebSocket) connections. Either holds a `max_connections` slot (its client
+//! connection's, or over HTTP/2 one of its own), and is closed when it carries nothing either way for `limits.tunnel_idle_timeout`: a peer that
 //! vanished without closing (a laptop put to sleep, a NAT that forgot the flow) must not hold
 //! that slot for ever.
 
@@ -20,8 +20,8 @@ use crate::listen::{OpenConnection, State};
 const TICKS: u32 = 4;
 
 /// A `max_connections` slot and a place in the open-connections gauge: what each client
-/// connection holds while it lives, and a blind tunnel too (it outlives the HTTP connection it
-/// came from, whose own slot is freed at the upgrade).
+/// connection holds while it lives, and each tunnel of an HTTP/2 connection (many share one
+/// connection).
 pub struct Held {
     _slot: tokio::sync::OwnedSemaphorePermit,
     _open: OpenConnection,
@@ -43,8 +43,9 @@ impl Held {
 
 /// What keeps a client connection counted: its `max_connections` slot and its place in the
 /// gauge (and, for an intercepted tunnel carried by an HTTP/2 connection, that connection's
-/// request in flight). A request that switches protocols takes a share with it: the switched
-/// connection is the same client connection, counted once, for as long as either lives.
+/// request in flight). A request that switches protocols (an HTTP/1 CONNECT too) takes a share
+/// with it: the switched connection is the same client connection, counted once, for as long as
+/// either lives.
 #[derive(Clone)]
 pub struct Keep(#[allow(dead_code)] Arc<dyn Send + Sync>);
 
@@ -54,7 +55,7 @@ impl Keep {
     }
 }
 
-/// A slot for a blind tunnel, or 503 when `limits.max_connections` are open already.
+/// A slot for a tunnel of an HTTP/2 connection, or 503 when `limits.max_connections` are open already.
 pub fn hold(state: &State) -> Result<Held, ProxyError> {
     Held::take(&state.connection_slots, state.metrics.clone()).ok_or(ProxyError::TooManyConnections)
 }

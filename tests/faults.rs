@@ -227,16 +227,18 @@ async fn connect_tunnels_count_against_max_connections() {
         p = upstream.addr.port()
     );
     let mut tunnels = Vec::new();
-    for i in 0..3 {
+    for i in 0..4i64 {
         let mut s = TcpStream::connect(proxy.addr).await.unwrap();
         s.write_all(connect.as_bytes()).await.unwrap();
         let mut buf = [0u8; 512];
         let n = s.read(&mut buf).await.unwrap();
         let answer = String::from_utf8_lossy(&buf[..n]).to_string();
-        if i < 2 {
+        if i < 3 {
+            // Each tunnel is its client connection, on that connection's one slot.
             assert!(answer.starts_with("HTTP/1.1 200"), "tunnel {i}: {answer}");
+            open_connections_reach(&proxy, i + 1).await;
         } else {
-            // Two tunnels and this connection hold all three slots: no room for a third tunnel.
+            // Three tunnels hold all three slots: the fourth connection is refused.
             assert!(
                 answer.starts_with("HTTP/1.1 503") && answer.contains("too_many_connections"),
                 "{answer}"
@@ -244,12 +246,53 @@ async fn connect_tunnels_count_against_max_connections() {
         }
         tunnels.push(s);
     }
-    assert_eq!(
-        proxy.state().metrics.open_connections.get(),
-        3,
-        "two tunnels and one connection"
-    );
+    // The tunnels work, and hold their slots until they close.
+    for s in &mut tunnels[..3] {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_response(s).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    assert_eq!(proxy.state().metrics.open_connections.get(), 3);
     drop(tunnels);
+    no_connection_left(&proxy).await;
+}
+
+/// Over HTTP/2 many tunnels share one client connection: each takes a slot of its own.
+#[tokio::test]
+async fn each_tunnel_of_an_http2_connection_takes_a_slot() {
+    let env = Env::new();
+    let (upstream, proxy) = proxy_to_ok_upstream(&env, "limits: {max_connections: 3}\n").await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut tunnels = Vec::new();
+    for i in 0..3i64 {
+        let connect = http::Request::builder()
+            .method("CONNECT")
+            .uri(format!("127.0.0.1:{}", upstream.addr.port()))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(connect).await.unwrap();
+        if i < 2 {
+            assert_eq!(resp.status(), 200, "tunnel {i}");
+            // The connection and its tunnels so far.
+            open_connections_reach(&proxy, i + 2).await;
+            tunnels.push(resp);
+        } else {
+            assert_eq!(resp.status(), 503);
+            assert_eq!(resp.headers()["x-credproxy-error"], "too_many_connections");
+        }
+    }
+    drop(tunnels);
+    drop(sender);
+    no_connection_left(&proxy).await;
 }
 
 #[tokio::test]
