@@ -22,48 +22,72 @@ Upgrade: websocket\r\n\
 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
 Sec-WebSocket-Version: 13\r\n\r\n";
 
-/// A plain-TCP upstream that takes one connection at a time, keeps each request head it reads,
-/// and answers `answer`; after a 101 it sends back every byte it gets, upper-cased (so the
-/// client can tell the upstream's answer from its own bytes).
+/// A plain-TCP upstream that keeps each request head it reads and answers `answer`; after a
+/// 101 it sends back every byte it gets, upper-cased (so the client can tell the upstream's
+/// answer from its own bytes).
 async fn switching_upstream(answer: &'static str) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    upstream_with(None, move |_| answer).await
+}
+
+/// As `switching_upstream`, behind TLS when `tls` is given, answering what `answer` says for
+/// each request head.
+async fn upstream_with<F>(
+    tls: Option<Arc<rustls::ServerConfig>>,
+    answer: F,
+) -> (SocketAddr, Arc<Mutex<Vec<String>>>)
+where
+    F: Fn(&str) -> &'static str + Send + Sync + 'static,
+{
     let l = listener().await;
     let addr = l.local_addr().unwrap();
     let heads = Arc::new(Mutex::new(Vec::new()));
     let seen = heads.clone();
+    let answer = Arc::new(answer);
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let seen = seen.clone();
+        while let Ok((s, _)) = l.accept().await {
+            let (seen, answer, tls) = (seen.clone(), answer.clone(), tls.clone());
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                seen.lock()
-                    .unwrap()
-                    .push(String::from_utf8_lossy(&head).to_ascii_lowercase());
-                s.write_all(answer.as_bytes()).await.unwrap();
-                if !answer.starts_with("HTTP/1.1 101") {
-                    return;
-                }
-                let mut buf = [0u8; 1024];
-                loop {
-                    let n = s.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    let upper = buf[..n].to_ascii_uppercase();
-                    if s.write_all(&upper).await.is_err() {
-                        return;
+                match tls {
+                    None => serve_switching(s, &*answer, &seen).await,
+                    Some(tls) => {
+                        if let Ok(s) = tokio_rustls::TlsAcceptor::from(tls).accept(s).await {
+                            serve_switching(s, &*answer, &seen).await;
+                        }
                     }
                 }
             });
         }
     });
     (addr, heads)
+}
+
+async fn serve_switching<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: S,
+    answer: &(dyn Fn(&str) -> &'static str + Send + Sync),
+    seen: &Mutex<Vec<String>>,
+) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await.unwrap_or(0) == 0 {
+            return;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let answer = answer(&head);
+    seen.lock().unwrap().push(head.to_ascii_lowercase());
+    if s.write_all(answer.as_bytes()).await.is_err() || !answer.starts_with("HTTP/1.1 101") {
+        return;
+    }
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        if n == 0 || s.write_all(&buf[..n].to_ascii_uppercase()).await.is_err() {
+            return;
+        }
+        let _ = s.flush().await;
+    }
 }
 
 const SWITCH: &str = "HTTP/1.1 101 Switching Protocols\r\n\
@@ -168,24 +192,7 @@ async fn a_websocket_handshake_gets_credentials_and_then_carries_bytes_both_ways
 async fn a_websocket_inside_an_intercepted_https_tunnel_gets_credentials() {
     let env = Env::new();
     // The upstream is TLS with the test CA's leaf, as routed hosts are.
-    let l = listener().await;
-    let upstream = l.local_addr().unwrap();
-    let heads = Arc::new(Mutex::new(Vec::new()));
-    let seen = heads.clone();
-    let acceptor = tokio_rustls::TlsAcceptor::from(env.tls.clone());
-    tokio::spawn(async move {
-        let (tcp, _) = l.accept().await.unwrap();
-        let mut s = acceptor.accept(tcp).await.unwrap();
-        let head = read_head(&mut s).await;
-        seen.lock().unwrap().push(head);
-        s.write_all(SWITCH.as_bytes()).await.unwrap();
-        let mut buf = [0u8; 64];
-        let n = s.read(&mut buf).await.unwrap();
-        s.write_all(&buf[..n].to_ascii_uppercase()).await.unwrap();
-        s.flush().await.unwrap();
-        // Until the client closes.
-        let _ = s.read(&mut buf).await;
-    });
+    let (upstream, heads) = upstream_with(Some(env.tls.clone()), |_| SWITCH).await;
     let yaml = format!(
         "providers:
   p:
@@ -307,22 +314,7 @@ async fn idle_switched_connections_and_blind_tunnels_are_closed() {
 #[tokio::test]
 async fn a_websocket_in_a_tunnel_over_http2_outlives_the_header_timeout() {
     let env = Env::new();
-    let l = listener().await;
-    let upstream = l.local_addr().unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(env.tls.clone());
-    tokio::spawn(async move {
-        let (tcp, _) = l.accept().await.unwrap();
-        let mut s = acceptor.accept(tcp).await.unwrap();
-        read_head(&mut s).await;
-        s.write_all(SWITCH.as_bytes()).await.unwrap();
-        let mut buf = [0u8; 64];
-        loop {
-            let n = s.read(&mut buf).await.unwrap_or(0);
-            if n == 0 || s.write_all(&buf[..n].to_ascii_uppercase()).await.is_err() {
-                return;
-            }
-        }
-    });
+    let (upstream, _heads) = upstream_with(Some(env.tls.clone()), |_| SWITCH).await;
     let yaml = format!(
         "limits: {{header_read_timeout: 1s}}
 providers:
@@ -363,4 +355,169 @@ routes:
     // Three header timeouts without a byte; the WebSocket is still there.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     assert_eq!(round_trip(&mut tls, b"two").await, b"TWO");
+}
+
+const UNAUTHORIZED: &str = "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n";
+
+/// The bearer token of a request head.
+fn bearer(head: &str) -> Option<&str> {
+    head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        let value = value.trim();
+        (name.eq_ignore_ascii_case("authorization") && value.len() > 7)
+            .then(|| value.split_at(7))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer "))
+            .map(|(_, token)| token)
+    })
+}
+
+#[tokio::test]
+async fn a_handshake_refused_for_a_stale_token_is_retried_once_with_a_fresh_one() {
+    let env = Env::new();
+    let (fake, issuer) = env.oauth_fake("cid", "cs").await;
+    let check = issuer.clone();
+    // The API: 101 for a live token of its host, 401 for any other.
+    let (api, heads) = upstream_with(Some(env.tls.clone()), move |head| match bearer(head) {
+        Some(token) if check.check(token, "acme.api.openvpn.com") => SWITCH,
+        _ => UNAUTHORIZED,
+    })
+    .await;
+    let yaml = format!(
+        "providers:
+  connexa:
+    oauth2:
+      token_url: 'https://acme.api.openvpn.com/api/v1/oauth/token'
+      client_id: cid
+      client_secret: cs
+      connect_to: '{fake}'
+routes:
+  - {{host: acme.api.openvpn.com, provider: connexa, connect_to: '{api}'}}
+",
+        fake = fake.addr
+    );
+    let proxy = env.proxy(&yaml).await;
+    let handshake = HANDSHAKE.replace("api.example.com", "acme.api.openvpn.com");
+
+    let mut first = TcpStream::connect(proxy.addr).await.unwrap();
+    first.write_all(handshake.as_bytes()).await.unwrap();
+    assert!(read_head(&mut first).await.starts_with("http/1.1 101"));
+    assert_eq!(issuer.token_requests(), 1);
+
+    // The provider revokes the token the proxy holds: the next handshake is refused with it,
+    // and sent once more with a fresh token.
+    issuer.revoke_all();
+    let mut second = TcpStream::connect(proxy.addr).await.unwrap();
+    second.write_all(handshake.as_bytes()).await.unwrap();
+    let head = read_head(&mut second).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert_eq!(round_trip(&mut second, b"fresh").await, b"FRESH");
+    assert_eq!(issuer.token_requests(), 2, "one fresh token, no more");
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(
+        heads.len(),
+        3,
+        "the first handshake, the refused one, its retry"
+    );
+    assert_eq!(
+        heads[0], heads[1],
+        "the refused one carried the cached token"
+    );
+    assert_ne!(heads[1], heads[2], "the retry carried another");
+    for kept in [
+        "\r\nupgrade: websocket\r\n",
+        "\r\nsec-websocket-key: dghlihnhbxbszsbub25jzq==\r\n",
+        "\r\nsec-websocket-version: 13\r\n",
+    ] {
+        assert!(heads[2].contains(kept), "{}", heads[2]);
+    }
+
+    // Both switched connections still carry bytes.
+    assert_eq!(round_trip(&mut first, b"old").await, b"OLD");
+}
+
+#[tokio::test]
+async fn websockets_go_through_the_upstream_proxy_over_https_and_plain_http() {
+    let env = Env::new();
+    let corp = credproxy::fakes::proxy::start(listener().await, basic("svc", "pw"));
+    let (tls_api, tls_heads) = upstream_with(Some(env.tls.clone()), |_| SWITCH).await;
+    let (plain_api, plain_heads) = switching_upstream(SWITCH).await;
+    let egress = format!(
+        "egress: {{proxy: 'http://{}', proxy_username: svc, proxy_password: pw}}",
+        corp.addr
+    );
+    let yaml = format!(
+        "providers:
+  p:
+    headers: {{x-k: v}}
+routes:
+  - {{host: api.example.com, provider: p, connect_to: '{tls_api}', {egress}}}
+  - {{host: '{plain_api}', provider: p, upstream_scheme: http, {egress}}}
+"
+    );
+    // Plain HTTP goes to the upstream proxy by name (absolute form), so by the address here.
+    let plain_host = plain_api.to_string();
+    let proxy = env.proxy(&yaml).await;
+
+    for (host, heads) in [
+        ("api.example.com", &tls_heads),
+        (plain_host.as_str(), &plain_heads),
+    ] {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(HANDSHAKE.replace("api.example.com", host).as_bytes())
+            .await
+            .unwrap();
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("http/1.1 101"), "{host}: {head}");
+        assert_eq!(round_trip(&mut s, b"via corp").await, b"VIA CORP");
+        let up = heads.lock().unwrap()[0].clone();
+        assert!(up.starts_with("get /socket?room=1 http/1.1\r\n"), "{up}");
+        assert!(up.contains("\r\nx-k: v\r\n"), "{up}");
+        assert!(up.contains("\r\nupgrade: websocket\r\n"), "{up}");
+        assert!(!up.contains("proxy-authorization"), "{up}");
+    }
+    let seen = corp.seen();
+    assert!(seen.iter().all(|s| s.authorized), "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|s| s.method == http::Method::CONNECT
+                && s.target.contains(&tls_api.port().to_string())),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|s| s.method == http::Method::GET
+            && s.target.starts_with(&format!("http://{plain_api}/"))),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_websocket_on_a_local_endpoint_goes_to_its_route() {
+    let env = Env::new();
+    let (upstream, heads) = switching_upstream(SWITCH).await;
+    let yaml = format!(
+        "providers:
+  p:
+    headers: {{x-k: v}}
+routes:
+  - {{name: ws, host: api.example.com, provider: p, upstream_scheme: http, connect_to: '{upstream}'}}
+local_endpoints:
+  - {{listen: '127.0.0.1:0', route: ws}}
+"
+    );
+    let proxy = env.proxy(&yaml).await;
+    let (_, addr) = proxy.local_endpoints[0].clone();
+    let handshake = HANDSHAKE
+        .replace("GET http://api.example.com/", "GET /")
+        .replace("Host: api.example.com", &format!("Host: {addr}"));
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(handshake.as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert_eq!(round_trip(&mut s, b"local").await, b"LOCAL");
+    let up = heads.lock().unwrap()[0].clone();
+    assert!(up.starts_with("get /socket?room=1 http/1.1\r\n"), "{up}");
+    assert!(up.contains("\r\nhost: api.example.com\r\n"), "{up}");
+    assert!(up.contains("\r\nx-k: v\r\n"), "{up}");
+    drop(s);
+    no_connection_left(&proxy).await;
 }

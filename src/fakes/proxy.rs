@@ -1,6 +1,7 @@
 //! A fake upstream HTTP proxy (a corporate squid, say) that demands `Proxy-Authorization`:
-//! CONNECT tunnels for HTTPS, absolute-form forwarding for plain HTTP, 407 without the right
-//! credentials. It records what it was asked, so tests can see traffic really went through it.
+//! CONNECT tunnels for HTTPS, absolute-form forwarding for plain HTTP (WebSocket handshakes
+//! included), 407 without the right credentials. It records what it was asked, so tests can see
+//! traffic really went through it.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -123,6 +124,9 @@ async fn handle(
         });
         return status(StatusCode::OK);
     }
+    if req.headers().contains_key(http::header::UPGRADE) {
+        return switch(req).await;
+    }
     // Absolute form: forward it, without our own credentials.
     let (mut parts, body) = req.into_parts();
     parts.headers.remove(http::header::PROXY_AUTHORIZATION);
@@ -136,4 +140,47 @@ async fn handle(
         }
         Err(_) => status(StatusCode::BAD_GATEWAY),
     }
+}
+
+/// A request that switches protocols (WebSocket), in absolute form: sent on a connection of its
+/// own, in origin form; after a 101 the two connections are joined, as squid's
+/// `http_upgrade_request_protocols` does.
+async fn switch(mut req: Request<Incoming>) -> Response<Body> {
+    let Some(authority) = req.uri().authority().map(|a| a.to_string()) else {
+        return status(StatusCode::BAD_REQUEST);
+    };
+    let Ok(tcp) = tokio::net::TcpStream::connect(&authority).await else {
+        return status(StatusCode::BAD_GATEWAY);
+    };
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await
+    else {
+        return status(StatusCode::BAD_GATEWAY);
+    };
+    tokio::spawn(conn.with_upgrades());
+    let client = hyper::upgrade::on(&mut req);
+    let (mut parts, body) = req.into_parts();
+    parts.headers.remove(http::header::PROXY_AUTHORIZATION);
+    if let Some(origin) = parts.uri.path_and_query() {
+        parts.uri = origin.clone().into();
+    }
+    let Ok(mut resp) = sender
+        .send_request(Request::from_parts(parts, stream(body)))
+        .await
+    else {
+        return status(StatusCode::BAD_GATEWAY);
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let Ok((client, upstream)) = tokio::try_join!(client, upstream) {
+                let _ = tokio::io::copy_bidirectional(
+                    &mut TokioIo::new(client),
+                    &mut TokioIo::new(upstream),
+                )
+                .await;
+            }
+        });
+    }
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, stream(body))
 }
