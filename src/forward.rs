@@ -249,23 +249,8 @@ fn target(
                 .headers()
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
-                .or_else(|| uri.authority().map(|a| a.as_str()))
-                .map(|a| {
-                    a.rsplit_once(':').map_or(a, |(h, p)| {
-                        if p.chars().all(|c| c.is_ascii_digit()) {
-                            h
-                        } else {
-                            a
-                        }
-                    })
-                });
-            // `host` is normalised (see `normalize_host`); compared without a copy of `asked`.
-            let other = |a: &str| {
-                !a.trim_end_matches('.')
-                    .trim_matches(['[', ']'])
-                    .eq_ignore_ascii_case(host)
-            };
-            if asked.is_some_and(other) {
+                .or_else(|| uri.authority().map(|a| a.as_str()));
+            if asked.is_some_and(|a| names_another_host(a, host)) {
                 return Err((
                     ProxyError::bad_request(
                         "host_mismatch",
@@ -285,6 +270,23 @@ fn target(
             })
         }
     }
+}
+
+/// Whether `asked` (a `Host` value, with or without a port) names a host other than `host`
+/// (normalised, see `normalize_host`). Compared without a copy, but for IPv6 literals, which
+/// have many spellings of one address.
+fn names_another_host(asked: &str, host: &str) -> bool {
+    let name = asked.rsplit_once(':').map_or(asked, |(h, p)| {
+        if p.chars().all(|c| c.is_ascii_digit()) {
+            h
+        } else {
+            asked
+        }
+    });
+    if name.starts_with('[') {
+        return normalize_host(name) != host;
+    }
+    !name.trim_end_matches('.').eq_ignore_ascii_case(host)
 }
 
 fn absolute_target(uri: &Uri) -> Result<Target, ProxyError> {
@@ -1005,6 +1007,31 @@ fn describe_tls(e: &rustls::Error, host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tunnel_host_matches_in_any_spelling_of_the_same_name_or_address() {
+        for same in [
+            "api.example.com",
+            "API.example.com.",
+            "api.example.com:8443",
+        ] {
+            assert!(!names_another_host(same, "api.example.com"), "{same}");
+        }
+        for same in ["[::1]", "[0:0::1]:443", "[0000::0001]"] {
+            assert!(!names_another_host(same, "::1"), "{same}");
+        }
+        assert!(!names_another_host("[2001:DB8::A]:443", "2001:db8::a"));
+        for other in [
+            "evil.example.com",
+            "api.example.com.evil",
+            "api.example.com:x",
+        ] {
+            assert!(names_another_host(other, "api.example.com"), "{other}");
+        }
+        for other in ["[::2]", "[::1]x", "::1"] {
+            assert!(names_another_host(other, "::1"), "{other}");
+        }
+    }
 
     #[test]
     fn every_header_named_in_connection_goes_close_and_keep_alive_included() {
