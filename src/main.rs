@@ -392,11 +392,20 @@ async fn run(config: credproxy::config::Config) -> ExitCode {
     // systemd (Type=notify): the listeners are bound, clients may come.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(interval) = sd_notify::watchdog_enabled() {
+        let workers = running.state().workers.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval / 2);
             loop {
                 tick.tick().await;
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                // Under `per_core`, only when every thread runs tasks (`Workers::all_running`).
+                if workers.all_running(interval / 4).await {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                } else {
+                    tracing::error!(
+                        "a runtime thread ran no task for {:?}: no systemd watchdog ping",
+                        interval / 4
+                    );
+                }
             }
         });
     }

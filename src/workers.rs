@@ -109,6 +109,16 @@ impl Workers {
         thread.checked_sub(1).and_then(|i| self.others.get(i))
     }
 
+    /// Whether each thread of its own runs tasks: each gets an empty one, which must have run
+    /// within `within`. For the systemd watchdog, whose pings come from thread 0: a wedged
+    /// thread stops them, and systemd restarts the service instead of leaving its connections
+    /// hanging. (Under `multi_thread` tokio's workers take each other's tasks: nothing to ask.)
+    pub async fn all_running(&self, within: std::time::Duration) -> bool {
+        let pings = self.others.iter().map(|h| h.spawn(async {}));
+        let answered = tokio::time::timeout(within, futures_util::future::join_all(pings)).await;
+        answered.is_ok_and(|each| each.iter().all(Result::is_ok))
+    }
+
     /// For `/status`: the shape, the thread count and, under `per_core`, each thread's share.
     pub fn describe(&self) -> serde_json::Value {
         let by_thread: Option<Vec<u64>> = (self.shape == Shape::PerCore).then(|| {
@@ -165,6 +175,27 @@ mod tests {
             workers.describe()["connections_by_thread"],
             serde_json::json!([2, 1, 1])
         );
+        drop(stop);
+    }
+
+    #[tokio::test]
+    async fn a_wedged_thread_is_noticed() {
+        let (workers, stop) = Workers::start(&config("runtime: {threads: 3, shape: per_core}\n"))
+            .expect("threads start");
+        let within = std::time::Duration::from_secs(10);
+        assert!(workers.all_running(within).await);
+        // Thread 2 blocks in a task until told to go on (a stand-in for a busy loop).
+        let (go_on, wait) = std::sync::mpsc::channel::<()>();
+        workers.handle(2).expect("a runtime").spawn(async move {
+            let _ = wait.recv();
+        });
+        assert!(
+            !workers
+                .all_running(std::time::Duration::from_millis(200))
+                .await
+        );
+        go_on.send(()).expect("thread 2 waits");
+        assert!(workers.all_running(within).await);
         drop(stop);
     }
 
