@@ -264,22 +264,10 @@ async fn connect_tunnels_count_against_max_connections() {
 async fn each_tunnel_of_an_http2_connection_takes_a_slot() {
     let env = Env::new();
     let (upstream, proxy) = proxy_to_ok_upstream(&env, "limits: {max_connections: 3}\n").await;
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_connection(proxy.addr).await;
     let mut tunnels = Vec::new();
     for i in 0..3i64 {
-        let connect = http::Request::builder()
-            .method("CONNECT")
-            .uri(format!("127.0.0.1:{}", upstream.addr.port()))
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let resp = sender.send_request(connect).await.unwrap();
+        let resp = h2_connect(&mut sender, &upstream.addr.to_string()).await;
         if i < 2 {
             assert_eq!(resp.status(), 200, "tunnel {i}");
             // The connection and its tunnels so far.
@@ -401,22 +389,10 @@ async fn a_response_longer_than_the_header_timeout_is_not_cut_and_the_connection
 async fn an_http2_connect_tunnel_in_use_outlives_the_header_timeout() {
     let env = Env::new();
     let (upstream, proxy) = proxy_to_ok_upstream(&env, "limits: {header_read_timeout: 1s}\n").await;
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_connection(proxy.addr).await;
     // A blind tunnel (the upstream is no route's) on a stream of the HTTP/2 connection: no
     // request of that connection is running while the tunnel carries bytes.
-    let req = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(upstream.addr.to_string())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let res = send.send_request(req).await.unwrap();
+    let res = h2_connect(&mut send, &upstream.addr.to_string()).await;
     assert_eq!(res.status(), 200);
     let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(res).await.unwrap());
     // Requests through the tunnel for 4.5 s, four and a half times the timeout.

@@ -325,20 +325,8 @@ routes:
 "
     );
     let proxy = env.proxy(&yaml).await;
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    let connect = http::Request::builder()
-        .method("CONNECT")
-        .uri("api.example.com:443")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let mut resp = sender.send_request(connect).await.unwrap();
+    let mut sender = h2_connection(proxy.addr).await;
+    let mut resp = h2_connect(&mut sender, "api.example.com:443").await;
     assert_eq!(resp.status(), 200);
     let tunnel = hyper::upgrade::on(&mut resp).await.unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client_tls(&env)))
@@ -382,19 +370,7 @@ async fn a_handshake_refused_for_a_stale_token_is_retried_once_with_a_fresh_one(
         _ => UNAUTHORIZED,
     })
     .await;
-    let yaml = format!(
-        "providers:
-  connexa:
-    oauth2:
-      token_url: 'https://acme.api.openvpn.com/api/v1/oauth/token'
-      client_id: cid
-      client_secret: cs
-      connect_to: '{fake}'
-routes:
-  - {{host: acme.api.openvpn.com, provider: connexa, connect_to: '{api}'}}
-",
-        fake = fake.addr
-    );
+    let yaml = connexa_yaml_apart(fake.addr, api);
     let proxy = env.proxy(&yaml).await;
     let handshake = HANDSHAKE.replace("api.example.com", "acme.api.openvpn.com");
 

@@ -201,6 +201,11 @@ routes:
 /// Provider `connexa` (CloudConnexa OAuth, client `cid`, secret `cs`), whose token endpoint and
 /// `*.api.openvpn.com` route are both served by `fake` (tokens for acme.api.openvpn.com).
 pub fn connexa_yaml(fake: SocketAddr) -> String {
+    connexa_yaml_apart(fake, fake)
+}
+
+/// As `connexa_yaml`, with the token endpoint at `token` and the API at `api`.
+pub fn connexa_yaml_apart(token: SocketAddr, api: SocketAddr) -> String {
     format!(
         "providers:
   connexa:
@@ -208,9 +213,9 @@ pub fn connexa_yaml(fake: SocketAddr) -> String {
       token_url: 'https://acme.api.openvpn.com/api/v1/oauth/token'
       client_id: cid
       client_secret: cs
-      connect_to: '{fake}'
+      connect_to: '{token}'
 routes:
-  - {{host: '*.api.openvpn.com', provider: connexa, connect_to: '{fake}'}}
+  - {{host: '*.api.openvpn.com', provider: connexa, connect_to: '{api}'}}
 "
     )
 }
@@ -436,4 +441,33 @@ impl Drop for Binary {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// An HTTP/2 connection (prior knowledge, no TLS) to `addr`, as a client that tunnels over
+/// HTTP/2 opens to the proxy.
+pub async fn h2_connection(
+    addr: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("an HTTP/2 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+/// A CONNECT to `target` on a stream of `sender`'s connection: the proxy's answer.
+pub async fn h2_connect(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    target: &str,
+) -> http::Response<hyper::body::Incoming> {
+    let connect = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(target)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("a CONNECT request");
+    sender.send_request(connect).await.expect("an answer")
 }
