@@ -245,12 +245,16 @@ fn target(
             let (host, port) = (dest.0.as_str(), dest.1);
             // The tunnel was opened (and its certificate minted) for one host: a request inside it
             // for another host must not borrow that host's credentials.
-            let asked = req
+            // Both `Host` and the URI's authority (HTTP/2's `:authority`, or an absolute-form
+            // target) when both are there; a `Host` that is not text names no host of ours.
+            let by_host = req
                 .headers()
                 .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .or_else(|| uri.authority().map(|a| a.as_str()));
-            if asked.is_some_and(|a| names_another_host(a, host)) {
+                .is_some_and(|h| h.to_str().map_or(true, |a| names_another_host(a, host)));
+            let by_uri = uri
+                .authority()
+                .is_some_and(|a| names_another_host(a.as_str(), host));
+            if by_host || by_uri {
                 return Err((
                     ProxyError::bad_request(
                         "host_mismatch",
@@ -272,21 +276,28 @@ fn target(
     }
 }
 
-/// Whether `asked` (a `Host` value, with or without a port) names a host other than `host`
-/// (normalised, see `normalize_host`). Compared without a copy, but for IPv6 literals, which
-/// have many spellings of one address.
+/// Whether `asked` (a `Host` value or an authority, with or without a port) names a host other
+/// than `host` (normalised, see `normalize_host`). Compared without a copy, but for IPv6
+/// literals, which have many spellings of one address. Anything malformed names another host.
 fn names_another_host(asked: &str, host: &str) -> bool {
-    let name = asked.rsplit_once(':').map_or(asked, |(h, p)| {
-        if p.chars().all(|c| c.is_ascii_digit()) {
-            h
-        } else {
-            asked
+    let port_ok = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = asked.strip_prefix('[') {
+        let Some((v6, after)) = rest.split_once(']') else {
+            return true;
+        };
+        if !(after.is_empty() || after.strip_prefix(':').is_some_and(port_ok)) {
+            return true;
         }
-    });
-    if name.starts_with('[') {
-        return normalize_host(name) != host;
+        return v6
+            .parse::<std::net::Ipv6Addr>()
+            .map_or(true, |ip| ip.to_string() != host);
     }
-    !name.trim_end_matches('.').eq_ignore_ascii_case(host)
+    let name = match asked.rsplit_once(':') {
+        Some((name, port)) if port_ok(port) => name,
+        _ => asked,
+    };
+    // A name has no `:` left (an IPv6 literal needs brackets), nor userinfo.
+    name.contains([':', '@']) || !name.trim_end_matches('.').eq_ignore_ascii_case(host)
 }
 
 fn absolute_target(uri: &Uri) -> Result<Target, ProxyError> {
@@ -1021,6 +1032,12 @@ mod tests {
             assert!(!names_another_host(same, "::1"), "{same}");
         }
         assert!(!names_another_host("[2001:DB8::A]:443", "2001:db8::a"));
+        // Unbracketed, the last group is not a port.
+        assert!(names_another_host("2001:db8::a:1", "2001:db8::a"));
+        assert!(names_another_host(
+            "user@api.example.com",
+            "api.example.com"
+        ));
         for other in [
             "evil.example.com",
             "api.example.com.evil",
@@ -1028,7 +1045,16 @@ mod tests {
         ] {
             assert!(names_another_host(other, "api.example.com"), "{other}");
         }
-        for other in ["[::2]", "[::1]x", "::1"] {
+        for other in [
+            "[::2]",
+            "[::1]x",
+            "::1",
+            "[::1",
+            "[::1:443",
+            "[::1]:x",
+            "[::1]]",
+            "[::1]:443:443",
+        ] {
             assert!(names_another_host(other, "::1"), "{other}");
         }
     }

@@ -394,16 +394,19 @@ async fn run(config: credproxy::config::Config) -> ExitCode {
     if let Some(interval) = sd_notify::watchdog_enabled() {
         let workers = running.state().workers.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval / 2);
+            // Four pings per interval: one failed check (a thread busy for a moment) leaves the
+            // next ping well inside the deadline; a thread stuck for three quarters of the
+            // interval gets the service restarted.
+            let mut tick = tokio::time::interval(interval / 4);
             loop {
                 tick.tick().await;
                 // Under `per_core`, only when every thread runs tasks (`Workers::all_running`).
-                if workers.all_running(interval / 4).await {
+                if workers.all_running(interval / 8).await {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
                 } else {
                     tracing::error!(
-                        "a runtime thread ran no task for {:?}: no systemd watchdog ping",
-                        interval / 4
+                        "a runtime thread ran no task within {:?}: no systemd watchdog ping",
+                        interval / 8
                     );
                 }
             }

@@ -1,8 +1,9 @@
 //! Bytes both ways between two connections that have left HTTP behind: blind CONNECT tunnels and
-//! upgraded (WebSocket) connections. Either holds a `max_connections` slot (its client
-//! connection's, or over HTTP/2 one of its own), and is closed when it carries nothing either way for `limits.tunnel_idle_timeout`: a peer that
-//! vanished without closing (a laptop put to sleep, a NAT that forgot the flow) must not hold
-//! that slot for ever.
+//! upgraded (WebSocket) connections. Either holds a `max_connections` slot: its client
+//! connection's (a CONNECT tunnel of an HTTP/2 connection takes one of its own). Either is closed
+//! when it carries nothing either way for `limits.tunnel_idle_timeout`: a peer that vanished
+//! without closing (a laptop put to sleep, a NAT that forgot the flow) must not hold that slot
+//! for ever.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -55,7 +56,8 @@ impl Keep {
     }
 }
 
-/// A slot for a tunnel of an HTTP/2 connection, or 503 when `limits.max_connections` are open already.
+/// A slot for a tunnel of an HTTP/2 connection, or 503 when `limits.max_connections` are open
+/// already.
 pub fn hold(state: &State) -> Result<Held, ProxyError> {
     Held::take(&state.connection_slots, state.metrics.clone()).ok_or(ProxyError::TooManyConnections)
 }

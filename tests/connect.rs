@@ -445,6 +445,24 @@ async fn a_request_for_another_host_inside_a_tunnel_is_refused() {
     );
     assert!(s.echo.requests().is_empty());
 
+    // Another host in the URL (absolute form) behind a right `Host`, and a `Host` that is not
+    // text: refused too.
+    for request in [
+        &b"GET https://api.cloudnet.services/__echo HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n"[..],
+        b"GET /__echo HTTP/1.1\r\nHost: api.example.com\xff\r\nConnection: close\r\n\r\n",
+    ] {
+        let (_, mut tls) = tls_tunnel(proxy.addr, "api.example.com", &roots).await;
+        tls.write_all(request).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tls.read_to_end(&mut out).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.starts_with("HTTP/1.1 400") && text.contains("host_mismatch"),
+            "{text}"
+        );
+    }
+    assert!(s.echo.requests().is_empty());
+
     // The same host in another spelling (case, a trailing dot, the port) is the same host.
     for spelling in ["API.Example.com", "api.example.com.", "api.example.com:443"] {
         let (_, mut tls) = tls_tunnel(proxy.addr, "api.example.com", &roots).await;

@@ -193,8 +193,10 @@ async fn a_websocket_inside_an_intercepted_https_tunnel_gets_credentials() {
     let env = Env::new();
     // The upstream is TLS with the test CA's leaf, as routed hosts are.
     let (upstream, heads) = upstream_with(Some(env.tls.clone()), |_| SWITCH).await;
+    // One slot: the tunnel is its client connection, and the WebSocket inside it too.
     let yaml = format!(
-        "providers:
+        "limits: {{max_connections: 1}}
+providers:
   p:
     headers: {{x-api-key: injected-value}}
 routes:
@@ -221,6 +223,9 @@ routes:
     let up = heads.lock().unwrap()[0].clone();
     assert!(up.contains("\r\nx-api-key: injected-value\r\n"), "{up}");
     assert!(up.contains("\r\nupgrade: websocket\r\n"), "{up}");
+    open_connections_reach(&proxy, 1).await;
+    drop(tls);
+    no_connection_left(&proxy).await;
 }
 
 #[tokio::test]
