@@ -94,7 +94,8 @@ pub async fn handle(
         let _held = (held, busy);
         let Ok(upgraded) = upgrade.await else { return };
         let what = format!("tunnel {peer} -> {target}");
-        crate::relay::relay(TokioIo::new(upgraded), upstream, idle, &what).await;
+        let stats = &state.metrics.relays.tunnel;
+        crate::relay::relay(TokioIo::new(upgraded), upstream, idle, &what, stats).await;
     });
     Ok(Response::new(empty()))
 }

@@ -462,7 +462,8 @@ async fn forward(
         {
             let what = format!("upgrade {peer} -> {authority}");
             let idle = state.config.limits.tunnel_idle_timeout;
-            crate::upgrade::join(asked, &mut response, idle, what);
+            let stats = state.metrics.relays.websocket.clone();
+            crate::upgrade::join(asked, &mut response, idle, what, stats);
             return Ok(response);
         }
         // Only plain HTTP talks to the upstream proxy directly; over HTTPS a 407 comes from

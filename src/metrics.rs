@@ -27,6 +27,26 @@ pub struct RouteLabel {
     pub route: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    /// `tunnel` (a blind CONNECT tunnel) or `websocket`.
+    kind: &'static str,
+}
+
+/// One kind of relay's series: how many are open, and how many were closed for carrying
+/// nothing for `limits.tunnel_idle_timeout` (what tells an operator whether it is too short).
+#[derive(Clone, Default)]
+pub struct RelayStats {
+    pub open: Gauge,
+    pub idle_closed: Counter,
+}
+
+/// Blind tunnels' and WebSockets' series.
+pub struct Relays {
+    pub tunnel: RelayStats,
+    pub websocket: RelayStats,
+}
+
 type StatFn = fn(&crate::token::Stats) -> u64;
 
 type LatencyFamily = Family<RouteLabel, Histogram, fn() -> Histogram>;
@@ -36,6 +56,7 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub upstream_latency: LatencyFamily,
     pub open_connections: Gauge,
+    pub relays: Relays,
 }
 
 fn latency_histogram() -> Histogram {
@@ -64,11 +85,33 @@ impl Metrics {
             "Client connections open now",
             open_connections.clone(),
         );
+        let relays_open = Family::<KindLabel, Gauge>::default();
+        let relays_idle = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "credproxy_relays_open",
+            "Blind CONNECT tunnels and WebSocket connections open now",
+            relays_open.clone(),
+        );
+        registry.register(
+            "credproxy_relays_idle_closed",
+            "Blind CONNECT tunnels and WebSocket connections closed by limits.tunnel_idle_timeout",
+            relays_idle.clone(),
+        );
+        // Created now, so that both kinds are scraped (at zero) before the first relay.
+        let kind = |kind| RelayStats {
+            open: relays_open.get_or_create_owned(&KindLabel { kind }),
+            idle_closed: relays_idle.get_or_create_owned(&KindLabel { kind }),
+        };
+        let relays = Relays {
+            tunnel: kind("tunnel"),
+            websocket: kind("websocket"),
+        };
         Arc::new(Metrics {
             registry,
             requests,
             upstream_latency,
             open_connections,
+            relays,
         })
     }
 

@@ -63,12 +63,21 @@ pub fn hold(state: &State) -> Result<Held, ProxyError> {
 }
 
 /// Copies between `client` and `upstream` until both have closed, one fails, or nothing moved
-/// for `idle`; then logs how it ended (`what` names the relay in that line).
-pub async fn relay<C, U>(client: C, upstream: U, idle: Duration, what: &str)
-where
+/// for `idle`; then logs how it ended (`what` names the relay in that line). Counted in `stats`
+/// while it runs.
+pub async fn relay<C, U>(
+    client: C,
+    upstream: U,
+    idle: Duration,
+    what: &str,
+    stats: &crate::metrics::RelayStats,
+) where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    stats.open.inc();
+    // Down again however this ends, the task dropped at shutdown included.
+    let _open = Open(&stats.open);
     // Reads only: every byte written was read first.
     let moved = AtomicU64::new(0);
     let mut client = Counted {
@@ -98,12 +107,22 @@ where
                 } else {
                     quiet += 1;
                     if quiet >= TICKS {
+                        stats.idle_closed.inc();
                         tracing::info!(what, after = ?idle, "relay closed: nothing moved for limits.tunnel_idle_timeout");
                         return;
                     }
                 }
             }
         }
+    }
+}
+
+/// Takes one off a gauge when dropped.
+struct Open<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -158,7 +177,10 @@ mod tests {
         let (client, mut client_far) = tokio::io::duplex(64);
         let (upstream, mut upstream_far) = tokio::io::duplex(64);
         let idle = Duration::from_secs(60);
-        let relay = tokio::spawn(relay(client, upstream, idle, "test"));
+        let stats = crate::metrics::RelayStats::default();
+        let counted = stats.clone();
+        let relay =
+            tokio::spawn(async move { relay(client, upstream, idle, "test", &counted).await });
         // Busy for three timeouts: a byte every half timeout keeps it open.
         for _ in 0..6 {
             tokio::time::sleep(idle / 2).await;
@@ -168,9 +190,11 @@ mod tests {
             assert_eq!(&b, b"x");
         }
         assert!(!relay.is_finished(), "a relay in use was closed");
+        assert_eq!((stats.open.get(), stats.idle_closed.get()), (1, 0));
         // Then quiet: closed within 1.25 timeouts, and both ends see the close.
         tokio::time::sleep(idle + idle / 4 + Duration::from_secs(1)).await;
         assert!(relay.is_finished(), "an idle relay was kept");
+        assert_eq!((stats.open.get(), stats.idle_closed.get()), (0, 1));
         let mut rest = Vec::new();
         assert_eq!(client_far.read_to_end(&mut rest).await.unwrap(), 0);
         assert_eq!(upstream_far.read_to_end(&mut rest).await.unwrap(), 0);

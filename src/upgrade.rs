@@ -113,8 +113,15 @@ async fn send(
 }
 
 /// The upstream switched protocols (`response` is its 101, hop-by-hop headers removed): answers
-/// the client the same, and joins the two connections once both sides have switched.
-pub fn join(asked: Asked, response: &mut Response<Body>, idle: std::time::Duration, what: String) {
+/// the client the same, and joins the two connections once both sides have switched (counted in
+/// `stats`).
+pub fn join(
+    asked: Asked,
+    response: &mut Response<Body>,
+    idle: std::time::Duration,
+    what: String,
+    stats: crate::metrics::RelayStats,
+) {
     let upstream = hyper::upgrade::on(&mut *response);
     mark(response.headers_mut());
     let Asked { client, keep } = asked;
@@ -122,8 +129,8 @@ pub fn join(asked: Asked, response: &mut Response<Body>, idle: std::time::Durati
         let _keep = keep;
         match tokio::try_join!(client, upstream) {
             Ok((client, upstream)) => {
-                crate::relay::relay(TokioIo::new(client), TokioIo::new(upstream), idle, &what)
-                    .await;
+                let (client, upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                crate::relay::relay(client, upstream, idle, &what, &stats).await;
             }
             Err(e) => tracing::debug!(what, "the switch of protocols did not complete: {e}"),
         }

@@ -265,6 +265,15 @@ routes:
         has("credproxy_open_connections 1") || metrics.contains("credproxy_open_connections "),
         "{metrics}"
     );
+    // No tunnel nor WebSocket yet: both kinds are there, at zero.
+    for kind in ["tunnel", "websocket"] {
+        for series in [
+            format!(r#"credproxy_relays_open{{kind="{kind}"}} 0"#),
+            format!(r#"credproxy_relays_idle_closed_total{{kind="{kind}"}} 0"#),
+        ] {
+            assert!(has(&series), "{series} in {metrics}");
+        }
+    }
 
     let (status, text) = admin_get(admin, "/status").await;
     assert_eq!(status, 200);

@@ -306,11 +306,23 @@ async fn idle_switched_connections_and_blind_tunnels_are_closed() {
         .await
         .unwrap();
     assert!(read_head(&mut tunnel).await.starts_with("http/1.1 200"));
+    let relays = &proxy.state().metrics.relays;
+    let counts =
+        || [&relays.websocket, &relays.tunnel].map(|r| (r.open.get(), r.idle_closed.get()));
+    // The tunnel's relay starts once the client has its 200: wait for it.
+    for _ in 0..100 {
+        if counts() == [(1, 0), (1, 0)] {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(counts(), [(1, 0), (1, 0)], "open: one of each");
 
     // Then both stay quiet: the proxy closes them (or read_until_closed fails the test).
     assert!(read_until_closed(&mut ws).await.is_empty());
     assert!(read_until_closed(&mut tunnel).await.is_empty());
     no_connection_left(&proxy).await;
+    assert_eq!(counts(), [(0, 1), (0, 1)], "both closed for idling");
 }
 
 /// An intercepted tunnel carried by an HTTP/2 connection (a CONNECT stream): a WebSocket inside
