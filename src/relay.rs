@@ -198,5 +198,20 @@ mod tests {
         let mut rest = Vec::new();
         assert_eq!(client_far.read_to_end(&mut rest).await.unwrap(), 0);
         assert_eq!(upstream_far.read_to_end(&mut rest).await.unwrap(), 0);
+
+        // Closed by both ends instead: counted out, not as idle.
+        let (client, client_far) = tokio::io::duplex(64);
+        let (upstream, upstream_far) = tokio::io::duplex(64);
+        let closed = crate::metrics::RelayStats::default();
+        let counted = closed.clone();
+        let ended =
+            tokio::spawn(
+                async move { super::relay(client, upstream, idle, "test", &counted).await },
+            );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(closed.open.get(), 1);
+        drop((client_far, upstream_far));
+        ended.await.unwrap();
+        assert_eq!((closed.open.get(), closed.idle_closed.get()), (0, 0));
     }
 }

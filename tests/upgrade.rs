@@ -298,6 +298,7 @@ async fn idle_switched_connections_and_blind_tunnels_are_closed() {
     ws.write_all(HANDSHAKE.as_bytes()).await.unwrap();
     assert!(read_head(&mut ws).await.starts_with("http/1.1 101"));
     assert_eq!(round_trip(&mut ws, b"x").await, b"X");
+    relays_reach(&proxy, [(1, 0), (0, 0)]).await;
 
     // A blind tunnel (the host has no route) to the same upstream.
     let mut tunnel = TcpStream::connect(proxy.addr).await.unwrap();
@@ -306,23 +307,30 @@ async fn idle_switched_connections_and_blind_tunnels_are_closed() {
         .await
         .unwrap();
     assert!(read_head(&mut tunnel).await.starts_with("http/1.1 200"));
-    let relays = &proxy.state().metrics.relays;
-    let counts =
-        || [&relays.websocket, &relays.tunnel].map(|r| (r.open.get(), r.idle_closed.get()));
-    // The tunnel's relay starts once the client has its 200: wait for it.
-    for _ in 0..100 {
-        if counts() == [(1, 0), (1, 0)] {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert_eq!(counts(), [(1, 0), (1, 0)], "open: one of each");
+    // The tunnel's relay starts once the client has its 200.
+    relays_reach(&proxy, [(1, 0), (1, 0)]).await;
 
     // Then both stay quiet: the proxy closes them (or read_until_closed fails the test).
     assert!(read_until_closed(&mut ws).await.is_empty());
     assert!(read_until_closed(&mut tunnel).await.is_empty());
     no_connection_left(&proxy).await;
-    assert_eq!(counts(), [(0, 1), (0, 1)], "both closed for idling");
+    relays_reach(&proxy, [(0, 1), (0, 1)]).await;
+}
+
+/// Waits until the relay metrics read `expected`: (open, closed for idling) of WebSockets, then
+/// of blind tunnels.
+async fn relays_reach(proxy: &credproxy::Running, expected: [(i64, u64); 2]) {
+    let state = proxy.state();
+    let relays = &state.metrics.relays;
+    let counts =
+        || [&relays.websocket, &relays.tunnel].map(|r| (r.open.get(), r.idle_closed.get()));
+    for _ in 0..100 {
+        if counts() == expected {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(counts(), expected, "websocket, tunnel: (open, idle closed)");
 }
 
 /// An intercepted tunnel carried by an HTTP/2 connection (a CONNECT stream): a WebSocket inside
