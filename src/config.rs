@@ -1084,13 +1084,22 @@ impl Validator<'_> {
                 self.url(&o.token_url, &format!("{k}.token_url"), &["host"]);
                 let id = self.secret(&o.client_id, &format!("{k}.client_id"), false);
                 let secret = self.secret(&o.client_secret, &format!("{k}.client_secret"), true);
+                let (id, secret) = (id?, secret?);
+                if let Err(reason) =
+                    providers::oauth2::basic_authorization(o.client_auth, &id, &secret)
+                {
+                    let reason = format!(
+                        "{reason} (client_auth: basic_raw sends the client_id as the username, as it is); use client_auth: basic, which form-encodes it"
+                    );
+                    self.problem(&o.client_id, format!("{k}.client_id"), reason);
+                }
                 let mut p = Provider::new(
                     name,
                     "oauth2",
                     Kind::OAuth2(providers::oauth2::Settings {
                         token_url: o.token_url.value.clone(),
-                        client_id: id?,
-                        client_secret: secret?,
+                        client_id: id,
+                        client_secret: secret,
                         auth: o.client_auth,
                         scope: o.scope.clone(),
                         extra_params: o.extra_params.clone().into_iter().collect(),
@@ -1693,6 +1702,24 @@ mod tests {
             Ok(_) => Vec::new(),
             Err(e) => e.problems.iter().map(|p| p.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn a_basic_raw_client_id_with_a_colon_is_refused_at_load_and_basic_takes_it() {
+        let yaml = |auth: &str| {
+            format!(
+                "providers:\n  c:\n    oauth2:\n      token_url: https://auth.example.com/token\n      client_id: 'app:1'\n      client_secret: s\n      client_auth: {auth}\n"
+            )
+        };
+        let found = problems(&yaml("basic_raw"));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("c.yaml:5:18: providers.c.oauth2.client_id: ")
+                && found[0].contains("`:`")
+                && found[0].contains("use client_auth: basic"),
+            "{found:?}"
+        );
+        assert!(problems(&yaml("basic")).is_empty());
     }
 
     #[test]

@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use base64::Engine;
 use http::{Method, Request, header};
 
 use crate::body::full;
@@ -89,6 +88,27 @@ pub fn decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The token request's `Authorization` for `basic` and `basic_raw` (`None` for the others): the
+/// `basic` provider's header, with id and secret form-encoded first for `basic`. The config
+/// checks it at load (`Err` when `basic_raw` has a `:` in the client_id, which HTTP Basic cannot
+/// carry).
+pub fn basic_authorization(
+    auth: ClientAuthMethod,
+    id: &Secret,
+    secret: &Secret,
+) -> Result<Option<http::HeaderValue>, String> {
+    let (id, secret) = match auth {
+        // RFC 6749 §2.3.1: each part is form-encoded before the Basic encoding.
+        ClientAuthMethod::Basic => (
+            Secret::new(encode(id.expose())),
+            Secret::new(encode(secret.expose())),
+        ),
+        ClientAuthMethod::BasicRaw => (id.clone(), secret.clone()),
+        ClientAuthMethod::Form | ClientAuthMethod::Query => return Ok(None),
+    };
+    super::basic::header(&id, &secret).map(|(_, value)| Some(value))
+}
+
 pub async fn fetch(
     s: &Settings,
     client: &Client,
@@ -105,23 +125,11 @@ pub async fn fetch(
     let mut req = Request::builder().method(Method::POST);
     match s.auth {
         ClientAuthMethod::Basic | ClientAuthMethod::BasicRaw => {
-            let (id, secret) = (s.client_id.expose(), s.client_secret.expose());
-            let pair = if s.auth == ClientAuthMethod::Basic {
-                // RFC 6749 §2.3.1: each part is form-encoded before the Basic encoding.
-                format!("{}:{}", encode(id), encode(secret))
-            } else if id.contains(':') {
-                return Err(TokenError::Config(
-                    "client_id contains `:`, which HTTP Basic cannot carry unencoded: use client_auth: basic".into(),
-                ));
-            } else {
-                format!("{id}:{secret}")
-            };
-            let value = format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(pair)
-            );
-            let value = crate::providers::sensitive_value(&value).map_err(TokenError::Config)?;
-            req = req.header(header::AUTHORIZATION, value);
+            let value = basic_authorization(s.auth, &s.client_id, &s.client_secret)
+                .map_err(TokenError::Config)?;
+            if let Some(value) = value {
+                req = req.header(header::AUTHORIZATION, value);
+            }
         }
         ClientAuthMethod::Form => {
             body_params.push(("client_id", s.client_id.expose()));
