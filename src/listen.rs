@@ -555,18 +555,15 @@ impl Connection {
         let activity = Arc::new(Activity::default());
         let requests = activity.clone();
         let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            if req.method() == hyper::Method::CONNECT {
-                if req.version() == hyper::Version::HTTP_2 {
-                    // An HTTP/2 tunnel is a stream of this connection: the tunnel counts as a
-                    // request in flight for as long as it lives (`connect::handle`), and takes
-                    // a slot of its own (many share one connection).
-                    req.extensions_mut().insert(requests.clone());
-                } else {
-                    // An HTTP/1 tunnel *is* this connection, which ends at the switch: the
-                    // tunnel keeps its slot.
-                    req.extensions_mut().insert(keep.clone());
-                }
-            } else if req.headers().contains_key(hyper::header::UPGRADE) {
+            let connect = req.method() == hyper::Method::CONNECT;
+            if connect && req.version() == hyper::Version::HTTP_2 {
+                // An HTTP/2 tunnel is a stream of this connection: the tunnel counts as a
+                // request in flight for as long as it lives (`connect::handle`), and takes a
+                // slot of its own (many share one connection).
+                req.extensions_mut().insert(requests.clone());
+            } else if connect || req.headers().contains_key(hyper::header::UPGRADE) {
+                // An HTTP/1 tunnel, or a switch of protocols, *is* this connection, which ends
+                // at the switch: it keeps the connection's slot.
                 req.extensions_mut().insert(keep.clone());
             }
             // Each request runs on the state current when it arrives, to its end.

@@ -179,7 +179,7 @@ mod tests {
         let idle = Duration::from_secs(60);
         let stats = crate::metrics::RelayStats::default();
         let counted = stats.clone();
-        let relay =
+        let quiet =
             tokio::spawn(async move { relay(client, upstream, idle, "test", &counted).await });
         // Busy for three timeouts: a byte every half timeout keeps it open.
         for _ in 0..6 {
@@ -189,11 +189,11 @@ mod tests {
             upstream_far.read_exact(&mut b).await.unwrap();
             assert_eq!(&b, b"x");
         }
-        assert!(!relay.is_finished(), "a relay in use was closed");
+        assert!(!quiet.is_finished(), "a relay in use was closed");
         assert_eq!((stats.open.get(), stats.idle_closed.get()), (1, 0));
         // Then quiet: closed within 1.25 timeouts, and both ends see the close.
         tokio::time::sleep(idle + idle / 4 + Duration::from_secs(1)).await;
-        assert!(relay.is_finished(), "an idle relay was kept");
+        assert!(quiet.is_finished(), "an idle relay was kept");
         assert_eq!((stats.open.get(), stats.idle_closed.get()), (0, 1));
         let mut rest = Vec::new();
         assert_eq!(client_far.read_to_end(&mut rest).await.unwrap(), 0);
@@ -205,9 +205,7 @@ mod tests {
         let closed = crate::metrics::RelayStats::default();
         let counted = closed.clone();
         let ended =
-            tokio::spawn(
-                async move { super::relay(client, upstream, idle, "test", &counted).await },
-            );
+            tokio::spawn(async move { relay(client, upstream, idle, "test", &counted).await });
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(closed.open.get(), 1);
         drop((client_far, upstream_far));
