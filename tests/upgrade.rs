@@ -115,6 +115,16 @@ async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
     String::from_utf8_lossy(&head).to_ascii_lowercase()
 }
 
+/// Sends `handshake` on a new connection to `addr`: the connection once the proxy answered 101,
+/// and that answer's head (lower-cased).
+async fn switched(addr: SocketAddr, handshake: &str) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(handshake.as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    (s, head)
+}
+
 /// Writes `msg` and reads as many bytes back.
 async fn round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     s: &mut S,
@@ -149,10 +159,7 @@ async fn a_websocket_handshake_gets_credentials_and_then_carries_bytes_both_ways
     );
     let proxy = env.proxy(&yaml).await;
 
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(HANDSHAKE.as_bytes()).await.unwrap();
-    let head = read_head(&mut s).await;
-    assert!(head.starts_with("http/1.1 101"), "{head}");
+    let (mut s, head) = switched(proxy.addr, HANDSHAKE).await;
     assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
     assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
     assert!(
@@ -271,15 +278,8 @@ Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\
 
     // WebSocket among other offers: only WebSocket goes on.
     let proxy = env.proxy(&http_route_yaml(upstream)).await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(
-        HANDSHAKE
-            .replace("Upgrade: websocket", "Upgrade: h2c, WebSocket")
-            .as_bytes(),
-    )
-    .await
-    .unwrap();
-    assert!(read_head(&mut s).await.starts_with("http/1.1 101"));
+    let offers = HANDSHAKE.replace("Upgrade: websocket", "Upgrade: h2c, WebSocket");
+    let _switched = switched(proxy.addr, &offers).await;
     let up = heads.lock().unwrap()[0].clone();
     assert!(up.contains("\r\nupgrade: websocket\r\n"), "{up}");
 }
@@ -294,9 +294,7 @@ async fn idle_switched_connections_and_blind_tunnels_are_closed() {
     );
     let proxy = env.proxy(&yaml).await;
 
-    let mut ws = TcpStream::connect(proxy.addr).await.unwrap();
-    ws.write_all(HANDSHAKE.as_bytes()).await.unwrap();
-    assert!(read_head(&mut ws).await.starts_with("http/1.1 101"));
+    let (mut ws, _) = switched(proxy.addr, HANDSHAKE).await;
     assert_eq!(round_trip(&mut ws, b"x").await, b"X");
     relays_reach(&proxy, [(1, 0), (0, 0)]).await;
 
@@ -399,18 +397,13 @@ async fn a_handshake_refused_for_a_stale_token_is_retried_once_with_a_fresh_one(
     let proxy = env.proxy(&yaml).await;
     let handshake = HANDSHAKE.replace("api.example.com", "acme.api.openvpn.com");
 
-    let mut first = TcpStream::connect(proxy.addr).await.unwrap();
-    first.write_all(handshake.as_bytes()).await.unwrap();
-    assert!(read_head(&mut first).await.starts_with("http/1.1 101"));
+    let (mut first, _) = switched(proxy.addr, &handshake).await;
     assert_eq!(issuer.token_requests(), 1);
 
     // The provider revokes the token the proxy holds: the next handshake is refused with it,
     // and sent once more with a fresh token.
     issuer.revoke_all();
-    let mut second = TcpStream::connect(proxy.addr).await.unwrap();
-    second.write_all(handshake.as_bytes()).await.unwrap();
-    let head = read_head(&mut second).await;
-    assert!(head.starts_with("http/1.1 101"), "{head}");
+    let (mut second, _) = switched(proxy.addr, &handshake).await;
     assert_eq!(round_trip(&mut second, b"fresh").await, b"FRESH");
     assert_eq!(issuer.token_requests(), 2, "one fresh token, no more");
     let heads = heads.lock().unwrap().clone();
@@ -463,12 +456,7 @@ routes:
         ("api.example.com", &tls_heads),
         (plain_host.as_str(), &plain_heads),
     ] {
-        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-        s.write_all(HANDSHAKE.replace("api.example.com", host).as_bytes())
-            .await
-            .unwrap();
-        let head = read_head(&mut s).await;
-        assert!(head.starts_with("http/1.1 101"), "{host}: {head}");
+        let (mut s, _) = switched(proxy.addr, &HANDSHAKE.replace("api.example.com", host)).await;
         assert_eq!(round_trip(&mut s, b"via corp").await, b"VIA CORP");
         let up = heads.lock().unwrap()[0].clone();
         assert!(up.starts_with("get /socket?room=1 http/1.1\r\n"), "{up}");
@@ -510,10 +498,7 @@ local_endpoints:
     let handshake = HANDSHAKE
         .replace("GET http://api.example.com/", "GET /")
         .replace("Host: api.example.com", &format!("Host: {addr}"));
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(handshake.as_bytes()).await.unwrap();
-    let head = read_head(&mut s).await;
-    assert!(head.starts_with("http/1.1 101"), "{head}");
+    let (mut s, _) = switched(addr, &handshake).await;
     assert_eq!(round_trip(&mut s, b"local").await, b"LOCAL");
     let up = heads.lock().unwrap()[0].clone();
     assert!(up.starts_with("get /socket?room=1 http/1.1\r\n"), "{up}");
