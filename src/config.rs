@@ -414,9 +414,11 @@ struct OAuth2File {
     token_url: Spanned<String>,
     client_id: Spanned<String>,
     client_secret: Spanned<String>,
-    /// `basic` (RFC 6749 §2.3.1), `form` or `query`.
+    /// `basic` (RFC 6749 §2.3.1), `basic_raw`, `form` or `query`.
     #[serde(default)]
     client_auth: providers::oauth2::ClientAuthMethod,
+    /// `form` (RFC 6749) or `json`; `query` sends no body.
+    token_body: Option<Spanned<providers::oauth2::TokenBody>>,
     scope: Option<String>,
     #[serde(default)]
     extra_params: BTreeMap<String, String>,
@@ -1093,6 +1095,15 @@ impl Validator<'_> {
                     );
                     self.problem(&o.client_id, format!("{k}.client_id"), reason);
                 }
+                if let Some(body) = &o.token_body
+                    && o.client_auth == providers::oauth2::ClientAuthMethod::Query
+                {
+                    self.problem(
+                        body,
+                        format!("{k}.token_body"),
+                        "client_auth: query sends every parameter in the token URL and no body; remove token_body, or choose another client_auth",
+                    );
+                }
                 let mut p = Provider::new(
                     name,
                     "oauth2",
@@ -1101,6 +1112,7 @@ impl Validator<'_> {
                         client_id: id,
                         client_secret: secret,
                         auth: o.client_auth,
+                        body: o.token_body.as_ref().map(|b| b.value).unwrap_or_default(),
                         scope: o.scope.clone(),
                         extra_params: o.extra_params.clone().into_iter().collect(),
                         default_ttl: o.default_ttl,
@@ -1720,6 +1732,24 @@ mod tests {
             "{found:?}"
         );
         assert!(problems(&yaml("basic")).is_empty());
+    }
+
+    #[test]
+    fn a_token_body_with_client_auth_query_is_refused_at_load() {
+        let yaml = |auth: &str| {
+            format!(
+                "providers:\n  c:\n    oauth2:\n      token_url: https://auth.example.com/token\n      client_id: i\n      client_secret: s\n      client_auth: {auth}\n      token_body: json\n"
+            )
+        };
+        let found = problems(&yaml("query"));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("c.yaml:8:19: providers.c.oauth2.token_body: ")
+                && found[0].contains("no body"),
+            "{found:?}"
+        );
+        assert!(problems(&yaml("basic_raw")).is_empty());
+        assert!(problems(&yaml("form")).is_empty());
     }
 
     #[test]

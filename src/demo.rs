@@ -248,9 +248,12 @@ providers:
       connect_to: {neeti}
   cloudconnexa:
     oauth2:
-      token_url: "https://{{host}}/api/v1/oauth/token"
+      token_url: "https://acme.api.openvpn.com/api/v1/oauth/token"
       client_id: "{CONNEXA_CLIENT_ID}"
       client_secret: "file:{d}/connexa-client-secret"
+      client_auth: basic_raw
+      token_body: json
+      scope: default
       connect_to: {connexa}
   cleancloud:
     cleancloud:
@@ -278,7 +281,7 @@ routes:
     provider: cloudneeti
     connect_to: {neeti}
   - name: cloudconnexa
-    host: "*.api.openvpn.com"
+    host: acme.api.openvpn.com
     provider: cloudconnexa
     connect_to: {connexa}
   - name: cleancloud
@@ -366,7 +369,7 @@ fn examples(proxy: SocketAddr, local: SocketAddr, f: &Fakes, ca_pem: &Path) -> V
             direct: direct(&f.neeti, "api.cloudneeti.com", &neeti_account, false),
         },
         Example {
-            what: "CloudConnexa (OAuth 2.0 client_credentials, a token per cloud id host)",
+            what: "CloudConnexa (OAuth 2.0 client_credentials)",
             curl: format!("{x} http://acme.api.openvpn.com/api/v1/networks"),
             via_proxy: via("http://acme.api.openvpn.com/api/v1/networks", false),
             direct: direct(

@@ -491,19 +491,56 @@ async fn bad_client_credentials_and_an_unreachable_endpoint_are_named_without_th
     );
 }
 
+/// What the token request carries for each `client_auth` and `token_body`: `query` puts every
+/// parameter in the URL and sends no body, as CloudConnexa's API docs show; `token_body: json`
+/// sends a JSON object, as CloudConnexa's Go client does with HTTP Basic.
 #[tokio::test]
-async fn oauth2_client_authentication_basic_form_and_query() {
-    for method in ["basic", "form", "query"] {
+async fn oauth2_client_authentication_and_token_body() {
+    for (client_auth, token_body, method, body) in [
+        ("basic", None, "basic", "form"),
+        ("basic_raw", Some("json"), "basic", "json"),
+        ("form", None, "form", "form"),
+        ("form", Some("json"), "json", "json"),
+        ("query", None, "query", "empty"),
+    ] {
         let env = Env::new();
         let (fake, issuer) = oauth_fake(&env).await;
-        let proxy = env.proxy(&oauth_yaml(fake.addr, method, "")).await;
+        let setting = match token_body {
+            Some(b) => format!("{client_auth}\n      token_body: {b}"),
+            None => client_auth.to_string(),
+        };
+        let proxy = env.proxy(&oauth_yaml(fake.addr, &setting, "")).await;
         let r = get(
             &client(proxy.addr),
             "http://acme.api.openvpn.com/api/v1/networks",
         )
         .await;
-        assert_eq!(r.status(), 200, "{method}");
-        assert_eq!(issuer.auth_methods(), [method]);
+        assert_eq!(r.status(), 200, "{setting}");
+        assert_eq!(issuer.auth_methods(), [method], "{setting}");
+        assert_eq!(issuer.token_bodies(), [body], "{setting}");
+        let token_request = fake
+            .requests()
+            .into_iter()
+            .find(|r| r.uri.path() == "/api/v1/oauth/token")
+            .expect("a token request");
+        let query = token_request.uri.query().unwrap_or("");
+        let content_type = token_request.headers.get("content-type");
+        if client_auth == "query" {
+            assert!(
+                query.contains("grant_type=client_credentials")
+                    && query.contains(&format!("client_secret={CLIENT_SECRET}")),
+                "{query}"
+            );
+            assert_eq!(content_type, None);
+        } else {
+            assert_eq!(query, "", "{setting}");
+            let expected = if body == "json" {
+                "application/json"
+            } else {
+                "application/x-www-form-urlencoded"
+            };
+            assert_eq!(content_type.unwrap(), expected, "{setting}");
+        }
     }
 }
 

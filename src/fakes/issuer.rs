@@ -45,6 +45,7 @@ struct State {
     mode: Mode,
     tokens: HashMap<String, Entry>,
     auth_methods: Vec<&'static str>,
+    token_bodies: Vec<&'static str>,
 }
 
 /// A failure a token endpoint must answer with (see [`Issuer::token_request`]).
@@ -119,6 +120,7 @@ impl Issuer {
                 mode: Mode::Normal,
                 tokens: HashMap::new(),
                 auth_methods: Vec::new(),
+                token_bodies: Vec::new(),
             }),
             token_requests: AtomicU64::new(0),
             serial: AtomicU64::new(0),
@@ -251,6 +253,16 @@ impl Issuer {
     /// The OAuth client-authentication methods seen so far, oldest first.
     pub fn auth_methods(&self) -> Vec<&'static str> {
         self.lock().auth_methods.clone()
+    }
+
+    /// Notes what an OAuth token request's body was (`empty`, `form`, `json`, `other`).
+    pub fn record_token_body(&self, b: &'static str) {
+        self.lock().token_bodies.push(b);
+    }
+
+    /// The OAuth token request bodies seen so far, oldest first.
+    pub fn token_bodies(&self) -> Vec<&'static str> {
+        self.lock().token_bodies.clone()
     }
 }
 

@@ -234,6 +234,17 @@ async fn token(settings: &Settings, issuer: &Issuer, req: Request<Incoming>) -> 
     } else {
         None
     };
+    issuer.record_token_body(if body.is_empty() {
+        "empty"
+    } else if !form.is_empty() {
+        "form"
+    } else if json_body.as_ref().is_some_and(Value::is_object)
+        && content_type.starts_with("application/json")
+    {
+        "json"
+    } else {
+        "other"
+    });
     let find = |pairs: &[(String, String)], k: &str| {
         pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
     };
@@ -245,13 +256,20 @@ async fn token(settings: &Settings, issuer: &Issuer, req: Request<Incoming>) -> 
             "query",
             (id, find(&query, "client_secret").unwrap_or_default()),
         ))
+    } else if let Some(id) = find(&form, "client_id") {
+        Some((
+            "form",
+            (id, find(&form, "client_secret").unwrap_or_default()),
+        ))
     } else {
-        find(&form, "client_id").map(|id| {
-            (
-                "form",
-                (id, find(&form, "client_secret").unwrap_or_default()),
-            )
-        })
+        let field = |k: &str| {
+            json_body
+                .as_ref()
+                .and_then(|b| b.get(k))
+                .and_then(Value::as_str)
+                .map(String::from)
+        };
+        field("client_id").map(|id| ("json", (id, field("client_secret").unwrap_or_default())))
     };
     let Some((method, (id, secret))) = credentials else {
         return bad_credentials();

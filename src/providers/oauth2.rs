@@ -2,7 +2,9 @@
 //! (`POST https://{cloud_id}.api.openvpn.com/api/v1/oauth/token`) and any other OAuth API.
 //!
 //! Client authentication: HTTP Basic (RFC 6749 §2.3.1, the official CloudConnexa client), form
-//! body fields, or query parameters (CloudConnexa's own docs). `expires_in` sets the lifetime.
+//! body fields, or query parameters (CloudConnexa's own docs). The parameters go in a form body
+//! (RFC 6749) or a JSON one (the official CloudConnexa client); with `query`, everything goes in the
+//! URL and the body is empty, as CloudConnexa's docs show. `expires_in` sets the lifetime.
 
 use std::time::Duration;
 
@@ -23,7 +25,19 @@ pub enum ClientAuthMethod {
     /// `SetBasicAuth`, which CloudConnexa's own client uses) and servers that do not decode expect.
     BasicRaw,
     Form,
+    /// Every parameter in the token URL's query, the body empty.
     Query,
+}
+
+/// How the token request's parameters are encoded in its body (`query` sends none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenBody {
+    /// `application/x-www-form-urlencoded`, as RFC 6749 says.
+    #[default]
+    Form,
+    /// A JSON object of strings, as CloudConnexa's official Go client sends.
+    Json,
 }
 
 #[derive(Debug)]
@@ -33,6 +47,7 @@ pub struct Settings {
     pub client_id: Secret,
     pub client_secret: Secret,
     pub auth: ClientAuthMethod,
+    pub body: TokenBody,
     pub scope: Option<String>,
     pub extra_params: Vec<(String, String)>,
     /// Used when the answer has no `expires_in`.
@@ -121,7 +136,6 @@ pub async fn fetch(
     }
     params.extend(s.extra_params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let mut url = s.token_url.replace("{host}", host);
-    let mut body_params = params.clone();
     let mut req = Request::builder().method(Method::POST);
     match s.auth {
         ClientAuthMethod::Basic | ClientAuthMethod::BasicRaw => {
@@ -131,26 +145,30 @@ pub async fn fetch(
                 req = req.header(header::AUTHORIZATION, value);
             }
         }
-        ClientAuthMethod::Form => {
-            body_params.push(("client_id", s.client_id.expose()));
-            body_params.push(("client_secret", s.client_secret.expose()));
-        }
-        ClientAuthMethod::Query => {
-            let sep = if url.contains('?') { '&' } else { '?' };
-            url = format!(
-                "{url}{sep}{}",
-                form(&[
-                    ("client_id", s.client_id.expose()),
-                    ("client_secret", s.client_secret.expose())
-                ])
-            );
+        ClientAuthMethod::Form | ClientAuthMethod::Query => {
+            params.push(("client_id", s.client_id.expose()));
+            params.push(("client_secret", s.client_secret.expose()));
         }
     }
+    let body = if s.auth == ClientAuthMethod::Query {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        url = format!("{url}{sep}{}", form(&params));
+        String::new()
+    } else if s.body == TokenBody::Json {
+        req = req.header(header::CONTENT_TYPE, "application/json");
+        let object: serde_json::Map<String, serde_json::Value> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+            .collect();
+        serde_json::Value::Object(object).to_string()
+    } else {
+        req = req.header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        form(&params)
+    };
     let req = req
         .uri(&url)
-        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
         .header(header::ACCEPT, "application/json")
-        .body(full(form(&body_params)))
+        .body(full(body))
         .map_err(|e| {
             TokenError::Config(format!(
                 "token_url `{}`: {e}",
