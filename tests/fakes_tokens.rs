@@ -542,9 +542,22 @@ async fn oauth_tokens_are_scoped_to_the_host_they_were_requested_from() {
     assert_invalid_token(networks(fake.addr, OTHER, &acme).await).await;
     assert_invalid_token(networks(fake.addr, ACME, "eyJnot.a.token").await).await;
 
-    let other = oauth_token(fake.addr, OTHER).await;
-    assert_eq!(networks(fake.addr, OTHER, &other).await.status(), 200);
-    assert_invalid_token(networks(fake.addr, ACME, &other).await).await;
+    // acme's client id (it ends in `.acme`) is refused by another organisation's host...
+    let at_other = basic_token_request(fake.addr)
+        .header(reqwest::header::HOST, OTHER)
+        .json(&json!({"grant_type": "client_credentials"}));
+    assert_eq!(
+        answer(at_other).await,
+        (
+            401,
+            json!({"error": "unauthorized", "error_description": "Bad credentials"})
+        )
+    );
+    // ...and a token from another host (the fake's address) is good there, not on acme's.
+    let here = fake.addr.to_string();
+    let elsewhere = oauth_token(fake.addr, &here).await;
+    assert_eq!(networks(fake.addr, &here, &elsewhere).await.status(), 200);
+    assert_invalid_token(networks(fake.addr, ACME, &elsewhere).await).await;
 
     // POST /networks reports the body it received.
     let post = client()

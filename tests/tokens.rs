@@ -14,6 +14,8 @@ use support::*;
 
 const CLIENT_ID: &str = "0123456789abcdef0123456789abcdef.acme";
 const CLIENT_SECRET: &str = "oauth-client-secret-Zz9";
+/// A client id that names no CloudConnexa organisation, good on any host of the fake.
+const GENERIC_CLIENT_ID: &str = "generic-client-4711";
 
 async fn oauth_fake(env: &Env) -> (FakeServer, Arc<Issuer>) {
     env.oauth_fake(CLIENT_ID, CLIENT_SECRET).await
@@ -339,10 +341,12 @@ async fn a_body_over_the_replay_buffer_is_streamed_and_not_retried() {
 #[tokio::test]
 async fn a_persistent_401_is_passed_on_after_exactly_two_attempts() {
     let env = Env::new();
-    let (fake, issuer) = oauth_fake(&env).await;
-    // Tokens come from other.api.openvpn.com, so acme.api.openvpn.com refuses every one of them.
+    // Tokens come from other.api.openvpn.com, so acme.api.openvpn.com refuses every one of them
+    // (a client id without a cloud id, which that host's token endpoint takes).
+    let (fake, issuer) = env.oauth_fake(GENERIC_CLIENT_ID, CLIENT_SECRET).await;
     let yaml = oauth_yaml(fake.addr, "basic", "")
-        .replace("https://{host}/api", "https://other.api.openvpn.com/api");
+        .replace("https://{host}/api", "https://other.api.openvpn.com/api")
+        .replace(CLIENT_ID, GENERIC_CLIENT_ID);
     let proxy = env.proxy(&yaml).await;
     let r = get(
         &client(proxy.addr),
@@ -569,10 +573,16 @@ async fn oauth2_basic_raw_sends_the_secret_as_it_is() {
     }
 }
 
+/// `{host}` in `token_url` under a wildcard route: a token per host, for an OAuth API whose one
+/// client id is good on every host (not CloudConnexa's, which ends in one cloud id: the fake
+/// refuses it on another organisation's host, as tests/fakes_tokens.rs checks).
 #[tokio::test]
 async fn wildcard_routes_get_one_token_per_matched_host() {
     let env = Env::new();
-    let (fake, issuer, proxy) = oauth_proxy(&env).await;
+    let (fake, issuer) = env.oauth_fake(GENERIC_CLIENT_ID, CLIENT_SECRET).await;
+    let proxy = env
+        .proxy(&oauth_yaml(fake.addr, "basic", "").replace(CLIENT_ID, GENERIC_CLIENT_ID))
+        .await;
     let c = client(proxy.addr);
     for _ in 0..3 {
         for host in ["acme.api.openvpn.com", "other.api.openvpn.com"] {

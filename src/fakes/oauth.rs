@@ -278,6 +278,15 @@ async fn token(settings: &Settings, issuer: &Issuer, req: Request<Incoming>) -> 
     if id != settings.client_id || secret != settings.client_secret {
         return bad_credentials();
     }
+    // A CloudConnexa client id ends in its organisation's cloud id (`<32 characters>.acme`) and
+    // is good only on that organisation's host, not on another `*.api.openvpn.com`.
+    if let (Some((_, cloud)), Some(asked)) = (
+        settings.client_id.rsplit_once('.'),
+        host.strip_suffix(".api.openvpn.com"),
+    ) && asked != cloud.to_ascii_lowercase()
+    {
+        return bad_credentials();
+    }
 
     let grant_type = find(&query, "grant_type")
         .or_else(|| find(&form, "grant_type"))
