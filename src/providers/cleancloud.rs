@@ -31,23 +31,7 @@ pub async fn fetch(
     client: &Client,
     secrets: &[&Secret],
 ) -> Result<Fetched, TokenError> {
-    let auth = authorization(
-        s.user_code.expose(),
-        s.user_secret.expose(),
-        "GET",
-        "/api_tokens",
-        b"",
-    );
-    let req = Request::builder()
-        .method(Method::GET)
-        .uri(format!("{}/api_tokens", s.api_base))
-        .header(
-            header::AUTHORIZATION,
-            crate::providers::sensitive_value(&auth).map_err(TokenError::Config)?,
-        )
-        .header(header::ACCEPT, "application/json")
-        .body(empty())
-        .map_err(|e| TokenError::Config(format!("api_base: {e}")))?;
+    let req = token_request(s)?;
     let answer = token::call(client, req, secrets).await?;
     let json = token::parse_json(&answer)?;
     let field = |name: &str| {
@@ -62,6 +46,30 @@ pub async fn fetch(
         signing_secret: Some(field("secretCode")?),
         lifetime: s.ttl,
     })
+}
+
+/// `GET {api_base}/api_tokens`, signed over the path it is sent to (`api_base` may have one).
+fn token_request(s: &Settings) -> Result<Request<crate::body::Body>, TokenError> {
+    let uri: http::Uri = format!("{}/api_tokens", s.api_base)
+        .parse()
+        .map_err(|e| TokenError::Config(format!("api_base: {e}")))?;
+    let auth = authorization(
+        s.user_code.expose(),
+        s.user_secret.expose(),
+        "GET",
+        uri.path(),
+        b"",
+    );
+    Request::builder()
+        .method(Method::GET)
+        .uri(uri)
+        .header(
+            header::AUTHORIZATION,
+            crate::providers::sensitive_value(&auth).map_err(TokenError::Config)?,
+        )
+        .header(header::ACCEPT, "application/json")
+        .body(empty())
+        .map_err(|e| TokenError::Config(format!("api_base: {e}")))
 }
 
 /// The `Authorization` header value for one request.
@@ -100,6 +108,31 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_request_is_signed_over_the_path_it_goes_to() {
+        for (api_base, path) in [
+            ("https://api.cleancloud.io", "/api_tokens"),
+            (
+                "https://gw.example.com/cleancloud/v1",
+                "/cleancloud/v1/api_tokens",
+            ),
+        ] {
+            let s = Settings {
+                api_base: api_base.into(),
+                user_code: Secret::new("UTCODE123"),
+                user_secret: Secret::new("utsecret456"),
+                ttl: Duration::from_secs(60),
+                max_body: 1024,
+            };
+            let req = token_request(&s).expect("a valid token request");
+            assert_eq!(req.uri().to_string(), format!("{api_base}/api_tokens"));
+            assert_eq!(
+                req.headers()[header::AUTHORIZATION],
+                authorization("UTCODE123", "utsecret456", "GET", path, b"").as_str()
+            );
+        }
+    }
 
     #[test]
     fn published_test_vectors() {
