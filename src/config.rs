@@ -225,7 +225,7 @@ struct AccessFile {
 #[serde(deny_unknown_fields)]
 struct AdminFile {
     #[serde(default = "default_admin_listen")]
-    listen: SocketAddr,
+    listen: Spanned<SocketAddr>,
     #[serde(default = "yes")]
     enabled: bool,
 }
@@ -239,8 +239,8 @@ impl Default for AdminFile {
     }
 }
 
-fn default_admin_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9190))
+fn default_admin_listen() -> Spanned<SocketAddr> {
+    unlocated(SocketAddr::from(([127, 0, 0, 1], 9190)))
 }
 
 fn yes() -> bool {
@@ -346,6 +346,18 @@ fn d55m() -> Duration {
 }
 fn d1h() -> Duration {
     Duration::from_secs(3600)
+}
+
+/// Whether two listeners would take the same socket: the same port (not 0, which picks a free
+/// one) on the same address, or one on the unspecified address of the other's family (`[::]`
+/// takes IPv4 addresses too).
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wild: std::net::IpAddr, other: std::net::IpAddr| {
+        wild.is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
+    };
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
 }
 
 /// A default value: it was not written in the file, so it has no place there to point at.
@@ -675,7 +687,7 @@ pub fn admin_address(path: &Path) -> Result<Option<SocketAddr>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let parsed: AdminOnly = serde_saphyr::from_str(&text)
         .map_err(|e| format!("{}: {}", path.display(), parse_reason(&e)))?;
-    Ok(parsed.admin.enabled.then_some(parsed.admin.listen))
+    Ok(parsed.admin.enabled.then_some(parsed.admin.listen.value))
 }
 
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -889,11 +901,27 @@ impl Validator<'_> {
         let local_endpoints = self.local_endpoints(raw.local_endpoints, &routes, raw.listen);
         let ca = self.ca(&raw.ca, raw.state_dir.as_deref(), &routes);
         let access = self.access(&raw.access, raw.listen, &local_endpoints);
-        if raw.admin.enabled && !raw.admin.listen.ip().is_loopback() {
+        let admin = &raw.admin.listen;
+        if raw.admin.enabled && !admin.value.ip().is_loopback() {
             // The admin endpoints have no authentication: /status and POST /reload stay local.
-            self.problem_at_file(
+            self.problem(
+                admin,
                 "admin.listen",
-                format!("{} is not a loopback address: the admin endpoints have no authentication, keep them on 127.0.0.1 (or set admin.enabled: false)", raw.admin.listen),
+                format!("{} is not a loopback address: the admin endpoints have no authentication, keep them on 127.0.0.1 (or set admin.enabled: false)", admin.value),
+            );
+        }
+        if raw.admin.enabled
+            && std::iter::once(raw.listen)
+                .chain(local_endpoints.iter().map(|e| e.listen))
+                .any(|other| same_socket(admin.value, other))
+        {
+            self.problem(
+                admin,
+                "admin.listen",
+                format!(
+                    "{} is already used by another listener (`listen` or a local endpoint)",
+                    admin.value
+                ),
             );
         }
         Config {
@@ -921,7 +949,7 @@ impl Validator<'_> {
                 backoff_max: raw.tokens.backoff_max,
                 prefetch: raw.tokens.prefetch,
             },
-            admin: raw.admin.enabled.then_some(raw.admin.listen),
+            admin: raw.admin.enabled.then_some(raw.admin.listen.value),
             access,
             ca,
             egress,
@@ -1601,16 +1629,17 @@ impl Validator<'_> {
         proxy_listen: SocketAddr,
     ) -> Vec<LocalEndpoint> {
         let mut out = Vec::new();
-        let mut seen = HashSet::from([proxy_listen]);
+        let mut seen = vec![proxy_listen];
         for (i, e) in raw.into_iter().enumerate() {
             let key = format!("local_endpoints[{i}]");
-            if e.listen.port() != 0 && !seen.insert(e.listen) {
+            if seen.iter().any(|&other| same_socket(e.listen, other)) {
                 self.problem(
                     &e.route,
                     format!("{key}.listen"),
                     format!("{} is already used by another listener", e.listen),
                 );
             }
+            seen.push(e.listen);
             let Some(route) = routes.by_name(&e.route.value) else {
                 if self.broken_routes.contains(&e.route.value) {
                     continue;
@@ -1732,6 +1761,33 @@ mod tests {
             "{found:?}"
         );
         assert!(problems(&yaml("basic")).is_empty());
+    }
+
+    #[test]
+    fn an_admin_listener_on_a_taken_or_public_address_is_refused_with_its_place() {
+        assert_eq!(
+            problems("listen: 127.0.0.1:18485\nadmin:\n  listen: 127.0.0.1:18485\n"),
+            [
+                "c.yaml:3:11: admin.listen: 127.0.0.1:18485 is already used by another listener (`listen` or a local endpoint)"
+            ]
+        );
+        assert!(
+            problems("listen: 127.0.0.1:18485\nadmin:\n  listen: 127.0.0.1:18486\n").is_empty()
+        );
+        let found = problems("admin:\n  listen: 0.0.0.0:9190\n");
+        assert!(
+            found.len() == 1
+                && found[0].starts_with(
+                    "c.yaml:2:11: admin.listen: 0.0.0.0:9190 is not a loopback address"
+                ),
+            "{found:?}"
+        );
+        let at = |s: &str| s.parse::<SocketAddr>().expect("an address");
+        assert!(same_socket(at("[::]:1"), at("127.0.0.1:1")));
+        assert!(same_socket(at("0.0.0.0:1"), at("127.0.0.2:1")));
+        assert!(!same_socket(at("0.0.0.0:1"), at("[::1]:1")));
+        assert!(!same_socket(at("127.0.0.1:0"), at("127.0.0.1:0")));
+        assert!(!same_socket(at("127.0.0.1:1"), at("127.0.0.2:1")));
     }
 
     #[test]

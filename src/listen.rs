@@ -405,10 +405,16 @@ impl Drop for OpenConnection {
 /// problems, or one that changes the listeners (they are bound once), leaves everything as it was.
 /// [`reload`] on a blocking thread: it reads files and loads TLS roots, which must not hold up the
 /// requests of a one-thread runtime meanwhile.
+/// A refusal is logged here, so SIGHUP, `POST /reload` and `credproxy reload` all leave it in
+/// the service's log, not only with the caller.
 pub async fn reload_off_runtime(shared: Shared) -> Result<(), String> {
-    tokio::task::spawn_blocking(move || reload(&shared))
+    let result = tokio::task::spawn_blocking(move || reload(&shared))
         .await
-        .unwrap_or_else(|e| Err(format!("the reload stopped: {e}")))
+        .unwrap_or_else(|e| Err(format!("the reload stopped: {e}")));
+    if let Err(e) = &result {
+        tracing::error!("reload refused, the running config stays:\n{e}");
+    }
+    result
 }
 
 fn reload(shared: &Shared) -> Result<(), String> {

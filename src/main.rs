@@ -467,9 +467,8 @@ async fn wait_for_signals(running: Option<&credproxy::Running>) {
                         let mut states = vec![sd_notify::NotifyState::Reloading];
                         states.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
                         let _ = sd_notify::notify(&states);
-                        if let Err(e) = r.reload().await {
-                            tracing::error!("reload refused, the running config stays:\n{e}");
-                        }
+                        // A refusal is logged by reload itself.
+                        let _ = r.reload().await;
                         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
                     }
                     None => tracing::info!("SIGHUP ignored: nothing to reload now"),

@@ -157,6 +157,39 @@ async fn sighup_reloads_the_running_binary() {
         "SIGHUP applied the new file; log:\n{}",
         proxy.log()
     );
+
+    // A broken file is refused, and the refusal is in the service's log whichever way the
+    // reload came: by SIGHUP or through the admin listener.
+    std::fs::write(
+        &path,
+        yaml(&env, fake.addr, fake.addr, "never") + "bogus: 1\n",
+    )
+    .unwrap();
+    let admin: std::net::SocketAddr = proxy
+        .log()
+        .split("admin endpoints on http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .expect("the admin listener's address in the log");
+    let refusals = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("ERROR") && l.contains("reload refused"))
+            .count()
+    };
+    kill(&proxy.child, "-HUP");
+    assert_eq!(admin_reload(admin).await.status(), 409);
+    for _ in 0..200 {
+        if refusals(&proxy.log()) >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let log = proxy.log();
+    assert_eq!(refusals(&log), 2, "{log}");
+    assert!(log.contains("unknown field `bogus`"), "{log}");
+    let echo = echoed(get(&c, "http://api.example.com/__echo").await).await;
+    assert_eq!(header_values(&echo, "x-k"), ["after"]);
 }
 
 /// Sends `signal` (`-HUP`, `-TERM`) to a child process with kill(1).
