@@ -28,9 +28,15 @@ pub async fn handle(
         ProxyError::bad_request("bad_connect", "CONNECT needs a host:port target")
     })?;
     let host = normalize_host(authority.host());
+    // RFC 9110 §9.3.6: the target is host and port; a missing port is not taken to be 443.
     let port = authority_port(authority)
         .map_err(|e| ProxyError::bad_request("bad_connect", format!("CONNECT target: {e}")))?
-        .unwrap_or(443);
+        .ok_or_else(|| {
+            ProxyError::bad_request(
+                "bad_connect",
+                format!("CONNECT needs a host:port target, `{authority}` has no port"),
+            )
+        })?;
     if host.is_empty() {
         return Err(ProxyError::bad_request(
             "bad_connect",

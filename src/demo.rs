@@ -119,7 +119,7 @@ pub async fn start(port: u16) -> Result<Demo, DemoError> {
     ] {
         write(file, &format!("{value}\n"))?;
     }
-    let local_port = if port == 0 { 0 } else { port.saturating_add(1) };
+    let local_port = if port == 0 { 0 } else { port.saturating_add(1) }; // --port is at most 65533
     write(
         "config.yaml",
         &config_yaml(dir.path(), port, local_port, &fakes),

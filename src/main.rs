@@ -71,8 +71,9 @@ enum Command {
     },
     /// Run the proxy with built-in fake providers on loopback, and print commands to try.
     Demo {
-        /// Port of the forward proxy; the local endpoint takes the next one. 0 picks free ports.
-        #[arg(long, default_value_t = 8080)]
+        /// Port of the forward proxy (at most 65533); the local endpoint takes the next one and
+        /// the admin listener the one after. 0 picks free ports.
+        #[arg(long, default_value_t = 8080, value_parser = clap::value_parser!(u16).range(..=65533))]
         port: u16,
     },
 }

@@ -662,9 +662,25 @@ pub fn missing_field(answer: &Answer, json: &serde_json::Value, path: &str) -> T
         .as_object()
         .map(|o| o.keys().map(String::as_str).collect::<Vec<_>>().join(", "))
         .unwrap_or_default();
+    // What is there instead is named by its JSON type only: a value may be a secret.
+    let what = match json_path(json, path) {
+        Some(v) => {
+            let kind = match v {
+                serde_json::Value::Null => "null",
+                serde_json::Value::Bool(_) => "a boolean",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::String(s) if s.is_empty() => "an empty string",
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::Object(_) => "an object",
+            };
+            format!("its `{path}` is {kind}, not a non-empty string")
+        }
+        None => format!("its JSON has no `{path}` (top-level keys: {keys})"),
+    };
     TokenError::BadResponse {
         endpoint: answer.endpoint.clone(),
-        what: format!("its JSON has no `{path}` (top-level keys: {keys})"),
+        what,
     }
 }
 
@@ -703,6 +719,46 @@ pub fn jwt_lifetime(token: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_field_of_the_wrong_type_is_named_by_its_type_never_its_value() {
+        let answer = Answer {
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            endpoint: "https://auth.example/token".into(),
+        };
+        for (json, path, expected) in [
+            (
+                serde_json::json!({"access_token": 12345}),
+                "access_token",
+                "its `access_token` is a number, not a non-empty string",
+            ),
+            (
+                serde_json::json!({"access_token": ""}),
+                "access_token",
+                "its `access_token` is an empty string, not a non-empty string",
+            ),
+            (
+                serde_json::json!({"result": {"token": {"v": "s3cr3t-value"}}}),
+                "result.token",
+                "its `result.token` is an object, not a non-empty string",
+            ),
+            (
+                serde_json::json!({"token_type": "bearer", "scope": "s3cr3t-value"}),
+                "access_token",
+                "its JSON has no `access_token` (top-level keys: scope, token_type)",
+            ),
+        ] {
+            let message = missing_field(&answer, &json, path).to_string();
+            assert_eq!(
+                message,
+                format!(
+                    "the token endpoint https://auth.example/token answered 200 but {expected}"
+                )
+            );
+            assert!(!message.contains("s3cr3t") && !message.contains("12345"));
+        }
+    }
 
     fn token(generation: u64) -> Arc<Token> {
         let now = Instant::now();

@@ -405,3 +405,16 @@ routes:
         assert!(!log.contains('\x1b'), "colour codes in a piped log:\n{log}");
     }
 }
+
+/// The demo takes `--port`, `--port`+1 and `--port`+2: a port too high for that is refused by
+/// the argument parser, instead of a start that fails on a clash it made itself.
+#[test]
+fn demo_refuses_a_port_without_room_for_its_three_listeners() {
+    let out = Command::new(BIN)
+        .args(["demo", "--port", "65534"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("65534 is not in 0..=65533"), "{stderr}");
+}

@@ -164,6 +164,17 @@ async fn unmapped_hosts_are_tunnelled_untouched() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
     assert!(answer.contains("connection refused"), "{answer}");
+
+    // A target without a port (or with an empty or non-numeric one) is refused, not taken as 443.
+    for target in ["localhost", "localhost:", "localhost:abc", ":443"] {
+        let answer = raw(
+            proxy.addr,
+            format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{target}: {answer}");
+        assert!(answer.contains("bad_connect"), "{target}: {answer}");
+    }
 }
 
 type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
