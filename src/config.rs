@@ -191,6 +191,16 @@ impl Shape {
             Shape::PerCore => "per_core",
         }
     }
+
+    /// What runs with `threads` threads: one thread is one current_thread runtime, whatever the
+    /// shape says (it shares nothing out).
+    pub fn built(self, threads: usize) -> &'static str {
+        if threads == 1 {
+            "current_thread"
+        } else {
+            self.as_str()
+        }
+    }
 }
 
 fn default_max_connections() -> usize {
@@ -408,6 +418,9 @@ fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error
 }
 
 /// One provider: `kind: { settings }`, e.g. `basic: { username: …, password: … }`.
+/// The kinds of `ProviderFile`, for messages (a unit test keeps it equal to serde's own list).
+const PROVIDER_KINDS: &str = "basic, headers, oauth2, cloudneeti, cleancloud, token_exchange";
+
 #[derive(Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 enum ProviderFile {
@@ -733,13 +746,24 @@ fn parse(text: &str, file: &str) -> Result<File, ConfigError> {
         strict_booleans: true,
         with_snippet: false,
     };
-    let result = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            *key_path.borrow_mut() = e.path().to_string();
-            e.into_inner()
-        })
-    });
+    let result =
+        serde_saphyr::with_deserializer_from_str_with_options(text, options.clone(), |de| {
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                *key_path.borrow_mut() = e.path().to_string();
+                e.into_inner()
+            })
+        });
     result.map_err(|e| {
+        // serde reads as it parses, so a YAML syntax error later in the file (an unclosed `[`)
+        // can surface as a type error where the broken value starts. A pass that only checks the
+        // syntax finds the real cause; a file whose syntax is fine keeps the typed error.
+        let syntax = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+            <serde::de::IgnoredAny as serde::Deserialize>::deserialize(de)
+        });
+        let (e, key_path) = match syntax {
+            Err(syntax) => (syntax, RefCell::new(String::new())),
+            Ok(_) => (e, key_path),
+        };
         let line_col = e
             .location()
             .filter(|l| l.line() > 0)
@@ -748,12 +772,21 @@ fn parse(text: &str, file: &str) -> Result<File, ConfigError> {
         if key == "." || key == "?" {
             key.clear();
         }
+        let mut reason = parse_reason(&e);
+        // serde's words for a provider that is not one `kind: {…}` mapping ("expected string key
+        // for externally tagged enum") say nothing to someone editing the file.
+        let provider_entry = key
+            .strip_prefix("providers.")
+            .is_some_and(|rest| rest.split('.').count() <= 2);
+        if provider_entry && reason.contains("enum") {
+            reason = format!("a provider is one kind, written as its only key: {PROVIDER_KINDS}");
+        }
         ConfigError {
             problems: vec![Problem {
                 file: file.to_string(),
                 line_col,
                 key,
-                reason: parse_reason(&e),
+                reason,
             }],
         }
     })
@@ -1788,6 +1821,38 @@ mod tests {
         assert!(!same_socket(at("0.0.0.0:1"), at("[::1]:1")));
         assert!(!same_socket(at("127.0.0.1:0"), at("127.0.0.1:0")));
         assert!(!same_socket(at("127.0.0.1:1"), at("127.0.0.2:1")));
+    }
+
+    #[test]
+    fn broken_yaml_and_malformed_providers_get_reasons_a_user_can_act_on() {
+        for (yaml, expected) in [
+            // The unclosed bracket, not the type error serde meets first.
+            (
+                "listen: 127.0.0.1:8080\nproviders:\n  a: [\n",
+                "c.yaml:3:6: unclosed bracket '['",
+            ),
+            (
+                "providers:\n  a: {}\n",
+                "c.yaml:2:7: providers.a: a provider is one kind",
+            ),
+            (
+                "providers:\n  a:\n    basic: {username: u, password: p}\n    headers: {x: y}\n",
+                "c.yaml:4:5: providers.a.basic: a provider is one kind",
+            ),
+        ] {
+            let found = problems(yaml);
+            assert!(
+                found.len() == 1 && found[0].starts_with(expected),
+                "{yaml}: {found:?}"
+            );
+        }
+        // The list in those messages is serde's own list of kinds.
+        let unknown = problems("providers:\n  a:\n    nope: {}\n");
+        assert!(
+            unknown.len() == 1
+                && unknown[0].ends_with(&format!("expected one of {PROVIDER_KINDS}")),
+            "{unknown:?}"
+        );
     }
 
     #[test]

@@ -446,7 +446,7 @@ fn reload(shared: &Shared) -> Result<(), String> {
         tracing::warn!(
             "runtime.threads or runtime.shape changed: the runtime is built at start, so it keeps {} thread(s), {}, until a restart",
             old.config.threads,
-            old.config.shape.as_str()
+            old.config.shape.built(old.config.threads)
         );
     }
     let new = State::build(config, Some(&old))?;

@@ -128,7 +128,7 @@ impl Workers {
                 .collect()
         });
         serde_json::json!({
-            "shape": self.shape.as_str(),
+            "shape": self.shape.built(self.threads),
             "threads": self.threads,
             "connections_by_thread": by_thread,
         })
@@ -144,6 +144,19 @@ mod tests {
         let path = dir.path().join("c.yaml");
         std::fs::write(&path, yaml).expect("config written");
         crate::config::load(&path).expect("a valid config")
+    }
+
+    /// `/status` says what was built: one thread is a current_thread runtime whatever the shape.
+    #[test]
+    fn the_runtime_is_described_as_built() {
+        for (yaml, shape) in [
+            ("runtime: {threads: 1}\n", "current_thread"),
+            ("runtime: {threads: 1, shape: per_core}\n", "current_thread"),
+            ("runtime: {threads: 2}\n", "multi_thread"),
+        ] {
+            let (workers, _stop) = Workers::start(&config(yaml)).expect("threads start");
+            assert_eq!(workers.describe()["shape"], shape, "{yaml}");
+        }
     }
 
     #[test]
