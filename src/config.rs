@@ -417,10 +417,10 @@ fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error
     })
 }
 
-/// One provider: `kind: { settings }`, e.g. `basic: { username: …, password: … }`.
 /// The kinds of `ProviderFile`, for messages (a unit test keeps it equal to serde's own list).
 const PROVIDER_KINDS: &str = "basic, headers, oauth2, cloudneeti, cleancloud, token_exchange";
 
+/// One provider: `kind: { settings }`, e.g. `basic: { username: …, password: … }`.
 #[derive(Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 enum ProviderFile {

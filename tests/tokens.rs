@@ -195,6 +195,38 @@ routes:
     )
 }
 
+/// Cloudneeti documents no expiry, so an opaque token is kept for `token_ttl`; when the real
+/// lifetime is shorter (an admin's "Token Expiry" setting), the stale token's 401 costs one fetch
+/// and one retry, and the client sees only the 200.
+#[tokio::test]
+async fn an_opaque_cloudneeti_token_is_kept_for_token_ttl_and_a_shorter_life_costs_one_retry() {
+    let env = Env::new();
+    let (fake, issuer) = cloudneeti_fake(&env).await;
+    issuer.set_opaque(true);
+    issuer.set_ttl(Duration::from_secs(1));
+    let proxy = env
+        .proxy(&cloudneeti_yaml(fake.addr, "current", "").replace(
+            "      endpoint: current\n",
+            "      endpoint: current\n      token_ttl: 1h\n",
+        ))
+        .await;
+    let c = client(proxy.addr);
+    let url = format!("http://api.cloudneeti.com/onboarding/license/{LICENSE}/licenseAccounts");
+    assert_eq!(get(&c, &url).await.status(), 200);
+    let license = proxy.tokens("neeti").unwrap().snapshot();
+    let valid_for = license[0].valid_for_s.unwrap_or(0);
+    assert!(
+        valid_for > 3000,
+        "kept for token_ttl, not 1 s: {valid_for} s"
+    );
+    // The fake's token dies after 1 s; the proxy still holds it for an hour.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(get(&c, &url).await.status(), 200);
+    let tokens = proxy.tokens("neeti").unwrap();
+    assert_eq!(tokens.stats.retries_after_401.load(Ordering::Relaxed), 1);
+    assert_eq!(issuer.token_requests(), 2);
+}
+
 #[tokio::test]
 async fn cloudneeti_picks_license_or_account_tokens_by_path_for_both_endpoint_shapes() {
     for shape in ["current", "legacy"] {

@@ -46,6 +46,8 @@ struct State {
     tokens: HashMap<String, Entry>,
     auth_methods: Vec<&'static str>,
     token_bodies: Vec<&'static str>,
+    /// Issue opaque tokens instead of JWTs (no `exp` for a client to read).
+    opaque: bool,
 }
 
 /// A failure a token endpoint must answer with (see [`Issuer::token_request`]).
@@ -121,6 +123,7 @@ impl Issuer {
                 tokens: HashMap::new(),
                 auth_methods: Vec::new(),
                 token_bodies: Vec::new(),
+                opaque: false,
             }),
             token_requests: AtomicU64::new(0),
             serial: AtomicU64::new(0),
@@ -140,6 +143,12 @@ impl Issuer {
 
     pub fn ttl(&self) -> Duration {
         self.lock().ttl
+    }
+
+    /// From now on, tokens are opaque strings, not JWTs: a client cannot tell when they expire
+    /// (as for Cloudneeti, whose answers document no expiry and no token format).
+    pub fn set_opaque(&self, opaque: bool) {
+        self.lock().opaque = opaque;
     }
 
     pub fn set_mode(&self, mode: Mode) {
@@ -176,6 +185,11 @@ impl Issuer {
     pub fn issue(&self, scope: &str) -> String {
         let n = self.serial.fetch_add(1, Ordering::SeqCst);
         let ttl = self.ttl();
+        if self.lock().opaque {
+            let token = format!("{n:x}{:016x}{:016x}", random(n), random(n + 1));
+            self.store(token.clone(), scope, ttl, None);
+            return token;
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
