@@ -88,11 +88,11 @@ struct UpstreamFile {
     /// PEM files of extra CAs trusted for upstream TLS, on top of the system's roots.
     #[serde(default)]
     extra_ca_files: Vec<Spanned<String>>,
-    #[serde(default = "d10s", deserialize_with = "duration")]
-    connect_timeout: Duration,
+    #[serde(default = "sd10s")]
+    connect_timeout: Spanned<Dur>,
     /// How long to wait for the upstream's response headers (the body may take longer).
-    #[serde(default = "d60s", deserialize_with = "duration")]
-    response_timeout: Duration,
+    #[serde(default = "sd60s")]
+    response_timeout: Spanned<Dur>,
     /// Idle pooled connections are closed after this; keep it below the providers' keep-alive.
     #[serde(default = "d30s", deserialize_with = "duration")]
     pool_idle_timeout: Duration,
@@ -109,8 +109,8 @@ impl Default for UpstreamFile {
     fn default() -> Self {
         UpstreamFile {
             extra_ca_files: Vec::new(),
-            connect_timeout: d10s(),
-            response_timeout: d60s(),
+            connect_timeout: sd10s(),
+            response_timeout: sd60s(),
             pool_idle_timeout: d30s(),
             pin_connections: true,
             via: true,
@@ -125,8 +125,8 @@ struct LimitsFile {
     #[serde(default = "default_max_header_bytes")]
     max_header_bytes: Spanned<usize>,
     /// A client must send its request head within this time (slowloris).
-    #[serde(default = "d30s", deserialize_with = "duration")]
-    header_read_timeout: Duration,
+    #[serde(default = "sd30s")]
+    header_read_timeout: Spanned<Dur>,
     /// Client connections open at once, all listeners together; more are answered 503 and closed.
     #[serde(default = "default_max_connections")]
     max_connections: usize,
@@ -139,19 +139,19 @@ struct LimitsFile {
     replay_buffer: usize,
     /// A blind CONNECT tunnel or an upgraded (WebSocket) connection that carries no byte either
     /// way for this long is closed.
-    #[serde(default = "d15m", deserialize_with = "duration")]
-    tunnel_idle_timeout: Duration,
+    #[serde(default = "sd15m")]
+    tunnel_idle_timeout: Spanned<Dur>,
 }
 
 impl Default for LimitsFile {
     fn default() -> Self {
         LimitsFile {
             max_header_bytes: default_max_header_bytes(),
-            header_read_timeout: d30s(),
+            header_read_timeout: sd30s(),
             replay_buffer: default_replay_buffer(),
             drain_timeout: d10s(),
             max_connections: default_max_connections(),
-            tunnel_idle_timeout: d15m(),
+            tunnel_idle_timeout: sd15m(),
         }
     }
 }
@@ -285,10 +285,10 @@ struct CaFile {
     name_constraints: bool,
     /// Lifetime of minted leaf certificates.
     #[serde(default = "default_leaf_days")]
-    leaf_days: u32,
+    leaf_days: Spanned<u32>,
     /// How many hosts' leaf certificates are kept in memory.
     #[serde(default = "default_leaf_cache")]
-    leaf_cache: usize,
+    leaf_cache: Spanned<usize>,
 }
 
 impl Default for CaFile {
@@ -303,11 +303,11 @@ impl Default for CaFile {
     }
 }
 
-fn default_leaf_days() -> u32 {
-    7
+fn default_leaf_days() -> Spanned<u32> {
+    unlocated(7)
 }
-fn default_leaf_cache() -> usize {
-    1000
+fn default_leaf_cache() -> Spanned<usize> {
+    unlocated(1000)
 }
 
 /// How tokens are fetched and kept (every token provider).
@@ -315,16 +315,16 @@ fn default_leaf_cache() -> usize {
 #[serde(deny_unknown_fields)]
 struct TokensFile {
     /// One whole token request, connect to last byte.
-    #[serde(default = "d10s", deserialize_with = "duration")]
-    timeout: Duration,
+    #[serde(default = "sd10s")]
+    timeout: Spanned<Dur>,
     /// Refresh in the background when this fraction of a token's lifetime has passed.
     #[serde(default = "default_refresh_at")]
-    refresh_at: f64,
+    refresh_at: Spanned<f64>,
     /// After a failed token request, wait this long before the next (doubling up to `backoff_max`).
-    #[serde(default = "d1s", deserialize_with = "duration")]
-    backoff_initial: Duration,
-    #[serde(default = "d60s", deserialize_with = "duration")]
-    backoff_max: Duration,
+    #[serde(default = "sd1s")]
+    backoff_initial: Spanned<Dur>,
+    #[serde(default = "sd60s")]
+    backoff_max: Spanned<Dur>,
     /// Fetch each provider's default token at start; `/readyz` waits for them.
     #[serde(default)]
     prefetch: bool,
@@ -333,17 +333,17 @@ struct TokensFile {
 impl Default for TokensFile {
     fn default() -> Self {
         TokensFile {
-            timeout: d10s(),
+            timeout: sd10s(),
             refresh_at: default_refresh_at(),
-            backoff_initial: d1s(),
-            backoff_max: d60s(),
+            backoff_initial: sd1s(),
+            backoff_max: sd60s(),
             prefetch: false,
         }
     }
 }
 
-fn default_refresh_at() -> f64 {
-    0.8
+fn default_refresh_at() -> Spanned<f64> {
+    unlocated(0.8)
 }
 fn d1s() -> Duration {
     Duration::from_secs(1)
@@ -406,6 +406,33 @@ fn d15m() -> Duration {
 }
 fn d60s() -> Duration {
     Duration::from_secs(60)
+}
+
+/// A duration as written in the file (`500ms`, `10s`, `5m`), for keys whose problems point at
+/// their place (`Spanned<Dur>`).
+#[derive(Clone, Copy)]
+struct Dur(Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        duration(d).map(Dur)
+    }
+}
+
+fn sd1s() -> Spanned<Dur> {
+    unlocated(Dur(d1s()))
+}
+fn sd10s() -> Spanned<Dur> {
+    unlocated(Dur(d10s()))
+}
+fn sd30s() -> Spanned<Dur> {
+    unlocated(Dur(d30s()))
+}
+fn sd15m() -> Spanned<Dur> {
+    unlocated(Dur(d15m()))
+}
+fn sd60s() -> Spanned<Dur> {
+    unlocated(Dur(d60s()))
 }
 
 fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -772,6 +799,10 @@ fn parse(text: &str, file: &str) -> Result<File, ConfigError> {
         if key == "." || key == "?" {
             key.clear();
         }
+        // A value kept with its place (`Spanned`) adds a `value` step of its own to the path.
+        if let Some(k) = key.strip_suffix(".value") {
+            key.truncate(k.len());
+        }
         let mut reason = parse_reason(&e);
         // serde's words for a provider that is not one `kind: {…}` mapping ("expected string key
         // for externally tagged enum") say nothing to someone editing the file.
@@ -872,41 +903,42 @@ impl Validator<'_> {
         for (key, value, what) in [
             (
                 "limits.header_read_timeout",
-                raw.limits.header_read_timeout,
+                &raw.limits.header_read_timeout,
                 "how long a client may take to send a request head, and how long an idle connection is kept",
             ),
             (
                 "limits.tunnel_idle_timeout",
-                raw.limits.tunnel_idle_timeout,
+                &raw.limits.tunnel_idle_timeout,
                 "how long a tunnel or WebSocket connection may carry nothing",
             ),
             (
                 "upstream.connect_timeout",
-                raw.upstream.connect_timeout,
+                &raw.upstream.connect_timeout,
                 "how long a connection to an upstream may take",
             ),
             (
                 "upstream.response_timeout",
-                raw.upstream.response_timeout,
+                &raw.upstream.response_timeout,
                 "how long an upstream may take to answer",
             ),
             (
                 "tokens.timeout",
-                raw.tokens.timeout,
+                &raw.tokens.timeout,
                 "how long a token request may take",
             ),
             (
                 "tokens.backoff_initial",
-                raw.tokens.backoff_initial,
+                &raw.tokens.backoff_initial,
                 "the wait after a failed token request",
             ),
         ] {
-            if value.is_zero() {
-                self.problem_at_file(key, format!("must be more than 0 ({what})"));
+            if value.value.0.is_zero() {
+                self.problem(value, key, format!("must be more than 0 ({what})"));
             }
         }
-        if raw.tokens.backoff_max < raw.tokens.backoff_initial {
-            self.problem_at_file(
+        if raw.tokens.backoff_max.value.0 < raw.tokens.backoff_initial.value.0 {
+            self.problem(
+                &raw.tokens.backoff_max,
                 "tokens.backoff_max",
                 "must be at least tokens.backoff_initial (the longest wait after failed token requests)",
             );
@@ -919,8 +951,9 @@ impl Validator<'_> {
                 "must be at least 8192 (the smallest request-head buffer the HTTP/1 parser accepts)",
             );
         }
-        if !(0.1..=0.95).contains(&raw.tokens.refresh_at) {
-            self.problem_at_file(
+        if !(0.1..=0.95).contains(&raw.tokens.refresh_at.value) {
+            self.problem(
+                &raw.tokens.refresh_at,
                 "tokens.refresh_at",
                 "must be between 0.1 and 0.95 (a fraction of the token lifetime)",
             );
@@ -964,11 +997,11 @@ impl Validator<'_> {
             upstream,
             limits: Limits {
                 max_header_bytes: raw.limits.max_header_bytes.value,
-                header_read_timeout: raw.limits.header_read_timeout,
+                header_read_timeout: raw.limits.header_read_timeout.value.0,
                 replay_buffer: raw.limits.replay_buffer,
                 drain_timeout: raw.limits.drain_timeout,
                 max_connections: raw.limits.max_connections.max(1),
-                tunnel_idle_timeout: raw.limits.tunnel_idle_timeout,
+                tunnel_idle_timeout: raw.limits.tunnel_idle_timeout.value.0,
             },
             threads: resolve_threads(raw.runtime.threads),
             shape: raw.runtime.shape,
@@ -976,10 +1009,10 @@ impl Validator<'_> {
             local_endpoints,
             providers: providers.values().cloned().collect(),
             tokens: crate::token::Lifecycle {
-                timeout: raw.tokens.timeout,
-                refresh_at: raw.tokens.refresh_at,
-                backoff_initial: raw.tokens.backoff_initial,
-                backoff_max: raw.tokens.backoff_max,
+                timeout: raw.tokens.timeout.value.0,
+                refresh_at: raw.tokens.refresh_at.value,
+                backoff_initial: raw.tokens.backoff_initial.value.0,
+                backoff_max: raw.tokens.backoff_max.value.0,
                 prefetch: raw.tokens.prefetch,
             },
             admin: raw.admin.enabled.then_some(raw.admin.listen.value),
@@ -1054,8 +1087,11 @@ impl Validator<'_> {
                 (dir.join("ca.pem"), dir.join("ca-key.pem"), false)
             }
         };
-        if raw.leaf_days == 0 || raw.leaf_cache == 0 {
-            self.problem_at_file("ca", "leaf_days and leaf_cache must be at least 1");
+        if raw.leaf_days.value == 0 {
+            self.problem(&raw.leaf_days, "ca.leaf_days", "must be at least 1");
+        }
+        if raw.leaf_cache.value == 0 {
+            self.problem(&raw.leaf_cache, "ca.leaf_cache", "must be at least 1");
         }
         let constrain_to = raw.name_constraints.then(|| {
             let mut hosts: Vec<String> =
@@ -1071,8 +1107,8 @@ impl Validator<'_> {
                 user_supplied,
                 constrain_to,
             },
-            leaf_days: raw.leaf_days.max(1),
-            leaf_cache: raw.leaf_cache.max(1),
+            leaf_days: raw.leaf_days.value.max(1),
+            leaf_cache: raw.leaf_cache.value.max(1),
         }
     }
 
@@ -1087,8 +1123,8 @@ impl Validator<'_> {
         }
         Upstream {
             extra_roots,
-            connect_timeout: raw.connect_timeout,
-            response_timeout: raw.response_timeout,
+            connect_timeout: raw.connect_timeout.value.0,
+            response_timeout: raw.response_timeout.value.0,
             pool_idle_timeout: raw.pool_idle_timeout,
             pin_connections: raw.pin_connections,
             via: raw.via,
@@ -1364,7 +1400,12 @@ impl Validator<'_> {
                 .map(|(_, p)| crate::secret::Secret::new(providers::oauth2::decode(p)))
         });
         if userinfo.is_some_and(|u| u.contains(':')) {
-            self.warnings.push(format!("{}: {key}.proxy: the proxy password is written in the URL; prefer `proxy_password: env:NAME`", self.file));
+            self.warnings.push(format!(
+                "{}:{}:{}: {key}.proxy: the proxy password is written in the URL; prefer `proxy_password: env:NAME`",
+                self.file,
+                p.referenced.line(),
+                p.referenced.column()
+            ));
         }
         if let Some(u) = &raw.proxy_username {
             user = self
@@ -1923,18 +1964,17 @@ mod tests {
         let found = problems("limits: {header_read_timeout: 0s}\n");
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(
-            found[0].starts_with("c.yaml")
-                && found[0].contains("limits.header_read_timeout: must be more than 0"),
+            found[0].starts_with("c.yaml:1:31: limits.header_read_timeout: must be more than 0"),
             "{found:?}"
         );
         let found = problems(
             "upstream: {connect_timeout: 0s, response_timeout: 0ms}\ntokens: {timeout: 0s, backoff_initial: 0s}\n",
         );
         for key in [
-            "upstream.connect_timeout",
-            "upstream.response_timeout",
-            "tokens.timeout",
-            "tokens.backoff_initial",
+            "c.yaml:1:29: upstream.connect_timeout",
+            "c.yaml:1:51: upstream.response_timeout",
+            "c.yaml:2:19: tokens.timeout",
+            "c.yaml:2:40: tokens.backoff_initial",
         ] {
             let expected = format!("{key}: must be more than 0");
             assert!(
@@ -1950,7 +1990,15 @@ mod tests {
             "backoff_max below backoff_initial: {found:?}"
         );
         assert!(
-            found[0].contains("tokens.backoff_max: must be at least tokens.backoff_initial"),
+            found[0].starts_with(
+                "c.yaml:1:45: tokens.backoff_max: must be at least tokens.backoff_initial"
+            ),
+            "{found:?}"
+        );
+        let found = problems("tokens:\n  refresh_at: 1.5\n");
+        assert!(
+            found.len() == 1
+                && found[0].starts_with("c.yaml:2:15: tokens.refresh_at: must be between"),
             "{found:?}"
         );
     }
