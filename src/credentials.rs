@@ -48,6 +48,19 @@ pub async fn apply(
         set_all(route.client_auth, headers, list.iter().cloned());
         return Ok(None);
     }
+    if let Kind::CleanCloud(settings) = &provider.kind
+        && cleancloud::is_token_path(settings, req.path_and_query)
+    {
+        // Signed with the access code it would be refused (a 401 that would also cost the proxy
+        // its access code); signed with the user token it would hand the client credentials.
+        return Err(ProxyError::bad_request(
+            "token_endpoint",
+            format!(
+                "credproxy fetches CleanCloud access codes itself and signs every request on route `{}`: its token endpoint is not forwarded",
+                route.name
+            ),
+        ));
+    }
     let token_error = |cause: String| ProxyError::TokenUnavailable {
         provider: provider.name.clone(),
         cause,

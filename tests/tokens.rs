@@ -725,6 +725,21 @@ routes:
     .await;
     assert_eq!(r.status(), 201);
     assert_eq!(issuer.token_requests(), 2);
+
+    // The token endpoint is the proxy's business: not forwarded, and no token spent on it.
+    let before = fake.requests().len();
+    for url in [
+        "http://api.cleancloud.io/api_tokens",
+        "http://api.cleancloud.io/api_tokens/?x=1",
+    ] {
+        let r = get(&c, url).await;
+        assert_refused(&r, 400, "token_endpoint");
+    }
+    assert_eq!(fake.requests().len(), before);
+    assert_eq!(issuer.token_requests(), 2);
+    let r = get(&c, "http://api.cleancloud.io/clouds").await;
+    assert_eq!(r.status(), 200, "the access code is still good");
+    assert_eq!(issuer.token_requests(), 2);
 }
 
 #[tokio::test]

@@ -48,6 +48,17 @@ pub async fn fetch(
     })
 }
 
+/// Whether a request for `path_and_query` is one for the token endpoint (`{api_base}/api_tokens`).
+pub fn is_token_path(s: &Settings, path_and_query: &str) -> bool {
+    let base_path = s
+        .api_base
+        .parse::<http::Uri>()
+        .map(|u| u.path().trim_end_matches('/').to_string())
+        .unwrap_or_default();
+    let path = path_and_query.split('?').next().unwrap_or("");
+    path.trim_end_matches('/') == format!("{base_path}/api_tokens")
+}
+
 /// `GET {api_base}/api_tokens`, signed over the path it is sent to (`api_base` may have one).
 fn token_request(s: &Settings) -> Result<Request<crate::body::Body>, TokenError> {
     let uri: http::Uri = format!("{}/api_tokens", s.api_base)
