@@ -689,9 +689,21 @@ pub fn json_path<'a>(v: &'a serde_json::Value, path: &str) -> Option<&'a serde_j
     path.split('.').try_fold(v, |v, key| v.get(key))
 }
 
-/// Seconds as a JSON number or numeric string.
+/// A lifetime in seconds, as a JSON number or numeric string. A value no lifetime has (from
+/// 10^9 on: 31 years) is an expiry time written where a lifetime was expected (`expiresAt`): Unix
+/// seconds, or Unix milliseconds from 10^12 on; one already past gives `None`.
 pub fn json_seconds(v: &serde_json::Value) -> Option<Duration> {
     let secs: f64 = v.as_f64().or_else(|| v.as_str()?.trim().parse().ok())?;
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64())
+    };
+    let secs = match secs {
+        s if s >= 1e12 => s / 1000.0 - now(),
+        s if s >= 1e9 => s - now(),
+        s => s,
+    };
     // Not `from_secs_f64`, which panics past u64::MAX seconds.
     Duration::try_from_secs_f64(secs)
         .ok()
@@ -887,9 +899,32 @@ mod tests {
         assert!(json_seconds(&serde_json::json!(-5)).is_none());
         assert!(json_seconds(&serde_json::json!(0)).is_none());
         assert_eq!(
-            json_seconds(&serde_json::json!(1e18)),
-            Some(Duration::from_secs(1_000_000_000_000_000_000))
+            json_seconds(&serde_json::json!(3600)),
+            Some(Duration::from_secs(3600))
         );
+    }
+
+    #[test]
+    fn an_expiry_time_where_a_lifetime_was_expected_is_read_as_one() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs();
+        let about = |v: serde_json::Value, expected: u64| {
+            let got = json_seconds(&v).map(|d| d.as_secs());
+            assert!(
+                got.is_some_and(|g| g.abs_diff(expected) <= 2),
+                "{v}: {got:?}, not about {expected}"
+            );
+        };
+        about(serde_json::json!(now + 600), 600);
+        about(serde_json::json!((now + 600) * 1000), 600);
+        about(serde_json::json!((now + 600).to_string()), 600);
+        // Already past: no lifetime to go by.
+        assert!(json_seconds(&serde_json::json!(now - 60)).is_none());
+        assert!(json_seconds(&serde_json::json!((now - 60) * 1000)).is_none());
+        // Just under 10^9 s is still a (long) lifetime.
+        about(serde_json::json!(999_999_999), 999_999_999);
     }
 
     #[test]
