@@ -781,26 +781,44 @@ fn parse(text: &str, file: &str) -> Result<File, ConfigError> {
             })
         });
     result.map_err(|e| {
-        // serde reads as it parses, so a YAML syntax error later in the file (an unclosed `[`)
-        // can surface as a type error where the broken value starts. A pass that only checks the
-        // syntax finds the real cause; a file whose syntax is fine keeps the typed error.
+        let place = |e: &serde_saphyr::Error| {
+            e.location()
+                .filter(|l| l.line() > 0)
+                .map(|l| (l.line(), l.column()))
+        };
+        // serde reads as it parses, so a YAML syntax error (an unclosed `[`) can surface as a
+        // type error where the broken value starts. A pass that only checks the syntax finds the
+        // real cause; it is reported when it is a different error at or before the typed one's
+        // place (a duplicate key, found by both, keeps the typed error's key path).
         let syntax = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
             <serde::de::IgnoredAny as serde::Deserialize>::deserialize(de)
         });
         let (e, key_path) = match syntax {
-            Err(syntax) => (syntax, RefCell::new(String::new())),
-            Ok(_) => (e, key_path),
+            Err(syntax)
+                if parse_reason(&syntax) != parse_reason(&e)
+                    && place(&syntax).unwrap_or((u64::MAX, 0))
+                        <= place(&e).unwrap_or((u64::MAX, 0)) =>
+            {
+                (syntax, RefCell::new(String::new()))
+            }
+            _ => (e, key_path),
         };
-        let line_col = e
-            .location()
-            .filter(|l| l.line() > 0)
-            .map(|l| (l.line(), l.column()));
+        let line_col = place(&e);
         let mut key = key_path.into_inner();
         if key == "." || key == "?" {
             key.clear();
         }
-        // A value kept with its place (`Spanned`) adds a `value` step of its own to the path.
-        if let Some(k) = key.strip_suffix(".value") {
+        // `?` stands for a map key serde cannot name (a duplicate one): its map names the place.
+        if let Some(k) = key.strip_suffix(".?") {
+            key.truncate(k.len());
+        }
+        // A value kept with its place (`Spanned`) adds a `value` step of its own to the path;
+        // in a map of plain strings keyed by the user, `value` is the user's own key.
+        if let Some(k) = key.strip_suffix(".value")
+            && !["extra_params", "headers", "form", "send", "providers"]
+                .iter()
+                .any(|map| k == *map || k.ends_with(&format!(".{map}")))
+        {
             key.truncate(k.len());
         }
         let mut reason = parse_reason(&e);
@@ -809,8 +827,13 @@ fn parse(text: &str, file: &str) -> Result<File, ConfigError> {
         let provider_entry = key
             .strip_prefix("providers.")
             .is_some_and(|rest| rest.split('.').count() <= 2);
-        if provider_entry && reason.contains("enum") {
-            reason = format!("a provider is one kind, written as its only key: {PROVIDER_KINDS}");
+        let enum_shape = ["externally tagged enum", "enum variant", "expected mapping start"]
+            .iter()
+            .any(|words| reason.contains(words));
+        if provider_entry && enum_shape {
+            reason = format!(
+                "a provider is one kind with its settings, as its only key (`basic: {{username: …, password: …}}`); the kinds: {PROVIDER_KINDS}"
+            );
         }
         ConfigError {
             problems: vec![Problem {
@@ -836,9 +859,11 @@ fn parse_reason(e: &serde_saphyr::Error) -> String {
     if let Some(i) = s.rfind(" at line ") {
         s = &s[..i];
     }
-    // A hint meant for the library's user (us), not for someone editing the file.
-    if let Some(i) = s.find(", set DuplicateKeyPolicy") {
-        s = &s[..i];
+    // Hints meant for the library's user (us), not for someone editing the file.
+    for hint in [", set DuplicateKeyPolicy", "; use from_str_multiple"] {
+        if let Some(i) = s.find(hint) {
+            s = &s[..i];
+        }
     }
     s.to_string()
 }
@@ -936,12 +961,25 @@ impl Validator<'_> {
                 self.problem(value, key, format!("must be more than 0 ({what})"));
             }
         }
-        if raw.tokens.backoff_max.value.0 < raw.tokens.backoff_initial.value.0 {
-            self.problem(
-                &raw.tokens.backoff_max,
-                "tokens.backoff_max",
-                "must be at least tokens.backoff_initial (the longest wait after failed token requests)",
-            );
+        let (initial, max) = (&raw.tokens.backoff_initial, &raw.tokens.backoff_max);
+        if max.value.0 < initial.value.0 {
+            // Point at the one the user wrote: backoff_max may be its default.
+            if max.referenced.line() == 0 {
+                self.problem(
+                    initial,
+                    "tokens.backoff_initial",
+                    format!(
+                        "must be at most tokens.backoff_max ({}, its default; the longest wait after failed token requests)",
+                        humantime::format_duration(max.value.0)
+                    ),
+                );
+            } else {
+                self.problem(
+                    max,
+                    "tokens.backoff_max",
+                    "must be at least tokens.backoff_initial (the longest wait after failed token requests)",
+                );
+            }
         }
         let upstream = self.upstream(raw.upstream);
         if raw.limits.max_header_bytes.value < 8192 {
@@ -981,11 +1019,16 @@ impl Validator<'_> {
                 .chain(local_endpoints.iter().map(|e| e.listen))
                 .any(|other| same_socket(admin.value, other))
         {
+            let unset = if admin.referenced.line() == 0 {
+                " (admin.listen is not set, and this is its default): set admin.listen to another address, or admin.enabled: false"
+            } else {
+                ""
+            };
             self.problem(
                 admin,
                 "admin.listen",
                 format!(
-                    "{} is already used by another listener (`listen` or a local endpoint)",
+                    "{} is already used by another listener (`listen` or a local endpoint){unset}",
                     admin.value
                 ),
             );
@@ -1848,6 +1891,14 @@ mod tests {
         assert!(
             problems("listen: 127.0.0.1:18485\nadmin:\n  listen: 127.0.0.1:18486\n").is_empty()
         );
+        // Not written: the message says it is the default, and how to move it.
+        let found = problems("listen: 127.0.0.1:9190\n");
+        assert!(
+            found.len() == 1
+                && found[0].starts_with("c.yaml: admin.listen: 127.0.0.1:9190 is already used")
+                && found[0].contains("admin.listen is not set"),
+            "{found:?}"
+        );
         let found = problems("admin:\n  listen: 0.0.0.0:9190\n");
         assert!(
             found.len() == 1
@@ -1884,6 +1935,35 @@ mod tests {
             let found = problems(yaml);
             assert!(
                 found.len() == 1 && found[0].starts_with(expected),
+                "{yaml}: {found:?}"
+            );
+        }
+        // What the syntax pass must not take over: a duplicate key keeps its map's path, and a
+        // typed error before a bad tag later in the file stays the one reported.
+        for (yaml, expected) in [
+            (
+                "tokens:\n  timeout: 5s\n  timeout: 6s\n",
+                "c.yaml:3:3: tokens: duplicate mapping key: timeout",
+            ),
+            (
+                "limits: {header_read_timeout: 3}\nz: !!int abc\n",
+                "c.yaml:1:31: limits.header_read_timeout: `3` is not a duration",
+            ),
+            (
+                "listen: 127.0.0.1:8080\n---\nlisten: 127.0.0.1:8081\n",
+                "c.yaml:3:1: multiple YAML documents detected",
+            ),
+            // A user's own key named `value` is not mistaken for the place-keeping wrapper's.
+            (
+                "providers:\n  a:\n    oauth2: {token_url: 'https://x/t', client_id: i, client_secret: s, extra_params: {value: [1]}}\n",
+                "c.yaml:3:94: providers.a.oauth2.extra_params.value: expected string scalar",
+            ),
+        ] {
+            let found = problems(yaml);
+            assert!(
+                found.len() == 1
+                    && found[0].starts_with(expected)
+                    && (expected.ends_with("detected") == found[0].ends_with("detected")),
                 "{yaml}: {found:?}"
             );
         }
@@ -1993,6 +2073,14 @@ mod tests {
             found[0].starts_with(
                 "c.yaml:1:45: tokens.backoff_max: must be at least tokens.backoff_initial"
             ),
+            "{found:?}"
+        );
+        let found = problems("tokens: {backoff_initial: 2m}\n");
+        assert!(
+            found.len() == 1
+                && found[0].starts_with(
+                    "c.yaml:1:27: tokens.backoff_initial: must be at most tokens.backoff_max (1m, its default"
+                ),
             "{found:?}"
         );
         let found = problems("tokens:\n  refresh_at: 1.5\n");

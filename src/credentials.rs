@@ -49,6 +49,7 @@ pub async fn apply(
         return Ok(None);
     }
     if let Kind::CleanCloud(settings) = &provider.kind
+        && req.method == Method::GET
         && cleancloud::is_token_path(settings, req.path_and_query)
     {
         // Signed with the access code it would be refused (a 401 that would also cost the proxy

@@ -691,7 +691,9 @@ pub fn json_path<'a>(v: &'a serde_json::Value, path: &str) -> Option<&'a serde_j
 
 /// A lifetime in seconds, as a JSON number or numeric string. A value no lifetime has (from
 /// 10^9 on: 31 years) is an expiry time written where a lifetime was expected (`expiresAt`): Unix
-/// seconds, or Unix milliseconds from 10^12 on; one already past gives `None`.
+/// seconds, or Unix milliseconds from 10^12 on. One already past gives `None`, so the JWT's `exp`
+/// or the configured lifetime applies: a token server whose clock is behind ours must not cause a
+/// fetch every second, and a token that really is dead costs one 401 and a retry.
 pub fn json_seconds(v: &serde_json::Value) -> Option<Duration> {
     let secs: f64 = v.as_f64().or_else(|| v.as_str()?.trim().parse().ok())?;
     let now = || {

@@ -644,9 +644,12 @@ async fn wildcard_routes_get_one_token_per_matched_host() {
 const USER_CODE: &str = "UTCODE123";
 const USER_SECRET: &str = "utsecret456";
 
-#[tokio::test]
-async fn cleancloud_requests_are_signed_and_oversized_bodies_refused() {
-    let env = Env::new();
+/// The fake CleanCloud (access codes for an hour) and a proxy whose `cc` provider has
+/// `max_body: 2048` and `settings` (more provider keys, each line indented by six spaces).
+async fn cleancloud_proxy(
+    env: &Env,
+    settings: &str,
+) -> (FakeServer, Arc<Issuer>, credproxy::Running) {
     let issuer = Issuer::new(Duration::from_secs(3600));
     let fake = serve_with_issuer(
         listener().await,
@@ -667,7 +670,7 @@ async fn cleancloud_requests_are_signed_and_oversized_bodies_refused() {
       user_secret: '{USER_SECRET}'
       max_body: 2048
       connect_to: '{}'
-routes:
+{settings}routes:
   - host: api.cleancloud.io
     provider: cc
     connect_to: '{}'
@@ -675,6 +678,38 @@ routes:
             fake.addr, fake.addr
         ))
         .await;
+    (fake, issuer, proxy)
+}
+
+/// With an `api_base` that has a path (a gateway in front), the token request goes there and is
+/// signed over that whole path, which the fake checks with its own verifier.
+#[tokio::test]
+async fn a_cleancloud_api_base_with_a_path_is_signed_over_that_path() {
+    let env = Env::new();
+    let (fake, issuer, proxy) =
+        cleancloud_proxy(&env, "      api_base: https://api.cleancloud.io/gw/v1\n").await;
+    let c = client(proxy.addr);
+    let r = get(&c, "http://api.cleancloud.io/clouds").await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(issuer.token_requests(), 1);
+    let paths: Vec<String> = fake
+        .requests()
+        .iter()
+        .map(|r| r.uri.path().to_string())
+        .collect();
+    assert_eq!(paths, ["/gw/v1/api_tokens", "/clouds"]);
+    // That token endpoint is the proxy's business too.
+    assert_refused(
+        &get(&c, "http://api.cleancloud.io/gw/v1/api_tokens").await,
+        400,
+        "token_endpoint",
+    );
+}
+
+#[tokio::test]
+async fn cleancloud_requests_are_signed_and_oversized_bodies_refused() {
+    let env = Env::new();
+    let (fake, issuer, proxy) = cleancloud_proxy(&env, "").await;
     let c = client(proxy.addr);
     let r = get(&c, "http://api.cleancloud.io/clouds?page=1").await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());

@@ -129,7 +129,8 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Response<Body> {
     let (settings, issuer) = (&*settings, &*issuer);
-    if req.uri().path() == "/api_tokens" && req.method() == Method::GET {
+    // Under any prefix, for an `api_base` with a path (a gateway in front, say).
+    if req.uri().path().ends_with("/api_tokens") && req.method() == Method::GET {
         return api_tokens(settings, issuer, req).await;
     }
 
@@ -196,7 +197,7 @@ async fn api_tokens(
             &settings.user_code,
             &settings.user_secret,
             "GET",
-            "/api_tokens",
+            req.uri().path(),
             b"",
         )
     });
