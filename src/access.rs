@@ -3,10 +3,22 @@
 
 use http::{HeaderMap, header};
 
+/// The host a request is addressed to: its `Host`, or (HTTP/2, absolute form) its URI's
+/// authority.
+pub fn host_of<'a>(
+    headers: &'a HeaderMap,
+    authority: Option<&'a http::uri::Authority>,
+) -> Option<&'a str> {
+    headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or(authority.map(|a| a.as_str()))
+}
+
 /// The request is addressed to a loopback host (`localhost`, `127.x`, `[::1]`), any port.
-/// Requests without a Host (HTTP/2 without :authority) pass: browsers always send one.
-pub fn loopback_host(headers: &HeaderMap) -> bool {
-    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+/// Requests with no host at all (HTTP/1.0 without Host) pass: browsers always send one.
+pub fn loopback_host(host: Option<&str>) -> bool {
+    let Some(host) = host else {
         return true;
     };
     let name = match host.strip_prefix('[') {
@@ -222,6 +234,7 @@ impl Access {
         &self,
         peer: std::net::IpAddr,
         headers: &HeaderMap,
+        authority: Option<&http::uri::Authority>,
         through: Through,
         verified: &std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
     ) -> Result<Check, Refusal> {
@@ -237,11 +250,9 @@ impl Access {
         if !client_ok {
             return Err(Refusal::Client);
         }
-        if through == Through::LocalEndpoint && !loopback_host(headers) {
-            let host = headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("");
+        let request_host = host_of(headers, authority);
+        if through == Through::LocalEndpoint && !loopback_host(request_host) {
+            let host = request_host.unwrap_or("");
             let name = host
                 .rsplit_once(':')
                 .map_or(host, |(h, _)| h)
@@ -254,7 +265,7 @@ impl Access {
                 return Err(Refusal::Host);
             }
         }
-        if browser_cross_site(headers, &self.allow_origins) {
+        if browser_cross_site(headers, request_host.unwrap_or(""), &self.allow_origins) {
             return Err(Refusal::Browser);
         }
         if through == Through::ForwardProxy && !self.proxy_users.is_empty() {
@@ -314,8 +325,8 @@ impl Access {
 }
 
 /// A browser marks cross-site requests: `Sec-Fetch-Site: cross-site|same-site`, or (older
-/// browsers) an `Origin` whose host is not the request's own.
-fn browser_cross_site(headers: &HeaderMap, allowed: &[String]) -> bool {
+/// browsers) an `Origin` whose host and port are not those of `host`, the request's own.
+fn browser_cross_site(headers: &HeaderMap, host: &str, allowed: &[String]) -> bool {
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
     if origin.is_some_and(|o| allowed.iter().any(|a| a.eq_ignore_ascii_case(o))) {
         return false;
@@ -324,11 +335,17 @@ fn browser_cross_site(headers: &HeaderMap, allowed: &[String]) -> bool {
         return matches!(site, "cross-site" | "same-site");
     }
     let Some(origin) = origin else { return false };
-    let origin_host = origin.split("://").nth(1).unwrap_or(origin);
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("");
+    let (scheme, origin_host) = origin.split_once("://").unwrap_or(("", origin));
+    // `http://h:80` is the origin `http://h`, as a browser writes it.
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" => ":80",
+        "https" => ":443",
+        _ => "",
+    };
+    let origin_host = match origin_host.strip_suffix(default_port) {
+        Some(h) if !default_port.is_empty() => h,
+        _ => origin_host,
+    };
     !origin_host.eq_ignore_ascii_case(host)
 }
 
@@ -371,19 +388,44 @@ mod tests {
         let local_host = host("localhost:8081");
         // The forward proxy: a remote client may try, with a password.
         assert!(matches!(
-            access.check(remote, &local_host, Through::ForwardProxy, &verified),
+            access.check(remote, &local_host, None, Through::ForwardProxy, &verified),
             Ok(Check::VerifyPassword(_))
         ));
         // Inside a tunnel whose CONNECT passed the password check: no password again.
         assert!(matches!(
-            access.check(remote, &local_host, Through::Tunnel, &verified),
+            access.check(remote, &local_host, None, Through::Tunnel, &verified),
             Ok(Check::Passed)
         ));
         // A local endpoint takes no password, so a remote client is refused outright.
         assert!(matches!(
-            access.check(remote, &local_host, Through::LocalEndpoint, &verified),
+            access.check(remote, &local_host, None, Through::LocalEndpoint, &verified),
             Err(Refusal::Client)
         ));
+    }
+
+    #[test]
+    fn an_origin_is_compared_with_the_requests_host_and_port() {
+        let origin = |o: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::ORIGIN, o.parse().expect("header"));
+            m
+        };
+        for (o, host, cross) in [
+            ("http://api.example", "api.example", false),
+            ("http://api.example:80", "api.example", false),
+            ("https://api.example:443", "api.example", false),
+            ("http://localhost:8081", "localhost:8081", false),
+            ("http://localhost:8082", "localhost:8081", true),
+            ("http://api.example:8080", "api.example", true),
+            ("https://evil.example", "api.example", true),
+            ("https://evil.example", "", true),
+        ] {
+            assert_eq!(
+                browser_cross_site(&origin(o), host, &[]),
+                cross,
+                "{o} {host}"
+            );
+        }
     }
 
     #[test]
@@ -395,14 +437,14 @@ mod tests {
             "127.0.0.2",
             "LOCALHOST",
         ] {
-            assert!(loopback_host(&host(ok)), "{ok}");
+            assert!(loopback_host(Some(ok)), "{ok}");
         }
         for bad in [
             "evil.example:9090",
             "10.0.0.1:9090",
             "localhost.evil.example",
         ] {
-            assert!(!loopback_host(&host(bad)), "{bad}");
+            assert!(!loopback_host(Some(bad)), "{bad}");
         }
     }
 }

@@ -54,7 +54,7 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
 
 async fn handle(shared: &Shared, ready: &AtomicBool, req: Request<Incoming>) -> Response<Body> {
     // A web page must not reach the admin port through DNS rebinding: only loopback names.
-    if !crate::access::loopback_host(req.headers()) {
+    if !crate::access::loopback_host(crate::access::host_of(req.headers(), req.uri().authority())) {
         return json(
             StatusCode::FORBIDDEN,
             serde_json::json!({"error": "host_not_allowed", "message": "the admin endpoints answer only requests addressed to a loopback host"}),

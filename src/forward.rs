@@ -64,6 +64,7 @@ pub async fn serve(
     let checked = state.config.access.check(
         peer.ip(),
         req.headers(),
+        req.uri().authority(),
         match entry {
             Entry::Proxy => Through::ForwardProxy,
             Entry::Intercepted(_) => Through::Tunnel,

@@ -169,6 +169,32 @@ async fn local_endpoints_refuse_rebinding_hosts_and_cross_site_browsers() {
         200
     );
     assert_eq!(fake.requests().len(), 3);
+
+    // Over HTTP/2 the request's host is its :authority (there is no Host header): a same-origin
+    // request passes, another origin and a rebinding authority do not.
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let same = send(h2.get(&url).header("origin", format!("http://{local}"))).await;
+    assert_eq!(same.version(), reqwest::Version::HTTP_2);
+    assert_eq!(same.status(), 200);
+    refused(
+        send(h2.get(&url).header("origin", "http://evil.example")).await,
+        403,
+        "browser_request_refused",
+    )
+    .await;
+    let rebound = format!("http://evil.example:{}/x", local.port());
+    let rebinding = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .resolve("evil.example", local)
+        .build()
+        .unwrap();
+    refused(send(rebinding.get(&rebound)).await, 403, "host_not_allowed").await;
+    assert_eq!(fake.requests().len(), 4);
 }
 
 #[test]
