@@ -61,6 +61,18 @@ pub async fn serve(
 ) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
+    // RFC 9112 §3.2: two Hosts make the target ambiguous (the checks and the upstream could each
+    // read a different one).
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        let err = ProxyError::bad_request(
+            "duplicate_host",
+            "the request has more than one Host header",
+        );
+        tracing::warn!(%peer, code = err.code(), "request refused");
+        let response = err.into_response(None);
+        state.stats(None).request(response.status().as_u16());
+        return response;
+    }
     let checked = state.config.access.check(
         peer.ip(),
         req.headers(),

@@ -746,10 +746,14 @@ pub async fn check_source(config: &Config, egress: &Egress, url: &str) -> Result
         .chars()
         .take(200)
         .collect::<String>();
-    if status.is_success() {
-        Ok(first)
-    } else {
+    if !status.is_success() {
         Err(format!("HTTP {status}: {first}"))
+    } else if first.is_empty() {
+        Err(format!(
+            "HTTP {status} with an empty answer: the service must answer with the address it sees"
+        ))
+    } else {
+        Ok(first)
     }
 }
 

@@ -297,5 +297,16 @@ routes:
     let out = egress_check(&["--route", "bound", "--url", &url], &config);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.lines().count(), 1, "{text}");
+
+    // A service that answers nothing is no evidence of the source address: a failure.
+    let empty = format!("http://{}/status/204", whatismyip.addr);
+    let out = egress_check(&["--route", "bound", "--url", &empty], &config);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(all.contains("with an empty answer"), "{all}");
     let _: SocketAddr = whatismyip.addr;
 }

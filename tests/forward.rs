@@ -590,7 +590,7 @@ async fn malformed_requests_get_precise_4xx() {
     let proxy = env
         .proxy(&echo_route_yaml(fake.addr, "api.example.com", "replace"))
         .await;
-    let cases: [(&[u8], &str, Option<&str>); 6] = [
+    let cases: [(&[u8], &str, Option<&str>); 7] = [
         (
             b"GET http://[oops/ HTTP/1.1\r\nHost: x\r\n\r\n",
             "HTTP/1.1 400",
@@ -620,6 +620,11 @@ async fn malformed_requests_get_precise_4xx() {
             b"CONNECT other.example.com:443 HTTP/1.1\r\nHost: other.example.com:443\r\n\r\n",
             "HTTP/1.1 403",
             Some("host_denied"),
+        ),
+        (
+            b"GET http://api.example.com/__echo HTTP/1.1\r\nHost: api.example.com\r\nHost: evil.example\r\n\r\n",
+            "HTTP/1.1 400",
+            Some("duplicate_host"),
         ),
     ];
     for (req, status, code) in cases {
