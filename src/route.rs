@@ -342,7 +342,9 @@ pub fn normalize_host(host: &str) -> String {
             .parse::<std::net::Ipv6Addr>()
             .map_or_else(|_| v6.to_ascii_lowercase(), |ip| ip.to_string());
     }
-    host.trim_end_matches('.').to_ascii_lowercase()
+    // One trailing dot is the same name, fully qualified; `host..` is no DNS name, and stays
+    // unlike every route.
+    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
 }
 
 #[cfg(test)]
@@ -376,6 +378,13 @@ mod tests {
         assert!(!p.matches("api.openvpn.com", 443));
         assert!(!p.matches("a.b.api.openvpn.com", 443));
         assert!(!p.matches("acmeapi.openvpn.com", 443));
+    }
+
+    #[test]
+    fn one_trailing_dot_is_the_same_name_and_two_are_not() {
+        let p = HostPattern::parse("api.example.com").expect("valid");
+        assert!(p.matches(&normalize_host("API.example.com."), 443));
+        assert!(!p.matches(&normalize_host("api.example.com.."), 443));
     }
 
     #[test]
