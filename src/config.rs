@@ -879,14 +879,32 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn problem<T>(&mut self, at: &Spanned<T>, key: impl Into<String>, reason: impl Into<String>) {
+    /// `reason` about `key`, at the place of `at` in the file (when it was written there).
+    fn placed<T>(
+        &self,
+        at: &Spanned<T>,
+        key: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Problem {
         let loc = &at.referenced;
-        self.problems.push(Problem {
+        Problem {
             file: self.file.to_string(),
             line_col: (loc.line() > 0).then(|| (loc.line(), loc.column())),
             key: key.into(),
             reason: reason.into(),
-        });
+        }
+    }
+
+    fn problem<T>(&mut self, at: &Spanned<T>, key: impl Into<String>, reason: impl Into<String>) {
+        let problem = self.placed(at, key, reason);
+        self.problems.push(problem);
+    }
+
+    /// A warning, printed as a problem is (`FILE:LINE:COL: key: reason`), that does not stop
+    /// the load.
+    fn warn<T>(&mut self, at: &Spanned<T>, key: impl Into<String>, reason: impl Into<String>) {
+        let warning = self.placed(at, key, reason).to_string();
+        self.warnings.push(warning);
     }
 
     /// A problem with no better place than the file itself.
@@ -906,12 +924,11 @@ impl Validator<'_> {
         warn_literal: bool,
     ) -> Option<secret::Secret> {
         if warn_literal && secret::source_of(&value.value) == secret::Source::Literal {
-            self.warnings.push(format!(
-                "{}:{}:{}: {key}: the secret is written in the config file; prefer `env:NAME` or `file:PATH`",
-                self.file,
-                value.referenced.line(),
-                value.referenced.column()
-            ));
+            self.warn(
+                value,
+                key,
+                "the secret is written in the config file; prefer `env:NAME` or `file:PATH`",
+            );
         }
         match secret::resolve(&value.value) {
             Ok(s) => Some(s),
@@ -1443,12 +1460,11 @@ impl Validator<'_> {
                 .map(|(_, p)| crate::secret::Secret::new(providers::oauth2::decode(p)))
         });
         if userinfo.is_some_and(|u| u.contains(':')) {
-            self.warnings.push(format!(
-                "{}:{}:{}: {key}.proxy: the proxy password is written in the URL; prefer `proxy_password: env:NAME`",
-                self.file,
-                p.referenced.line(),
-                p.referenced.column()
-            ));
+            self.warn(
+                p,
+                format!("{key}.proxy"),
+                "the proxy password is written in the URL; prefer `proxy_password: env:NAME`",
+            );
         }
         if let Some(u) = &raw.proxy_username {
             user = self
