@@ -46,6 +46,14 @@ fn path_and_query(uri: &Uri) -> PathAndQuery {
         .unwrap_or_else(|| PathAndQuery::from_static("/"))
 }
 
+/// A request refused before routing: logged, counted, answered.
+fn refused(state: &State, peer: SocketAddr, err: ProxyError) -> Response<Body> {
+    tracing::warn!(%peer, code = err.code(), "request refused");
+    let response = err.into_response(None);
+    state.stats(None).request(response.status().as_u16());
+    response
+}
+
 /// Serves one request and never fails: every error becomes a JSON response. `pinned` is the
 /// client connection's own upstream connection, if any.
 ///
@@ -68,10 +76,7 @@ pub async fn serve(
             "duplicate_host",
             "the request has more than one Host header",
         );
-        tracing::warn!(%peer, code = err.code(), "request refused");
-        let response = err.into_response(None);
-        state.stats(None).request(response.status().as_u16());
-        return response;
+        return refused(&state, peer, err);
     }
     let checked = state.config.access.check(
         peer.ip(),
@@ -119,10 +124,7 @@ pub async fn serve(
                 message: "a web page on another site sent this request; allow its origin in access.allow_origins if you meant to".into(),
             },
         };
-        tracing::warn!(%peer, code = err.code(), "request refused");
-        let response = err.into_response(None);
-        state.stats(None).request(response.status().as_u16());
-        return response;
+        return refused(&state, peer, err);
     }
     if req.method() == Method::CONNECT && matches!(entry, Entry::Proxy) {
         let authority = req.uri().to_string();
