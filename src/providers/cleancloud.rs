@@ -48,22 +48,20 @@ pub async fn fetch(
     })
 }
 
-/// Whether a request for `path_and_query` is one for the token endpoint (`{api_base}/api_tokens`).
-pub fn is_token_path(s: &Settings, path_and_query: &str) -> bool {
-    let base_path = s
-        .api_base
-        .parse::<http::Uri>()
-        .map(|u| u.path().trim_end_matches('/').to_string())
-        .unwrap_or_default();
-    let path = path_and_query.split('?').next().unwrap_or("");
-    path.trim_end_matches('/') == format!("{base_path}/api_tokens")
+/// The token endpoint, `{api_base}/api_tokens` (`api_base` may have a path).
+fn token_uri(s: &Settings) -> Result<http::Uri, http::uri::InvalidUri> {
+    format!("{}/api_tokens", s.api_base).parse()
 }
 
-/// `GET {api_base}/api_tokens`, signed over the path it is sent to (`api_base` may have one).
+/// Whether a request for `path_and_query` is one for the token endpoint.
+pub fn is_token_path(s: &Settings, path_and_query: &str) -> bool {
+    let path = path_and_query.split('?').next().unwrap_or("");
+    token_uri(s).is_ok_and(|uri| path.trim_end_matches('/') == uri.path())
+}
+
+/// `GET` of the token endpoint, signed over the path it is sent to.
 fn token_request(s: &Settings) -> Result<Request<crate::body::Body>, TokenError> {
-    let uri: http::Uri = format!("{}/api_tokens", s.api_base)
-        .parse()
-        .map_err(|e| TokenError::Config(format!("api_base: {e}")))?;
+    let uri = token_uri(s).map_err(|e| TokenError::Config(format!("api_base: {e}")))?;
     let auth = authorization(
         s.user_code.expose(),
         s.user_secret.expose(),
