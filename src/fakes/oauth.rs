@@ -248,6 +248,13 @@ async fn token(settings: &Settings, issuer: &Issuer, req: Request<Incoming>) -> 
     let find = |pairs: &[(String, String)], k: &str| {
         pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
     };
+    let json_field = |k: &str| {
+        json_body
+            .as_ref()
+            .and_then(|b| b.get(k))
+            .and_then(Value::as_str)
+            .map(String::from)
+    };
 
     let credentials = if let Some(c) = basic_credentials(&parts.headers) {
         Some(("basic", c))
@@ -262,14 +269,12 @@ async fn token(settings: &Settings, issuer: &Issuer, req: Request<Incoming>) -> 
             (id, find(&form, "client_secret").unwrap_or_default()),
         ))
     } else {
-        let field = |k: &str| {
-            json_body
-                .as_ref()
-                .and_then(|b| b.get(k))
-                .and_then(Value::as_str)
-                .map(String::from)
-        };
-        field("client_id").map(|id| ("json", (id, field("client_secret").unwrap_or_default())))
+        json_field("client_id").map(|id| {
+            (
+                "json",
+                (id, json_field("client_secret").unwrap_or_default()),
+            )
+        })
     };
     let Some((method, (id, secret))) = credentials else {
         return bad_credentials();
@@ -290,13 +295,7 @@ async fn token(settings: &Settings, issuer: &Issuer, req: Request<Incoming>) -> 
 
     let grant_type = find(&query, "grant_type")
         .or_else(|| find(&form, "grant_type"))
-        .or_else(|| {
-            json_body
-                .as_ref()
-                .and_then(|b| b.get("grant_type"))
-                .and_then(Value::as_str)
-                .map(String::from)
-        });
+        .or_else(|| json_field("grant_type"));
     match grant_type.as_deref() {
         None => return json_response(StatusCode::BAD_REQUEST, json!({"error": "invalid_request"})),
         Some("client_credentials") => {}
