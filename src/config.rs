@@ -345,9 +345,6 @@ impl Default for TokensFile {
 fn default_refresh_at() -> Spanned<f64> {
     unlocated(0.8)
 }
-fn d1s() -> Duration {
-    Duration::from_secs(1)
-}
 fn d30m() -> Duration {
     Duration::from_secs(30 * 60)
 }
@@ -401,12 +398,6 @@ fn d10s() -> Duration {
 fn d30s() -> Duration {
     Duration::from_secs(30)
 }
-fn d15m() -> Duration {
-    Duration::from_secs(15 * 60)
-}
-fn d60s() -> Duration {
-    Duration::from_secs(60)
-}
 
 /// A duration as written in the file (`500ms`, `10s`, `5m`), for keys whose problems point at
 /// their place (`Spanned<Dur>`).
@@ -419,20 +410,24 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// A default duration of `secs` seconds, written nowhere in the file.
+fn default_secs(secs: u64) -> Spanned<Dur> {
+    unlocated(Dur(Duration::from_secs(secs)))
+}
 fn sd1s() -> Spanned<Dur> {
-    unlocated(Dur(d1s()))
+    default_secs(1)
 }
 fn sd10s() -> Spanned<Dur> {
-    unlocated(Dur(d10s()))
+    default_secs(10)
 }
 fn sd30s() -> Spanned<Dur> {
-    unlocated(Dur(d30s()))
+    default_secs(30)
 }
 fn sd15m() -> Spanned<Dur> {
-    unlocated(Dur(d15m()))
+    default_secs(15 * 60)
 }
 fn sd60s() -> Spanned<Dur> {
-    unlocated(Dur(d60s()))
+    default_secs(60)
 }
 
 fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
