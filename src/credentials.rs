@@ -31,6 +31,12 @@ pub async fn apply(
     headers: &mut HeaderMap,
 ) -> Result<Option<TokenUse>, ProxyError> {
     let provider = &route.provider;
+    if is_trace(req.method) {
+        return Err(ProxyError::TraceRefused {
+            method: req.method.to_string(),
+            route: route.name.clone(),
+        });
+    }
     let names = provider.header_names();
     match route.client_auth {
         ClientAuth::Reject => {
@@ -48,9 +54,7 @@ pub async fn apply(
         set_all(route.client_auth, headers, list.iter().cloned());
         return Ok(None);
     }
-    if let Kind::CleanCloud(settings) = &provider.kind
-        && req.method == Method::GET
-        && cleancloud::is_token_path(settings, req.path_and_query)
+    if matches!(provider.kind, Kind::CleanCloud(_)) && cleancloud::is_token_path(req.path_and_query)
     {
         // Signed with the access code it would be refused (a 401 that would also cost the proxy
         // its access code); signed with the user token it would hand the client credentials.
@@ -111,6 +115,14 @@ pub async fn apply(
         scope,
         generation: token.generation,
     }))
+}
+
+/// `TRACE` (and IIS's `TRACK`) asks the server to send the request back as it received it: with
+/// the credentials the proxy added, to a client that must never hold them.
+fn is_trace(method: &Method) -> bool {
+    ["TRACE", "TRACK"]
+        .iter()
+        .any(|m| method.as_str().eq_ignore_ascii_case(m))
 }
 
 /// Sets the provider's headers; says whether any of the client's own was kept instead.

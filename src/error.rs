@@ -61,6 +61,10 @@ pub enum ProxyError {
     },
     #[error("reading the request body failed: {cause}")]
     ClientBody { cause: String },
+    #[error(
+        "{method} is not forwarded on route `{route}`: the server would send back the request as it received it, with the credentials the proxy adds"
+    )]
+    TraceRefused { method: String, route: String },
     #[error("HTTPS to {host} cannot be intercepted: {cause}")]
     InterceptRefused { host: String, cause: String },
     #[error("{message}")]
@@ -91,6 +95,7 @@ impl ProxyError {
                 StatusCode::FORBIDDEN
             }
             ProxyError::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            ProxyError::TraceRefused { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Denied { .. } | ProxyError::PathDenied { .. } => StatusCode::FORBIDDEN,
@@ -121,6 +126,7 @@ impl ProxyError {
             ProxyError::InterceptRefused { .. } => "intercept_refused",
             ProxyError::Refused { code, .. } => code,
             ProxyError::ProxyAuthRequired => "proxy_auth_required",
+            ProxyError::TraceRefused { .. } => "trace_refused",
             ProxyError::TooManyConnections => "too_many_connections",
         }
     }
@@ -142,6 +148,13 @@ impl ProxyError {
         headers.insert("x-credproxy-error", HeaderValue::from_static(self.code()));
         if matches!(self, ProxyError::TooManyConnections) {
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, ProxyError::TraceRefused { .. }) {
+            // RFC 9110 §15.5.6: a 405 lists the methods that are allowed.
+            headers.insert(
+                http::header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
         }
         if matches!(self, ProxyError::ProxyAuthRequired) {
             headers.insert(

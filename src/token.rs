@@ -544,7 +544,8 @@ pub async fn call(
     req: Request<Body>,
     secrets: &[&Secret],
 ) -> Result<Answer, TokenError> {
-    let endpoint = redact(endpoint_of(req.uri()), secrets);
+    let blanks = Blanks::new(secrets, req.headers());
+    let endpoint = blanks.apply(endpoint_of(req.uri()));
     let resp = client
         .request(req)
         .await
@@ -566,7 +567,7 @@ pub async fn call(
         return Err(TokenError::Status {
             endpoint,
             status: status.as_u16(),
-            excerpt: excerpt(&body, secrets),
+            excerpt: excerpt(&body, &blanks),
             retry_after: (status == StatusCode::TOO_MANY_REQUESTS)
                 .then(|| retry_after(&parts.headers))
                 .flatten(),
@@ -597,28 +598,78 @@ pub fn endpoint_of(uri: &http::Uri) -> String {
     )
 }
 
-/// `text` with every secret replaced, as written and as percent-encoded.
-fn redact(mut text: String, secrets: &[&Secret]) -> String {
-    for s in secrets {
-        let s = s.expose();
-        if !s.is_empty() {
-            text = text.replace(s, "[redacted]");
-            let encoded = crate::providers::oauth2::encode(s);
-            if encoded != s {
-                text = text.replace(&encoded, "[redacted]");
+/// What must never be quoted from a token endpoint's answer, which may repeat the request: each
+/// secret as written, percent-encoded and JSON-escaped, and the credential headers the request
+/// carried (HTTP Basic's base64, a signature), which are made from secrets without containing them.
+pub struct Blanks(Vec<String>);
+
+impl Blanks {
+    pub fn new(secrets: &[&Secret], headers: &HeaderMap) -> Blanks {
+        let mut all = Vec::new();
+        for s in secrets {
+            let s = s.expose();
+            all.push(s.to_string());
+            all.push(crate::providers::oauth2::encode(s));
+            if let Ok(quoted) = serde_json::to_string(s) {
+                let escaped = &quoted[1..quoted.len() - 1];
+                all.push(escaped.to_string());
+                // Some servers (PHP's json_encode) also escape `/`.
+                all.push(escaped.replace('/', "\\/"));
             }
         }
+        for value in headers.values().filter(|v| v.is_sensitive()) {
+            let Ok(value) = value.to_str() else { continue };
+            all.push(value.to_string());
+            // `Basic <base64>`, `Bearer <token>`: the credentials alone.
+            if let Some((_, credentials)) = value.split_once(' ') {
+                all.push(credentials.trim().to_string());
+            }
+            // `…,Signature=<hex>`: each parameter long enough to be made from a secret.
+            all.extend(
+                value
+                    .split(',')
+                    .filter_map(|p| p.split_once('=').map(|(_, v)| v.trim()))
+                    .filter(|v| v.len() >= 16)
+                    .map(str::to_string),
+            );
+        }
+        all.retain(|n| !n.is_empty());
+        // The longest first: a whole header value before the parts of it.
+        all.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        all.dedup();
+        Blanks(all)
     }
-    text
+
+    /// `text` with every blank replaced, in any letter case (a server may echo `%2f` for `%2F`).
+    pub fn apply(&self, mut text: String) -> String {
+        for needle in &self.0 {
+            text = replace_ignoring_case(&text, needle, "[redacted]");
+        }
+        text
+    }
 }
 
-/// The first 200 characters of a body, one line, with every secret replaced.
-pub fn excerpt(body: &[u8], secrets: &[&Secret]) -> String {
+fn replace_ignoring_case(text: &str, needle: &str, with: &str) -> String {
+    // ASCII lower-casing keeps every byte offset, so matches in the copy are matches in `text`.
+    let (hay, needle) = (text.to_ascii_lowercase(), needle.to_ascii_lowercase());
+    let mut out = String::with_capacity(text.len());
+    let mut last = 0;
+    for (i, _) in hay.match_indices(&needle) {
+        out.push_str(&text[last..i]);
+        out.push_str(with);
+        last = i + needle.len();
+    }
+    out.push_str(&text[last..]);
+    out
+}
+
+/// The first 200 characters of a body, one line, with every blank replaced.
+pub fn excerpt(body: &[u8], blanks: &Blanks) -> String {
     let text: String = String::from_utf8_lossy(body)
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    let text = redact(text, secrets);
+    let text = blanks.apply(text);
     let text = text.trim();
     match text.char_indices().nth(200) {
         Some((i, _)) => format!("{}…", &text[..i]),
@@ -886,11 +937,54 @@ mod tests {
         let s = Secret::new("s3cr3t");
         let e = excerpt(
             format!("bad client s3cr3t\n{}", "x".repeat(500)).as_bytes(),
-            &[&s],
+            &Blanks::new(&[&s], &HeaderMap::new()),
         );
         assert!(e.starts_with("bad client [redacted] xxx"));
         assert!(!e.contains("s3cr3t"));
         assert!(e.chars().count() <= 201);
+    }
+
+    /// A token endpoint that repeats the request in its error must not hand out what the
+    /// request was made of: the forms a secret takes on the way, and the headers made from one.
+    #[test]
+    fn excerpts_blank_what_the_request_was_made_of() {
+        let id = Secret::new("cid3");
+        let secret = Secret::new(r#"Pw"\s3cr/et"#);
+        let (_, basic) = crate::providers::basic::header(&id, &secret).expect("a valid pair");
+        let basic_b64 = basic.to_str().expect("ASCII")["Basic ".len()..].to_string();
+        let signature = "912a3d9b".repeat(8);
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::AUTHORIZATION, basic);
+        headers.insert(
+            "x-signed",
+            crate::providers::sensitive_value(&format!(
+                "Algorithm=SHA-256,Credential=cid3,Signature={signature}"
+            ))
+            .expect("a valid value"),
+        );
+        headers.insert(
+            http::header::ACCEPT,
+            "application/json".parse().expect("valid"),
+        );
+        let blanks = Blanks::new(&[&id, &secret], &headers);
+        for echoed in [
+            format!("authorization: Basic {basic_b64}"),
+            format!("creds={basic_b64}"),
+            r#"{"password":"Pw\"\\s3cr/et"}"#.to_string(),
+            r#"{"password":"Pw\"\\s3cr\/et"}"#.to_string(),
+            "password=PW%22%5CS3CR%2FET".to_string(),
+            "password=pw%22%5cs3cr%2fet".to_string(),
+            format!("sig {}", signature.to_ascii_uppercase()),
+        ] {
+            let e = excerpt(echoed.as_bytes(), &blanks);
+            assert!(e.contains("[redacted]"), "{echoed} → {e}");
+            for leak in [basic_b64.as_str(), &signature, "s3cr", "S3CR"] {
+                assert!(!e.contains(leak), "{echoed} → {e}");
+            }
+        }
+        // What is not made of a secret stays readable.
+        let e = excerpt(b"invalid_client: application/json SHA-256", &blanks);
+        assert_eq!(e, "invalid_client: application/json SHA-256");
     }
 
     #[test]
@@ -970,7 +1064,7 @@ mod tests {
         // A secret goes into a URL form-encoded, as `exchange::Recipe::fetch` puts it.
         let key = Secret::new("k+y z");
         let pass = Secret::new("pw-9");
-        let named = redact(endpoint_of(&uri), &[&key, &pass]);
+        let named = Blanks::new(&[&key, &pass], &HeaderMap::new()).apply(endpoint_of(&uri));
         assert_eq!(
             named,
             "https://u:[redacted]@portal.example/auth/[redacted]/token"

@@ -229,6 +229,38 @@ async fn client_auth_keep_and_reject() {
     );
 }
 
+/// A server that answers TRACE sends the request back as it received it: with the key.
+#[tokio::test]
+async fn trace_is_refused_on_routes_and_passes_elsewhere_without_credentials() {
+    let env = Env::new();
+    let mapped = env.tls_echo().await;
+    let proxy = passthrough_proxy(&env, mapped.addr).await;
+    let c = client(proxy.addr);
+    for method in ["TRACE", "TRACK", "trace"] {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let r = send(c.request(m, "http://api.example.com/__echo")).await;
+        assert_refused(&r, 405, "trace_refused");
+        assert!(r.headers()["allow"].to_str().unwrap().contains("GET"));
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["route"], "api.example.com");
+        assert!(
+            body["message"].as_str().unwrap().starts_with(method),
+            "{body}"
+        );
+    }
+    assert!(mapped.requests().is_empty(), "nothing reached the route");
+
+    // An unmapped host gets no credentials, so TRACE is its own business.
+    let plain = echo::start(listener().await, None);
+    let r = send(c.request(
+        reqwest::Method::TRACE,
+        format!("http://{}/__echo", plain.addr),
+    ))
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(plain.requests().len(), 1);
+}
+
 #[tokio::test]
 async fn wildcard_routes_cover_one_label() {
     let env = Env::new();

@@ -53,10 +53,16 @@ fn token_uri(s: &Settings) -> Result<http::Uri, http::uri::InvalidUri> {
     format!("{}/api_tokens", s.api_base).parse()
 }
 
-/// Whether a request for `path_and_query` is one for the token endpoint.
-pub fn is_token_path(s: &Settings, path_and_query: &str) -> bool {
+/// Whether a request for `path_and_query` may reach the token endpoint: its last segment is
+/// `api_tokens` however it is written (percent-encoded, in any case, with `;` parameters, after
+/// `//` or a backslash, under any prefix), as servers differ in what they normalise.
+pub fn is_token_path(path_and_query: &str) -> bool {
     let path = path_and_query.split('?').next().unwrap_or("");
-    token_uri(s).is_ok_and(|uri| path.trim_end_matches('/') == uri.path())
+    crate::providers::oauth2::decode(path)
+        .split(['/', '\\'])
+        .map(|seg| seg.split(';').next().unwrap_or(seg))
+        .rfind(|seg| !seg.is_empty())
+        .is_some_and(|seg| seg.eq_ignore_ascii_case("api_tokens"))
 }
 
 /// `GET` of the token endpoint, signed over the path it is sent to.
