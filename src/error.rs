@@ -65,6 +65,10 @@ pub enum ProxyError {
         "{method} is not forwarded on route `{route}`: the server would send back the request as it received it, with the credentials the proxy adds"
     )]
     TraceRefused { method: String, route: String },
+    #[error(
+        "the request body uses transfer coding `{coding}`, which credproxy cannot pass on: only chunked is supported (RFC 9112 §6.1)"
+    )]
+    UnsupportedCoding { coding: String },
     #[error("HTTPS to {host} cannot be intercepted: {cause}")]
     InterceptRefused { host: String, cause: String },
     #[error("{message}")]
@@ -96,6 +100,7 @@ impl ProxyError {
             }
             ProxyError::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ProxyError::TraceRefused { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::UnsupportedCoding { .. } => StatusCode::NOT_IMPLEMENTED,
             ProxyError::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Denied { .. } | ProxyError::PathDenied { .. } => StatusCode::FORBIDDEN,
@@ -127,6 +132,7 @@ impl ProxyError {
             ProxyError::Refused { code, .. } => code,
             ProxyError::ProxyAuthRequired => "proxy_auth_required",
             ProxyError::TraceRefused { .. } => "trace_refused",
+            ProxyError::UnsupportedCoding { .. } => "unsupported_transfer_coding",
             ProxyError::TooManyConnections => "too_many_connections",
         }
     }

@@ -115,6 +115,11 @@ pub async fn serve(
                 message: format!("{} is not in access.allow_clients", peer.ip()),
             },
             Refusal::ProxyAuth => ProxyError::ProxyAuthRequired,
+            // A client pointed at a local endpoint as if it were the proxy: its `Host` is the API's,
+            // which is not rebinding but a mistake to name.
+            Refusal::Host if let Entry::Local(name) = &entry && is_proxy_request(&req) => {
+                not_a_local_request(name)
+            }
             Refusal::Host => ProxyError::Refused {
                 code: "host_not_allowed",
                 message: "a local endpoint answers only requests addressed to a loopback name (or access.local_hosts): this looks like DNS rebinding".into(),
@@ -199,6 +204,22 @@ pub async fn serve(
     response
 }
 
+/// A CONNECT or an absolute-form request: meant for a forward proxy. Over HTTP/2 every request
+/// carries a scheme and authority (`:scheme`, `:authority`), so only HTTP/1's absolute form counts.
+fn is_proxy_request(req: &Request<Incoming>) -> bool {
+    req.method() == Method::CONNECT
+        || (req.uri().scheme().is_some() && req.version() < Version::HTTP_2)
+}
+
+fn not_a_local_request(route: &str) -> ProxyError {
+    ProxyError::bad_request(
+        "not_a_local_request",
+        format!(
+            "this is a local endpoint for route `{route}`: send plain requests such as `GET /path`, not proxy requests"
+        ),
+    )
+}
+
 fn target(
     entry: &Entry,
     local: Option<&Arc<Route>>,
@@ -221,17 +242,8 @@ fn target(
                 ));
             };
             let fail = |e| Err((e, Some(route.clone())));
-            // Over HTTP/2 every request carries a scheme and authority (`:scheme`,
-            // `:authority`): only an HTTP/1 absolute-form request is a proxy request here.
-            let absolute = uri.scheme().is_some() && req.version() < Version::HTTP_2;
-            if req.method() == Method::CONNECT || absolute {
-                return fail(ProxyError::bad_request(
-                    "not_a_local_request",
-                    format!(
-                        "this is a local endpoint for route `{}`: send plain requests such as `GET /path`, not proxy requests",
-                        route.name
-                    ),
-                ));
+            if is_proxy_request(req) {
+                return fail(not_a_local_request(&route.name));
             }
             let path_and_query = path_and_query(uri);
             let path = uri.path();
@@ -332,6 +344,13 @@ fn absolute_target(uri: &Uri) -> Result<Target, ProxyError> {
             ));
         }
     };
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        // RFC 9110 §4.2.4: userinfo is an error (a way to make a URL look like another host's).
+        return Err(ProxyError::bad_request(
+            "bad_uri",
+            "the URL has a user name or password before its host (user:pass@host); send it without them",
+        ));
+    }
     let host = match uri.host() {
         Some(h) if !h.is_empty() => normalize_host(h),
         _ => return Err(ProxyError::bad_request("bad_uri", "the URL has no host")),
@@ -361,6 +380,12 @@ async fn forward(
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
     let hop = strip_hop_by_hop(&mut parts.headers);
+    if let Some(coding) = hop.unknown_coding {
+        return Err(ProxyError::UnsupportedCoding { coding });
+    }
+    if let Some(answer) = max_forwards(&mut parts) {
+        return Ok(answer);
+    }
     if hop.trailers {
         // The client takes trailers, so the proxy does too: it passes them on (RFC 9110 §10.1.4).
         parts
@@ -481,6 +506,14 @@ async fn forward(
             crate::upgrade::join(asked, &mut response, idle, what, stats);
             return Ok(response);
         }
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // Nothing asked for a switch: the connection would be left in an unknown protocol.
+            return Err(ProxyError::Upstream {
+                host: authority.as_str().to_string(),
+                cause: "it answered 101 Switching Protocols to a request that asked for no switch"
+                    .into(),
+            });
+        }
         // Only plain HTTP talks to the upstream proxy directly; over HTTPS a 407 comes from
         // inside the tunnel and is the API's own answer.
         if response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED
@@ -539,6 +572,55 @@ async fn forward(
         }
         return Ok(response);
     }
+}
+
+/// RFC 9110 §7.6.2: an `OPTIONS` or `TRACE` with `Max-Forwards: 0` is answered here; with more,
+/// it goes on with one less.
+fn max_forwards(parts: &mut http::request::Parts) -> Option<Response<Body>> {
+    if !matches!(parts.method, Method::OPTIONS | Method::TRACE) {
+        return None;
+    }
+    let left = parts
+        .headers
+        .get(header::MAX_FORWARDS)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u32>()
+        .ok()?;
+    if left > 0 {
+        parts
+            .headers
+            .insert(header::MAX_FORWARDS, (left - 1).into());
+        return None;
+    }
+    let mut resp = if parts.method == Method::TRACE {
+        // The request as it arrived, but for what may be secret (RFC 9110 §9.3.8).
+        let mut head = format!("TRACE {} HTTP/1.1\r\n", parts.uri);
+        for (name, value) in &parts.headers {
+            if matches!(name.as_str(), "authorization" | "cookie") || value.is_sensitive() {
+                continue;
+            }
+            head.push_str(name.as_str());
+            head.push_str(": ");
+            head.push_str(&String::from_utf8_lossy(value.as_bytes()));
+            head.push_str("\r\n");
+        }
+        head.push_str("\r\n");
+        let mut resp = Response::new(crate::body::full(head));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("message/http"),
+        );
+        resp
+    } else {
+        Response::new(crate::body::empty())
+    };
+    resp.headers_mut().insert(
+        header::ALLOW,
+        http::HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+    );
+    Some(resp)
 }
 
 /// Marks a response that came from the one retry after a 401 (for the request log).
@@ -631,7 +713,17 @@ async fn send(
         }
     };
     let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    if let Some(coding) = strip_hop_by_hop(&mut parts.headers).unknown_coding {
+        return Err(ProxyError::Upstream {
+            host: out.authority.as_str().to_string(),
+            cause: format!(
+                "the response uses transfer coding `{coding}`, which credproxy cannot pass on (only chunked)"
+            ),
+        });
+    }
+    // RFC 9110 §6.2: the proxy speaks its own version (an HTTP/1.0 upstream's would close the
+    // client's connection); hyper answers an HTTP/1.0 client in 1.0 anyway.
+    parts.version = Version::HTTP_11;
     if state.config.upstream.via {
         parts.headers.append(header::VIA, via(parts.version));
     }
@@ -875,6 +967,9 @@ pub struct Hop {
     /// The `Upgrade` header, when `Connection` lists `upgrade`: the client asks to switch
     /// protocols.
     pub upgrade: Option<http::HeaderValue>,
+    /// A transfer coding other than `chunked` (hyper decodes only that one): the body cannot be
+    /// passed on as it is labelled once `Transfer-Encoding` is gone.
+    pub unknown_coding: Option<String>,
 }
 
 /// Removes them, and says what they asked for.
@@ -946,6 +1041,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> Hop {
             })
         })
     });
+    let mut framed = false;
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        framed = true;
+        let codings = value.to_str().unwrap_or("(not text)");
+        if let Some(other) = codings
+            .split(',')
+            .map(str::trim)
+            .find(|c| !c.eq_ignore_ascii_case("chunked"))
+        {
+            hop.unknown_coding.get_or_insert_with(|| other.to_string());
+        }
+    }
+    if framed {
+        // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, which an intermediary must
+        // remove (hyper does so for requests, not for responses).
+        headers.remove(header::CONTENT_LENGTH);
+    }
     while let Some(name) = headers.keys().find(|n| is_hop_by_hop(n)).cloned() {
         headers.remove(&name);
     }
