@@ -324,6 +324,15 @@ impl Access {
     }
 }
 
+/// Whether a browser sent this for a web page: tools (curl, Prometheus, systemd's ExecReload)
+/// send neither `Origin` nor a `Sec-Fetch-Site` other than `none` (typed in the address bar).
+pub fn from_a_web_page(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::ORIGIN)
+        || headers
+            .get("sec-fetch-site")
+            .is_some_and(|v| v.as_bytes() != b"none")
+}
+
 /// A browser marks cross-site requests: `Sec-Fetch-Site: cross-site|same-site`, or (older
 /// browsers) an `Origin` whose host and port are not those of `host`, the request's own.
 fn browser_cross_site(headers: &HeaderMap, host: &str, allowed: &[String]) -> bool {

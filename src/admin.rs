@@ -60,6 +60,13 @@ async fn handle(shared: &Shared, ready: &AtomicBool, req: Request<Incoming>) -> 
             serde_json::json!({"error": "host_not_allowed", "message": "the admin endpoints answer only requests addressed to a loopback host"}),
         );
     }
+    // Nor through a cross-site request from the user's own browser (a blind `POST /reload`).
+    if crate::access::from_a_web_page(req.headers()) {
+        return json(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({"error": "browser_request_refused", "message": "the admin endpoints do not answer requests from web pages"}),
+        );
+    }
     let state = shared.load_full();
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
@@ -99,17 +106,40 @@ async fn handle(shared: &Shared, ready: &AtomicBool, req: Request<Incoming>) -> 
         ),
         (&Method::GET, "/status") => json(StatusCode::OK, status(&state)),
         (&Method::POST, "/reload") => match reload_off_runtime(shared.clone()).await {
-            Ok(()) => json(StatusCode::OK, serde_json::json!({"reloaded": true})),
+            Ok(done) => json(
+                StatusCode::OK,
+                serde_json::json!({"reloaded": true, "config": done.file, "warnings": done.warnings}),
+            ),
             Err(e) => json(
                 StatusCode::CONFLICT,
                 serde_json::json!({"error": "reload_refused", "message": e}),
             ),
         },
+        (_, "/reload") => with_allow(
+            json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                serde_json::json!({"error": "method_not_allowed", "message": "reload with POST /reload"}),
+            ),
+            "POST",
+        ),
+        (_, "/healthz" | "/readyz" | "/metrics" | "/status") => with_allow(
+            json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                serde_json::json!({"error": "method_not_allowed", "message": "this admin endpoint answers GET"}),
+            ),
+            "GET",
+        ),
         _ => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "not_found", "message": "admin endpoints: GET /healthz /readyz /metrics /status, POST /reload"}),
         ),
     }
+}
+
+fn with_allow(mut resp: Response<Body>, methods: &'static str) -> Response<Body> {
+    resp.headers_mut()
+        .insert(http::header::ALLOW, http::HeaderValue::from_static(methods));
+    resp
 }
 
 fn status(state: &crate::listen::State) -> serde_json::Value {
@@ -153,6 +183,8 @@ fn status(state: &crate::listen::State) -> serde_json::Value {
     });
     serde_json::json!({
         "config": state.config.source,
+        // Absolute, as this process resolves it, for `credproxy reload` to compare with its file.
+        "config_file": std::fs::canonicalize(&state.config.source).ok(),
         "loaded_at": loaded,
         "ca": ca,
         "routes": routes,

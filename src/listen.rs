@@ -240,7 +240,7 @@ impl Running {
 
     /// Re-reads the config file the proxy was started from and swaps it in, or keeps the
     /// current one and says why not.
-    pub async fn reload(&self) -> Result<(), String> {
+    pub async fn reload(&self) -> Result<Reloaded, String> {
         reload_off_runtime(self.state.clone()).await
     }
 
@@ -407,7 +407,14 @@ impl Drop for OpenConnection {
 /// requests of a one-thread runtime meanwhile.
 /// A refusal is logged here, so SIGHUP, `POST /reload` and `credproxy reload` all leave it in
 /// the service's log, not only with the caller.
-pub async fn reload_off_runtime(shared: Shared) -> Result<(), String> {
+/// What a reload did: the file it read, and what the new config cannot change until a restart.
+#[derive(Debug)]
+pub struct Reloaded {
+    pub file: String,
+    pub warnings: Vec<String>,
+}
+
+pub async fn reload_off_runtime(shared: Shared) -> Result<Reloaded, String> {
     let result = tokio::task::spawn_blocking(move || reload(&shared))
         .await
         .unwrap_or_else(|e| Err(format!("the reload stopped: {e}")));
@@ -417,7 +424,7 @@ pub async fn reload_off_runtime(shared: Shared) -> Result<(), String> {
     result
 }
 
-fn reload(shared: &Shared) -> Result<(), String> {
+fn reload(shared: &Shared) -> Result<Reloaded, String> {
     let old = shared.load_full();
     let path = std::path::PathBuf::from(&old.config.source);
     let config = crate::config::load(&path).map_err(|e| e.to_string())?;
@@ -439,21 +446,46 @@ fn reload(shared: &Shared) -> Result<(), String> {
             path.display()
         ));
     }
-    for w in &config.warnings {
-        tracing::warn!("{w}");
-    }
+    let mut warnings: Vec<String> = config.warnings.iter().map(|w| w.to_string()).collect();
     if config.threads != old.config.threads || config.shape != old.config.shape {
-        tracing::warn!(
+        warnings.push(format!(
             "runtime.threads or runtime.shape changed: the runtime is built at start, so it keeps {} thread(s), {}, until a restart",
             old.config.threads,
             old.config.shape.built(old.config.threads)
-        );
+        ));
+    }
+    let (was, now) = (&old.config.limits, &config.limits);
+    for (key, changed) in [
+        (
+            "max_connections",
+            was.max_connections != now.max_connections,
+        ),
+        (
+            "max_header_bytes",
+            was.max_header_bytes != now.max_header_bytes,
+        ),
+        (
+            "header_read_timeout",
+            was.header_read_timeout != now.header_read_timeout,
+        ),
+    ] {
+        if changed {
+            warnings.push(format!(
+                "limits.{key} changed: it is fixed when the listeners start, so the old value holds until a restart"
+            ));
+        }
+    }
+    for w in &warnings {
+        tracing::warn!("{w}");
     }
     let new = State::build(config, Some(&old))?;
     let _ = new.shared.set(Arc::downgrade(shared));
     shared.store(Arc::new(new));
     tracing::info!("reloaded {}", path.display());
-    Ok(())
+    Ok(Reloaded {
+        file: path.display().to_string(),
+        warnings,
+    })
 }
 
 /// After a failed `accept` (EMFILE and friends): back off instead of spinning, since the

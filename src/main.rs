@@ -223,39 +223,72 @@ async fn reload(file: PathBuf) -> ExitCode {
     };
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http();
-    let req = match http::Request::post(format!("http://{admin}/reload"))
-        .header("host", format!("127.0.0.1:{}", admin.port()))
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("credproxy: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match client.request(req).await {
-        Ok(resp) => {
-            let ok = resp.status().is_success();
+    let call = |method: http::Method, path: &str| {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{admin}{path}"))
+            .header("host", format!("127.0.0.1:{}", admin.port()))
+            .body(http_body_util::Empty::<bytes::Bytes>::new());
+        let client = client.clone();
+        async move {
+            let resp = client
+                .request(req.map_err(|e| e.to_string())?)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot reach the admin listener on {admin} (admin.listen in the file): {e}"
+                    )
+                })?;
+            let status = resp.status();
             let body = resp
                 .into_body()
                 .collect()
                 .await
                 .map(|c| c.to_bytes())
                 .unwrap_or_default();
-            let text: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            if ok {
-                println!("reloaded {}", file.display());
-                ExitCode::SUCCESS
-            } else {
-                eprintln!(
-                    "credproxy: reload refused: {}",
-                    text["message"].as_str().unwrap_or("(no reason given)")
-                );
-                ExitCode::FAILURE
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            Ok::<_, String>((status, json))
+        }
+    };
+    // The proxy re-reads the file it was started with: refuse to report a reload of another one.
+    let running = match call(http::Method::GET, "/status").await {
+        Ok((_, status)) => status["config_file"].as_str().map(PathBuf::from),
+        Err(e) => {
+            eprintln!("credproxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let (Some(running), Ok(ours)) = (running, std::fs::canonicalize(&file))
+        && running != ours
+    {
+        eprintln!(
+            "credproxy: the proxy on {admin} runs {}, not {}: a reload re-reads the file it was started with; edit that one, or run `credproxy reload -c {}`",
+            running.display(),
+            file.display(),
+            running.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    match call(http::Method::POST, "/reload").await {
+        Ok((status, json)) if status.is_success() => {
+            println!(
+                "reloaded {}",
+                json["config"].as_str().unwrap_or("the config")
+            );
+            for w in json["warnings"].as_array().into_iter().flatten() {
+                eprintln!("warning: {}", w.as_str().unwrap_or_default());
             }
+            ExitCode::SUCCESS
+        }
+        Ok((_, json)) => {
+            eprintln!(
+                "credproxy: reload refused: {}",
+                json["message"].as_str().unwrap_or("(no reason given)")
+            );
+            ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("credproxy: cannot reach the admin listener on {admin}: {e}");
+            eprintln!("credproxy: {e}");
             ExitCode::FAILURE
         }
     }

@@ -329,11 +329,35 @@ routes:
     assert!(!metrics.contains("static-secret-value-Q") && !metrics.contains(&token));
 
     // Reload through the admin endpoint, and through the CLI; a broken file is refused.
-    std::fs::write(&path, body("v2")).unwrap();
+    // A limit fixed at start changed: the reload goes through, and says what waits for a restart.
+    std::fs::write(&path, body("v2") + "limits: {max_connections: 77}\n").unwrap();
     let r = admin_reload(admin).await;
     assert_eq!(r.status(), 200);
+    let done: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(done["config"], path.display().to_string());
+    assert!(
+        done["warnings"].as_array().unwrap().iter().any(|w| w
+            .as_str()
+            .unwrap()
+            .starts_with("limits.max_connections changed")),
+        "{done}"
+    );
     let echo = echoed(get(&c, "http://api.example.com/__echo").await).await;
     assert_eq!(header_values(&echo, "x-k"), ["v2"]);
+    // A web page cannot make the user's browser reload it (a blind cross-site POST), and a GET
+    // is told the method.
+    let r = send(
+        direct_client()
+            .post(format!("http://{admin}/reload"))
+            .header("origin", "https://evil.example")
+            .header("sec-fetch-site", "cross-site"),
+    )
+    .await;
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("browser_request_refused"));
+    let r = send(direct_client().get(format!("http://{admin}/reload"))).await;
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
     std::fs::write(&path, body("v3") + "bogus: 1\n").unwrap();
     let r = admin_reload(admin).await;
     assert_eq!(r.status(), 409);
@@ -361,6 +385,27 @@ routes:
         String::from_utf8_lossy(&out.stderr).contains("restart credproxy"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // Another file that names the same admin port: nothing is reloaded, and the CLI says which
+    // file the proxy really runs.
+    let staging = env.write("staging.yaml", &std::fs::read_to_string(&path).unwrap());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_credproxy"))
+            .args(["reload", "--config"])
+            .arg(&staging)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "runs {}",
+            std::fs::canonicalize(&path).unwrap().display()
+        )),
+        "{stderr}"
     );
 
     // DNS rebinding: a page on evil.example resolving to 127.0.0.1 cannot read the admin port.
