@@ -183,6 +183,14 @@ impl Ca {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::days(1);
         params.not_after = now + Duration::days(days);
+        // Not past the CA's own end: clients would refuse the chain from then on anyway.
+        if let Some(end) = self
+            .not_after()
+            .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+            && end < params.not_after
+        {
+            params.not_after = end;
+        }
         let cert = params.signed_by(&key, &self.issuer)?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         Ok((vec![cert.der().clone(), self.cert.clone()], key))
@@ -390,6 +398,19 @@ fn check_key_mode(_path: &Path) -> Result<(), CaError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leaf_never_outlives_its_ca() {
+        let ca = Ca::generate("t", 10).expect("a CA");
+        let not_after = |days| {
+            let (chain, _) = ca.mint_leaf(&["api.example.com"], days).expect("a leaf");
+            let (_, leaf) = x509_parser::parse_x509_certificate(chain[0].as_ref()).expect("parses");
+            leaf.validity().not_after.timestamp()
+        };
+        let ca_end = ca.not_after().expect("CA end");
+        assert_eq!(not_after(30), ca_end);
+        assert!(not_after(3) < ca_end);
+    }
 
     #[test]
     fn expiry_is_warned_about_a_month_ahead() {

@@ -53,7 +53,7 @@ struct File {
     access: AccessFile,
     /// What `credproxy egress-check` asks for the source address it sees.
     #[serde(default = "default_check_url")]
-    egress_check_url: String,
+    egress_check_url: Spanned<String>,
     /// Where credproxy keeps its local CA. Default: `$STATE_DIRECTORY` (systemd), else
     /// `~/.local/state/credproxy`, else `./credproxy-state`.
     state_dir: Option<String>,
@@ -129,7 +129,7 @@ struct LimitsFile {
     header_read_timeout: Spanned<Dur>,
     /// Client connections open at once, all listeners together; more are answered 503 and closed.
     #[serde(default = "default_max_connections")]
-    max_connections: usize,
+    max_connections: Spanned<usize>,
     /// On SIGTERM, how long in-flight requests may take to finish before they are cut.
     #[serde(default = "d10s", deserialize_with = "duration")]
     drain_timeout: Duration,
@@ -203,8 +203,8 @@ impl Shape {
     }
 }
 
-fn default_max_connections() -> usize {
-    10_000
+fn default_max_connections() -> Spanned<usize> {
+    unlocated(10_000)
 }
 
 fn default_replay_buffer() -> usize {
@@ -257,8 +257,8 @@ fn yes() -> bool {
     true
 }
 
-fn default_check_url() -> String {
-    "https://api.ipify.org".into()
+fn default_check_url() -> Spanned<String> {
+    unlocated("https://api.ipify.org".into())
 }
 
 /// `egress:` globally, on a provider, or on a route; each field inherits from the level above.
@@ -994,6 +994,25 @@ impl Validator<'_> {
             }
         }
         let upstream = self.upstream(raw.upstream);
+        if raw.limits.max_connections.value == 0 {
+            self.problem(
+                &raw.limits.max_connections,
+                "limits.max_connections",
+                "must be at least 1",
+            );
+        }
+        let check_url = &raw.egress_check_url.value;
+        let parsed = check_url.parse::<http::Uri>();
+        if !parsed.as_ref().is_ok_and(|u| {
+            matches!(u.scheme_str(), Some("http" | "https"))
+                && u.host().is_some_and(|h| !h.is_empty())
+        }) {
+            self.problem(
+                &raw.egress_check_url,
+                "egress_check_url",
+                format!("`{check_url}` is not an http:// or https:// URL"),
+            );
+        }
         if raw.limits.max_header_bytes.value < 8192 {
             self.problem(
                 &raw.limits.max_header_bytes,
@@ -1055,7 +1074,7 @@ impl Validator<'_> {
                 header_read_timeout: raw.limits.header_read_timeout.value.0,
                 replay_buffer: raw.limits.replay_buffer,
                 drain_timeout: raw.limits.drain_timeout,
-                max_connections: raw.limits.max_connections.max(1),
+                max_connections: raw.limits.max_connections.value.max(1),
                 tunnel_idle_timeout: raw.limits.tunnel_idle_timeout.value.0,
             },
             threads: resolve_threads(raw.runtime.threads),
@@ -1074,7 +1093,7 @@ impl Validator<'_> {
             access,
             ca,
             egress,
-            egress_check_url: raw.egress_check_url,
+            egress_check_url: raw.egress_check_url.value,
             warnings: Vec::new(),
         }
     }
@@ -1144,6 +1163,14 @@ impl Validator<'_> {
         };
         if raw.leaf_days.value == 0 {
             self.problem(&raw.leaf_days, "ca.leaf_days", "must be at least 1");
+        } else if raw.leaf_days.value > 825 {
+            // Apple's platforms refuse a TLS server certificate valid longer, even from a CA the
+            // user added.
+            self.problem(
+                &raw.leaf_days,
+                "ca.leaf_days",
+                "must be at most 825 (Apple's platforms refuse server certificates valid longer)",
+            );
         }
         if raw.leaf_cache.value == 0 {
             self.problem(&raw.leaf_cache, "ca.leaf_cache", "must be at least 1");
@@ -2100,6 +2127,28 @@ mod tests {
                 && found[0].starts_with("c.yaml:2:15: tokens.refresh_at: must be between"),
             "{found:?}"
         );
+    }
+
+    #[test]
+    fn limits_a_certificate_lifetime_and_a_check_url_out_of_range_are_named_where_written() {
+        let found = problems("limits: {max_connections: 0}\n");
+        assert_eq!(
+            found,
+            ["c.yaml:1:27: limits.max_connections: must be at least 1"]
+        );
+        let found = problems("ca:\n  leaf_days: 826\n");
+        assert!(
+            found.len() == 1
+                && found[0].starts_with("c.yaml:2:14: ca.leaf_days: must be at most 825"),
+            "{found:?}"
+        );
+        assert!(problems("ca:\n  leaf_days: 825\n").is_empty());
+        let found = problems("egress_check_url: not a url\n");
+        assert_eq!(
+            found,
+            ["c.yaml:1:19: egress_check_url: `not a url` is not an http:// or https:// URL"]
+        );
+        assert!(problems("egress_check_url: 'http://127.0.0.1:8/ip'\n").is_empty());
     }
 
     #[test]
