@@ -257,11 +257,21 @@ pub struct CaFiles {
 /// others: it can impersonate every host the CA covers.
 pub fn load_or_create(files: &CaFiles) -> Result<Ca, CaError> {
     if files.cert.exists() || files.user_supplied {
-        check_key_mode(&files.key)?;
-        let cert = std::fs::read_to_string(&files.cert)
-            .map_err(|e| CaError(format!("cannot read {}: {e}", files.cert.display())))?;
+        // Name the setting when the files are the user's: `ca.key: cannot read …`.
+        let (cert_key, key_key) = if files.user_supplied {
+            ("ca.cert: ", "ca.key: ")
+        } else {
+            ("", "")
+        };
+        check_key_mode(&files.key).map_err(|e| CaError(format!("{key_key}{}", e.0)))?;
+        let cert = std::fs::read_to_string(&files.cert).map_err(|e| {
+            CaError(format!(
+                "{cert_key}cannot read {}: {e}",
+                files.cert.display()
+            ))
+        })?;
         let key = std::fs::read_to_string(&files.key)
-            .map_err(|e| CaError(format!("cannot read {}: {e}", files.key.display())))?;
+            .map_err(|e| CaError(format!("{key_key}cannot read {}: {e}", files.key.display())))?;
         return Ca::from_pem(&cert, &key)
             .map_err(|e| CaError(format!("{}: {}", files.cert.display(), e.0)));
     }
@@ -285,7 +295,7 @@ pub fn load_or_create(files: &CaFiles) -> Result<Ca, CaError> {
     let ca = new_local_ca(files)?;
     write_ca(&ca, &files.cert, &files.key)?;
     tracing::info!(
-        "created the local CA {}; import it into your clients (credproxy ca export)",
+        "created the local CA {}; import that file into your clients (`credproxy ca export` prints it when run as this user with this state directory)",
         files.cert.display()
     );
     Ok(ca)
@@ -315,6 +325,7 @@ pub fn rotate(files: &CaFiles) -> Result<(PathBuf, PathBuf), CaError> {
                 .into(),
         ));
     }
+    owner_check(files)?;
     let stamp = unix_now();
     let backup = |p: &Path| PathBuf::from(format!("{}.bak-{stamp}", p.display()));
     let (cert_bak, key_bak) = (backup(&files.cert), backup(&files.key));
@@ -329,6 +340,36 @@ pub fn rotate(files: &CaFiles) -> Result<(PathBuf, PathBuf), CaError> {
     }
     write_ca(&ca, &files.cert, &files.key)?;
     Ok((cert_bak, key_bak))
+}
+
+/// New CA files belong to whoever writes them: root rotating the CA of a service that runs as
+/// another user would leave it a key it cannot read, and a service that does not start.
+#[cfg(unix)]
+fn owner_check(files: &CaFiles) -> Result<(), CaError> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(dir) = files.cert.parent() else {
+        return Ok(());
+    };
+    // `/proc/self` belongs to the process's effective user.
+    let (Ok(owner), Ok(me)) = (std::fs::metadata(dir), std::fs::metadata("/proc/self")) else {
+        return Ok(());
+    };
+    if owner.uid() != me.uid() {
+        return Err(CaError(format!(
+            "{} belongs to uid {}, and this runs as uid {}: the new CA's files would be this user's, and a proxy running as uid {} could not read the key. Run it as that user; under the systemd unit, stop the service, move ca.pem and ca-key.pem out of {} and start it again: it makes a new CA itself",
+            dir.display(),
+            owner.uid(),
+            me.uid(),
+            owner.uid(),
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn owner_check(_files: &CaFiles) -> Result<(), CaError> {
+    Ok(())
 }
 
 fn unix_now() -> u64 {
@@ -398,6 +439,26 @@ fn check_key_mode(_path: &Path) -> Result<(), CaError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rotating_another_users_ca_is_refused() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let files = CaFiles {
+            cert: dir.path().join("ca.pem"),
+            key: dir.path().join("ca-key.pem"),
+            user_supplied: false,
+            constrain_to: None,
+        };
+        load_or_create(&files).expect("a CA");
+        let before = std::fs::read(&files.cert).expect("the CA");
+        // Only root can give the directory away; as anyone else there is nothing to check here.
+        if std::os::unix::fs::chown(dir.path(), Some(61234), None).is_err() {
+            return;
+        }
+        let err = rotate(&files).expect_err("refused").to_string();
+        assert!(err.contains("belongs to uid 61234"), "{err}");
+        assert_eq!(std::fs::read(&files.cert).expect("the CA"), before);
+    }
 
     #[test]
     fn a_leaf_never_outlives_its_ca() {

@@ -1142,11 +1142,7 @@ impl Validator<'_> {
     fn ca(&mut self, raw: &CaFile, state_dir: Option<&str>, routes: &RouteTable) -> CaSettings {
         let dir = state_dir_path(state_dir);
         let (cert, key, user_supplied) = match (&raw.cert, &raw.key) {
-            (Some(c), Some(k)) => (
-                std::path::PathBuf::from(&c.value),
-                std::path::PathBuf::from(&k.value),
-                true,
-            ),
+            (Some(c), Some(k)) => (self.ca_file(c, "ca.cert"), self.ca_file(k, "ca.key"), true),
             (None, None) => (dir.join("ca.pem"), dir.join("ca-key.pem"), false),
             (Some(c), None) => {
                 self.problem(
@@ -1192,6 +1188,18 @@ impl Validator<'_> {
             leaf_days: raw.leaf_days.value.max(1),
             leaf_cache: raw.leaf_cache.value.max(1),
         }
+    }
+
+    /// A path, or `credential:NAME` for a file systemd passes in (`LoadCredential=`): the way
+    /// to give a CA key to a unit with `DynamicUser=`, which can own no file of its own in /etc.
+    fn ca_file(&mut self, at: &Spanned<String>, key: &str) -> std::path::PathBuf {
+        let Some(name) = at.value.strip_prefix("credential:") else {
+            return std::path::PathBuf::from(&at.value);
+        };
+        crate::secret::credential_path(name).unwrap_or_else(|e| {
+            self.problem(at, key, e);
+            std::path::PathBuf::new()
+        })
     }
 
     fn upstream(&mut self, raw: UpstreamFile) -> Upstream {

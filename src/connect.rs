@@ -227,7 +227,8 @@ fn handshake_failed(state: &State, peer: SocketAddr, host: &str, e: &std::io::Er
         tracing::warn!(
             %peer,
             host,
-            "the client does not trust the credproxy CA: import it (credproxy ca export), see README"
+            "the client does not trust the credproxy CA: import {} into it (see README, \"When a client does not trust the CA\")",
+            state.config.ca.files.cert.display()
         );
     }
 }

@@ -358,7 +358,15 @@ fn ca(action: CaAction, file: PathBuf) -> ExitCode {
             println!("{}", files.key.display());
             Ok(())
         }
-        CaAction::Export { der } => credproxy::ca::load_or_create(files).and_then(|ca| {
+        CaAction::Export { der } => {
+            let existed = files.cert.exists();
+            credproxy::ca::load_or_create(files).and_then(|ca| {
+                if !existed {
+                    eprintln!(
+                        "note: there was no CA at {}: one was made now. A proxy that runs as another user or with another state directory (the systemd unit's is /var/lib/credproxy) has a CA of its own: give clients that one (its start-up log names the file)",
+                        files.cert.display()
+                    );
+                }
             use std::io::Write;
             let mut out = std::io::stdout();
             let written = if der {
@@ -370,7 +378,8 @@ fn ca(action: CaAction, file: PathBuf) -> ExitCode {
             written
                 .and_then(|_| out.flush())
                 .map_err(|e| credproxy::ca::CaError::new(format!("writing it to stdout: {e}")))
-        }),
+            })
+        }
         CaAction::Rotate => credproxy::ca::rotate(files).map(|(cert_bak, key_bak)| {
             println!(
                 "A new CA is in {} (key {}).",

@@ -55,22 +55,26 @@ pub fn source_of(reference: &str) -> Source<'_> {
     }
 }
 
+/// Where systemd put credential `name`: `$CREDENTIALS_DIRECTORY/NAME`.
+pub fn credential_path(name: &str) -> Result<std::path::PathBuf, String> {
+    if name.is_empty() || name.contains('/') || name == ".." {
+        return Err(format!(
+            "`credential:{name}` needs a credential name (no `/`)"
+        ));
+    }
+    let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) else {
+        return Err(format!(
+            "credential:{name}: $CREDENTIALS_DIRECTORY is not set (systemd sets it for a unit with LoadCredential={name}:…)"
+        ));
+    };
+    Ok(std::path::Path::new(&dir).join(name))
+}
+
 /// Reads a secret reference. The error text never contains the value, only where it was looked for.
 pub fn resolve(reference: &str) -> Result<Secret, String> {
     match source_of(reference) {
         Source::Credential(name) => {
-            if name.is_empty() || name.contains('/') || name == ".." {
-                return Err(format!(
-                    "`credential:{name}` needs a credential name (no `/`)"
-                ));
-            }
-            let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty())
-            else {
-                return Err(format!(
-                    "credential:{name}: $CREDENTIALS_DIRECTORY is not set (systemd sets it for a unit with LoadCredential={name}:…)"
-                ));
-            };
-            let path = std::path::Path::new(&dir).join(name);
+            let path = credential_path(name)?;
             resolve(&format!("file:{}", path.display()))
                 .map_err(|e| format!("credential:{name}: {e}"))
         }

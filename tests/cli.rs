@@ -418,3 +418,41 @@ fn demo_refuses_a_port_without_room_for_its_three_listeners() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("65534 is not in 0..=65533"), "{stderr}");
 }
+
+/// Under `DynamicUser=` the service owns no file in /etc: a CA of one's own comes in as systemd
+/// credentials (`LoadCredential=`), named `credential:NAME` in the config.
+#[test]
+fn a_ca_of_ones_own_can_come_as_systemd_credentials() {
+    let env = Env::new();
+    let creds = env.dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    let path = env.write(
+        "ca.yaml",
+        "ca: {cert: 'credential:ca-cert', key: 'credential:ca-key'}\nproviders:\n  p:\n    headers: {x-k: env:HOME}\nroutes:\n  - {host: a.example, provider: p}\n",
+    );
+    let (code, stderr) = check_config(&path);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(":1:39: ca.key: credential:ca-key: $CREDENTIALS_DIRECTORY is not set"),
+        "{stderr}"
+    );
+    let out = Command::new(BIN)
+        .args(["ca", "path", "-c"])
+        .arg(&path)
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "{}\n{}\n",
+            creds.join("ca-cert").display(),
+            creds.join("ca-key").display()
+        )
+    );
+}
