@@ -1855,7 +1855,9 @@ pub fn state_dir_path(configured: Option<&str>) -> std::path::PathBuf {
 
 /// "unknown provider `x`", with "did you mean `y`?" when one name is close.
 fn unknown_name<'a>(what: &str, name: &str, known: impl Iterator<Item = &'a str>) -> String {
-    let known: Vec<&str> = known.collect();
+    let mut known: Vec<&str> = known.collect();
+    // Listed in a stable order, whatever order they are kept in.
+    known.sort_unstable();
     let best = known
         .iter()
         .map(|k| (strsim::levenshtein(name, k), *k))

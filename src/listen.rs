@@ -180,9 +180,11 @@ impl State {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr} ({key}): {source}")]
     Bind {
         addr: SocketAddr,
+        /// The setting that asked for it.
+        key: String,
         source: std::io::Error,
     },
     /// TLS roots or the local CA could not be set up.
@@ -272,13 +274,28 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     state.workers = Arc::new(workers);
     let config = &state.config;
     let mut bound = Vec::new();
-    bound.push((bind(config.listen).await?, Entry::Proxy));
-    for ep in &config.local_endpoints {
+    bound.push((bind(config.listen, "listen").await?, Entry::Proxy));
+    for (i, ep) in config.local_endpoints.iter().enumerate() {
         bound.push((
-            bind(ep.listen).await?,
+            bind(ep.listen, &format!("local_endpoints[{i}].listen")).await?,
             Entry::Local(ep.route.name.as_str().into()),
         ));
     }
+    // Bound with the others, so that a port in use fails the start before any "listening" line.
+    let admin_listener = match config.admin {
+        Some(admin) => {
+            Some(
+                crate::admin::bind(admin)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        addr: admin,
+                        key: "admin.listen".into(),
+                        source,
+                    })?,
+            )
+        }
+        None => None,
+    };
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
@@ -294,6 +311,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     for (listener, entry) in bound {
         let local = listener.local_addr().map_err(|source| StartError::Bind {
             addr: state.load().config.listen,
+            key: "listen".into(),
             source,
         })?;
         match &entry {
@@ -316,14 +334,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         ));
     }
     let mut admin_addr = None;
-    if let Some(admin) = state.load().config.admin {
-        let listener = crate::admin::bind(admin)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: admin,
-                source,
-            })?;
-        let local = listener.local_addr().unwrap_or(admin);
+    if let Some(listener) = admin_listener {
+        let local = listener.local_addr().unwrap_or(
+            state
+                .load()
+                .config
+                .admin
+                .unwrap_or(state.load().config.listen),
+        );
         tracing::info!(
             "admin endpoints on http://{local} (/healthz /readyz /metrics /status, POST /reload)"
         );
@@ -348,10 +366,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     })
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Bind { addr, source })
+        .map_err(|source| StartError::Bind {
+            addr,
+            key: key.to_string(),
+            source,
+        })
 }
 
 /// The HTTP/1.1 + HTTP/2 server settings every listener (and intercepted tunnel) uses.

@@ -34,8 +34,11 @@ enum Command {
     },
     /// Check a config file and report every problem; exit 2 if there is one.
     CheckConfig {
+        /// The file (also `-c FILE`, as the other commands take it).
         #[arg(env = "CREDPROXY_CONFIG", default_value = "config.yaml")]
         file: PathBuf,
+        #[arg(long = "config", short = 'c', conflicts_with = "file", hide = true)]
+        config: Option<PathBuf>,
     },
     /// The local CA that HTTPS interception uses: export it for your clients, find it, rotate it.
     Ca {
@@ -117,7 +120,7 @@ fn main() -> ExitCode {
                 Some(config) => run(config).await,
                 None => ExitCode::FAILURE,
             },
-            Command::CheckConfig { file } => check_config(file),
+            Command::CheckConfig { file, config } => check_config(config.unwrap_or(file)),
             Command::Demo { port } => demo(port).await,
             Command::Ca { action, config } => ca(action, config),
             Command::Reload { config } => reload(config).await,
@@ -425,7 +428,10 @@ async fn run(config: credproxy::config::Config) -> ExitCode {
     match shape {
         credproxy::config::Shape::MultiThread => tracing::info!(
             threads = handle.metrics().num_workers(),
-            flavor = ?handle.runtime_flavor(),
+            flavor = %match handle.runtime_flavor() {
+                tokio::runtime::RuntimeFlavor::CurrentThread => "current_thread",
+                _ => "multi_thread",
+            },
             "runtime"
         ),
         credproxy::config::Shape::PerCore => {

@@ -60,8 +60,8 @@ pub struct Metrics {
 }
 
 fn latency_histogram() -> Histogram {
-    // 0.5 ms to ~8 s.
-    Histogram::new(exponential_buckets(0.0005, 2.0, 15))
+    // 0.5 ms to ~65 s: past `upstream.response_timeout`'s default (60 s).
+    Histogram::new(exponential_buckets(0.0005, 2.0, 18))
 }
 
 impl Metrics {

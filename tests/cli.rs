@@ -364,8 +364,8 @@ fn systemd_credentials_and_literal_secret_warnings() {
 #[tokio::test]
 async fn runtime_threads_shape_the_runtime_and_logs_off_a_terminal_have_no_colour_codes() {
     for (threads, shape, flavor) in [
-        (1, "multi_thread", "CurrentThread"),
-        (3, "multi_thread", "MultiThread"),
+        (1, "multi_thread", "current_thread"),
+        (3, "multi_thread", "multi_thread"),
         (2, "per_core", "per_core"),
     ] {
         let env = Env::new();
@@ -454,5 +454,46 @@ fn a_ca_of_ones_own_can_come_as_systemd_credentials() {
             creds.join("ca-cert").display(),
             creds.join("ca-key").display()
         )
+    );
+}
+
+/// A port in use stops the start (exit 1, not 2: the file is fine) with the setting that asked
+/// for it, before anything claims to be listening.
+#[test]
+fn a_port_in_use_names_its_setting_and_nothing_claims_to_listen() {
+    let env = Env::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let path = env.write(
+        "busy.yaml",
+        &env.base_yaml().replace(
+            "admin: {listen: '127.0.0.1:0'}",
+            &format!("admin: {{listen: '127.0.0.1:{port}'}}"),
+        ),
+    );
+    let out = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot listen on 127.0.0.1:{port} (admin.listen):"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("listening on"), "{stderr}");
+    // `check-config` takes `-c FILE` like every other command.
+    let out = Command::new(BIN)
+        .args(["check-config", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
