@@ -198,7 +198,49 @@ thread_local! {
 /// `2026-11-23T16:19:29.895377Z  INFO credproxy::forward: request request_id=1 host=…`: the
 /// default format of tracing-subscriber without colours, made cheaply. (credproxy opens no spans,
 /// so there is no span context to print.)
-pub struct Plain;
+#[derive(Default)]
+pub struct Plain {
+    /// Each line starts with its syslog priority (`<3>` for an error … `<7>` for debug), which
+    /// journald takes off and keeps as the entry's priority: `journalctl -p warning` then works.
+    pub journal: bool,
+}
+
+impl Plain {
+    /// For stderr as it is now: to the journal when it is the stream systemd's `JOURNAL_STREAM`
+    /// names (its device and inode), which a pipe or file that stderr was redirected to is not.
+    pub fn for_stderr() -> Plain {
+        Plain {
+            journal: stderr_is_the_journal(),
+        }
+    }
+}
+
+#[cfg(unix)]
+fn stderr_is_the_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = stream
+        .to_str()
+        .and_then(|s| s.split_once(':'))
+        .and_then(|(d, i)| Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?)))
+    else {
+        return false;
+    };
+    std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::fs::File::from)
+        .and_then(|f| f.metadata())
+        .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+}
+
+#[cfg(not(unix))]
+fn stderr_is_the_journal() -> bool {
+    false
+}
 
 impl<S, N> FormatEvent<S, N> for Plain
 where
@@ -216,7 +258,8 @@ where
         LINE.with(|cell| match cell.try_borrow_mut() {
             Ok(mut line) => {
                 line.clear();
-                let written = format_line(&mut line, event).and_then(|()| writer.write_str(&line));
+                let written = format_line(&mut line, event, self.journal)
+                    .and_then(|()| writer.write_str(&line));
                 // One outsized line (a long error chain, say) must not pin its size forever.
                 if line.capacity() > 64 * 1024 {
                     *line = String::new();
@@ -226,7 +269,7 @@ where
             // A value's `Display` that logs: that inner event gets a String of its own.
             Err(_) => {
                 let mut line = String::new();
-                format_line(&mut line, event)?;
+                format_line(&mut line, event, self.journal)?;
                 writer.write_str(&line)
             }
         })
@@ -235,9 +278,17 @@ where
 
 /// A value whose `Display` or `Debug` fails fails the line, as in the default format (which then
 /// writes its "Unable to format" notice instead).
-fn format_line(line: &mut String, event: &Event<'_>) -> std::fmt::Result {
-    write_timestamp(line);
+fn format_line(line: &mut String, event: &Event<'_>, journal: bool) -> std::fmt::Result {
     let meta = event.metadata();
+    if journal {
+        line.push_str(match *meta.level() {
+            tracing::Level::ERROR => "<3>",
+            tracing::Level::WARN => "<4>",
+            tracing::Level::INFO => "<6>",
+            tracing::Level::DEBUG | tracing::Level::TRACE => "<7>",
+        });
+    }
+    write_timestamp(line);
     // ` {:>5} {}: ` without `core::fmt`: the five levels, padded as the default format does.
     line.push_str(match *meta.level() {
         tracing::Level::ERROR => " ERROR ",
@@ -496,7 +547,7 @@ mod tests {
         let subscriber = tracing_subscriber::fmt()
             .with_ansi(false)
             .with_writer(writer)
-            .event_format(Plain)
+            .event_format(Plain::default())
             .finish();
         let dispatch = tracing::Dispatch::new(subscriber);
         let threads: Vec<_> = (0..4u64)
@@ -614,7 +665,10 @@ mod tests {
             .with_ansi(false)
             .with_writer(out.clone());
         if plain {
-            tracing::subscriber::with_default(builder.event_format(Plain).finish(), emit);
+            tracing::subscriber::with_default(
+                builder.event_format(Plain::default()).finish(),
+                emit,
+            );
         } else {
             tracing::subscriber::with_default(builder.finish(), emit);
         }

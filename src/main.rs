@@ -159,7 +159,9 @@ fn init_logging(format: LogFormat) -> credproxy::logs::Guard {
         .with_writer(writer);
     match format {
         LogFormat::Human if terminal => builder.init(),
-        LogFormat::Human => builder.event_format(credproxy::logs::Plain).init(),
+        LogFormat::Human => builder
+            .event_format(credproxy::logs::Plain::for_stderr())
+            .init(),
         LogFormat::Json => builder.json().init(),
     }
     guard

@@ -497,3 +497,44 @@ fn a_port_in_use_names_its_setting_and_nothing_claims_to_listen() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Under systemd, stderr is the journal (`JOURNAL_STREAM` names it): each line carries its
+/// priority, so `journalctl -p warning` finds the warnings. Redirected elsewhere, it does not.
+#[test]
+fn log_lines_carry_their_priority_only_into_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new();
+    let path = env.write("config.yaml", &env.base_yaml());
+    for journal in [true, false] {
+        let log_path = env.dir.path().join(format!("stderr-{journal}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let meta = log.metadata().unwrap();
+        let stream = if journal {
+            format!("{}:{}", meta.dev(), meta.ino())
+        } else {
+            format!("{}:{}", meta.dev(), meta.ino() + 1)
+        };
+        let child = Command::new(BIN)
+            .args(["run", "-c"])
+            .arg(&path)
+            .env("JOURNAL_STREAM", stream)
+            .stderr(log)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let _running = Running(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let text = loop {
+            let text = std::fs::read_to_string(&log_path).unwrap();
+            if text.contains("admin endpoints on") || Instant::now() > deadline {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let listening = text
+            .lines()
+            .find(|l| l.contains("forward proxy listening"))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert_eq!(listening.starts_with("<6>"), journal, "{text}");
+    }
+}
