@@ -425,8 +425,14 @@ async fn forward(
                         path: target.path().to_string(),
                     }
                 } else {
+                    // With its port when it has one: a route without a port covers 80 and 443
+                    // only, so `host:8081` may be the reason.
                     ProxyError::Denied {
-                        host: target.host.clone(),
+                        host: if target.explicit_port {
+                            authority(&target.host, Some(target.port), target.scheme)
+                        } else {
+                            target.host.clone()
+                        },
                     }
                 });
             }

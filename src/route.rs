@@ -41,7 +41,13 @@ impl HostPattern {
     }
 
     pub fn matches(&self, host: &str, port: u16) -> bool {
-        if self.port.is_some_and(|p| p != port) {
+        // Without a port, the web's own ports: a client's `http://host:8081/` names another
+        // service on that host (another origin), which must not be handed these credentials.
+        let port_ok = match self.port {
+            Some(p) => p == port,
+            None => port == 80 || port == 443,
+        };
+        if !port_ok {
             return false;
         }
         if !self.wildcard {

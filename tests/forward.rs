@@ -261,6 +261,39 @@ async fn trace_is_refused_on_routes_and_passes_elsewhere_without_credentials() {
     assert_eq!(plain.requests().len(), 1);
 }
 
+/// A route without a port is the web's ports, 80 and 443: another port on that host is another
+/// service (another origin), which gets no credentials.
+#[tokio::test]
+async fn a_route_without_a_port_covers_only_80_and_443() {
+    let env = Env::new();
+    let fake = env.tls_echo().await;
+    let proxy = env
+        .proxy(&echo_route_yaml(fake.addr, "api.example.com", "replace"))
+        .await;
+    let c = client(proxy.addr);
+    for url in [
+        "http://api.example.com/__echo",
+        "http://api.example.com:443/__echo",
+    ] {
+        let echo = echoed(get(&c, url).await).await;
+        assert_eq!(
+            header_values(&echo, "x-api-key"),
+            ["injected-value"],
+            "{url}"
+        );
+    }
+    let r = get(&c, "http://api.example.com:8081/__echo").await;
+    assert_refused(&r, 403, "host_denied");
+    let msg: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        msg["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("no route maps api.example.com:8081"),
+        "{msg}"
+    );
+}
+
 #[tokio::test]
 async fn wildcard_routes_cover_one_label() {
     let env = Env::new();
