@@ -383,8 +383,18 @@ fn unix_now() -> u64 {
 /// certificate on disk always has its key.
 fn write_ca(ca: &Ca, cert: &Path, key: &Path) -> Result<(), CaError> {
     if let Some(dir) = cert.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| CaError(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            // "File exists" for a directory that exists but cannot be reached (a parent without
+            // search permission, as /var/lib/private is to other users): say what stops it.
+            let cause = match std::fs::metadata(dir) {
+                Err(m) if e.kind() == std::io::ErrorKind::AlreadyExists => m,
+                _ => e,
+            };
+            CaError(format!(
+                "cannot create or use {} (state_dir): {cause}",
+                dir.display()
+            ))
+        })?;
     }
     write_private(key, ca.key_pem().as_bytes())?;
     let partial = PathBuf::from(format!("{}.partial", cert.display()));

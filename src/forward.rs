@@ -388,9 +388,15 @@ async fn forward(
     }
     if hop.trailers {
         // The client takes trailers, so the proxy does too: it passes them on (RFC 9110 §10.1.4).
+        // Not also listed in `Connection`, as that section asks: the pool may pick HTTP/2, whose
+        // client (hyper) removes every header `Connection` names, `TE: trailers` included.
         parts
             .headers
             .insert(header::TE, http::HeaderValue::from_static("trailers"));
+    }
+    if parts.version == Version::HTTP_10 {
+        // RFC 9110 §10.1.1: an HTTP/1.0 client's Expect is ignored, not passed on as HTTP/1.1's.
+        parts.headers.remove(header::EXPECT);
     }
     parts.headers.remove(header::HOST);
     if state.config.upstream.via {

@@ -235,7 +235,10 @@ impl Running {
             tokio::join!(listeners, tunnels);
         };
         if tokio::time::timeout(drain, all).await.is_err() {
-            tracing::warn!("in-flight requests still running after {drain:?}; closing them");
+            tracing::warn!(
+                open_connections = self.state.load().metrics.open_connections.get(),
+                "in-flight requests still running after {drain:?} (limits.drain_timeout); closing them"
+            );
             self.tasks.abort_all();
         }
     }

@@ -131,6 +131,19 @@ async fn requests_a_proxy_cannot_pass_on_faithfully_are_refused() {
         upstream.requests().is_empty(),
         "nothing reached the upstream"
     );
+
+    // An HTTP/1.0 client's Expect means nothing (RFC 9110 §10.1.1): it is not passed on as
+    // HTTP/1.1's.
+    let answer = raw(
+        proxy.addr,
+        b"POST http://api.example.com/__echo HTTP/1.0\r\nHost: api.example.com\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    let echo: serde_json::Value =
+        serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert!(header_values(&echo, "expect").is_empty(), "{echo}");
+    assert_eq!(header_values(&echo, "x-k"), ["v"]);
 }
 
 #[tokio::test]
