@@ -39,19 +39,27 @@ fn benches(c: &mut Criterion) {
     }
     let table = RouteTable::new(routes);
     c.bench_function("route match, 1000 routes, last exact host", |b| {
-        b.iter(|| table.find(black_box("api999.example.com"), 443, black_box("/x/y")))
+        b.iter(|| {
+            table.find(
+                black_box("api999.example.com"),
+                443,
+                false,
+                black_box("/x/y"),
+            )
+        })
     });
     c.bench_function("route match, 1000 routes, path prefix", |b| {
         b.iter(|| {
             table.find(
                 black_box("api.cloudnet.services"),
                 443,
+                false,
                 black_box("/v998/endpoint/items"),
             )
         })
     });
     c.bench_function("route match, 1000 routes, no match", |b| {
-        b.iter(|| table.find(black_box("unknown.example.org"), 443, black_box("/")))
+        b.iter(|| table.find(black_box("unknown.example.org"), 443, false, black_box("/")))
     });
 
     let creds = provider.header_names();

@@ -68,7 +68,13 @@ async fn handle(shared: &Shared, ready: &AtomicBool, req: Request<Incoming>) -> 
         );
     }
     let state = shared.load_full();
-    match (req.method(), req.uri().path()) {
+    // HEAD is GET without the body (hyper drops it), as health checkers expect.
+    let method = if req.method() == Method::HEAD {
+        &Method::GET
+    } else {
+        req.method()
+    };
+    match (method, req.uri().path()) {
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => {
             let missing: Vec<String> = if state.config.tokens.prefetch {
@@ -127,7 +133,7 @@ async fn handle(shared: &Shared, ready: &AtomicBool, req: Request<Incoming>) -> 
                 StatusCode::METHOD_NOT_ALLOWED,
                 serde_json::json!({"error": "method_not_allowed", "message": "this admin endpoint answers GET"}),
             ),
-            "GET",
+            "GET, HEAD",
         ),
         _ => json(
             StatusCode::NOT_FOUND,

@@ -1074,7 +1074,7 @@ impl Validator<'_> {
                 header_read_timeout: raw.limits.header_read_timeout.value.0,
                 replay_buffer: raw.limits.replay_buffer,
                 drain_timeout: raw.limits.drain_timeout,
-                max_connections: raw.limits.max_connections.value.max(1),
+                max_connections: raw.limits.max_connections.value,
                 tunnel_idle_timeout: raw.limits.tunnel_idle_timeout.value.0,
             },
             threads: resolve_threads(raw.runtime.threads),

@@ -76,10 +76,13 @@ pub async fn handle(
         return Ok(Response::new(empty()));
     }
 
-    if state.config.unmapped == Unmapped::Deny {
-        return Err(ProxyError::Denied { host });
-    }
     let target = format!("{host}:{port}");
+    if state.config.unmapped == Unmapped::Deny {
+        // With the port: a route without one covers 443 only, so `host:8443` may be the reason.
+        return Err(ProxyError::Denied {
+            host: if port == 443 { host } else { target },
+        });
+    }
     let upstream = state
         .outbound
         .tunnel(&host, port)

@@ -157,7 +157,7 @@ pub async fn serve(
             Entry::Proxy | Entry::Intercepted(_) => state
                 .config
                 .routes
-                .find(&target.host, target.port, target.path())
+                .find(&target.host, target.port, target.explicit_port, target.path())
                 .cloned(),
         };
         route_slot.clone_from(&route);
@@ -383,9 +383,6 @@ async fn forward(
     if let Some(coding) = hop.unknown_coding {
         return Err(ProxyError::UnsupportedCoding { coding });
     }
-    if let Some(answer) = max_forwards(&mut parts) {
-        return Ok(answer);
-    }
     if hop.trailers {
         // The client takes trailers, so the proxy does too: it passes them on (RFC 9110 §10.1.4).
         // Not also listed in `Connection`, as that section asks: the pool may pick HTTP/2, whose
@@ -424,7 +421,7 @@ async fn forward(
                     .config
                     .routes
                     .iter()
-                    .any(|r| r.host.matches(&target.host, target.port));
+                    .any(|r| r.matches_host(&target.host, target.port, target.explicit_port));
                 return Err(if host_routed {
                     ProxyError::PathDenied {
                         host: target.host.clone(),
@@ -445,6 +442,10 @@ async fn forward(
             (target.scheme, target.explicit_port.then_some(target.port))
         }
     };
+    // After the routing decision: a host the config denies is denied, whatever Max-Forwards says.
+    if let Some(answer) = max_forwards(&mut parts) {
+        return Ok(answer);
+    }
     let authority: Authority = authority(&target.host, port_in_uri, scheme)
         .parse()
         .map_err(|e| {
@@ -733,12 +734,12 @@ async fn send(
             ),
         });
     }
-    // RFC 9110 §6.2: the proxy speaks its own version (an HTTP/1.0 upstream's would close the
-    // client's connection); hyper answers an HTTP/1.0 client in 1.0 anyway.
-    parts.version = Version::HTTP_11;
     if state.config.upstream.via {
         parts.headers.append(header::VIA, via(parts.version));
     }
+    // RFC 9110 §6.2: the proxy speaks its own version (an HTTP/1.0 upstream's would close the
+    // client's connection); hyper answers an HTTP/1.0 client in 1.0 anyway.
+    parts.version = Version::HTTP_11;
     Ok(Response::from_parts(parts, body))
 }
 
@@ -1034,6 +1035,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> Hop {
     if upgrade {
         hop.upgrade = headers.get(header::UPGRADE).cloned();
     }
+    // Before the names `Connection` lists go: it may list `Transfer-Encoding` itself.
+    if others {
+        framing(headers, &mut hop);
+    }
     for name in &listed {
         headers.remove(name);
     }
@@ -1053,27 +1058,32 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> Hop {
             })
         })
     });
+    while let Some(name) = headers.keys().find(|n| is_hop_by_hop(n)).cloned() {
+        headers.remove(&name);
+    }
+    hop
+}
+
+/// Transfer codings: hyper decodes `chunked` alone, so any other is noted; and RFC 9112 §6.3's
+/// rule that Transfer-Encoding overrides a Content-Length, which an intermediary must remove
+/// (hyper does so for requests, not for responses).
+fn framing(headers: &mut HeaderMap, hop: &mut Hop) {
     let mut framed = false;
     for value in headers.get_all(header::TRANSFER_ENCODING) {
         framed = true;
         let codings = value.to_str().unwrap_or("(not text)");
+        // Empty list items are allowed (RFC 9110 §5.6.1): `, chunked` is chunked.
         if let Some(other) = codings
             .split(',')
             .map(str::trim)
-            .find(|c| !c.eq_ignore_ascii_case("chunked"))
+            .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked"))
         {
             hop.unknown_coding.get_or_insert_with(|| other.to_string());
         }
     }
     if framed {
-        // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, which an intermediary must
-        // remove (hyper does so for requests, not for responses).
         headers.remove(header::CONTENT_LENGTH);
     }
-    while let Some(name) = headers.keys().find(|n| is_hop_by_hop(n)).cloned() {
-        headers.remove(&name);
-    }
-    hop
 }
 
 /// Turns a client error into what the user needs to know: which host, and why.

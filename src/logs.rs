@@ -216,7 +216,7 @@ impl Plain {
 }
 
 #[cfg(unix)]
-fn stderr_is_the_journal() -> bool {
+pub fn stderr_is_the_journal() -> bool {
     use std::os::fd::AsFd;
     use std::os::unix::fs::MetadataExt;
     let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
@@ -238,7 +238,7 @@ fn stderr_is_the_journal() -> bool {
 }
 
 #[cfg(not(unix))]
-fn stderr_is_the_journal() -> bool {
+pub fn stderr_is_the_journal() -> bool {
     false
 }
 
@@ -280,13 +280,14 @@ where
 /// writes its "Unable to format" notice instead).
 fn format_line(line: &mut String, event: &Event<'_>, journal: bool) -> std::fmt::Result {
     let meta = event.metadata();
+    let priority = match *meta.level() {
+        tracing::Level::ERROR => "<3>",
+        tracing::Level::WARN => "<4>",
+        tracing::Level::INFO => "<6>",
+        tracing::Level::DEBUG | tracing::Level::TRACE => "<7>",
+    };
     if journal {
-        line.push_str(match *meta.level() {
-            tracing::Level::ERROR => "<3>",
-            tracing::Level::WARN => "<4>",
-            tracing::Level::INFO => "<6>",
-            tracing::Level::DEBUG | tracing::Level::TRACE => "<7>",
-        });
+        line.push_str(priority);
     }
     write_timestamp(line);
     // ` {:>5} {}: ` without `core::fmt`: the five levels, padded as the default format does.
@@ -306,6 +307,11 @@ fn format_line(line: &mut String, event: &Event<'_>, journal: bool) -> std::fmt:
     };
     event.record(&mut fields);
     fields.result?;
+    if journal && fields.line.contains('\n') {
+        // A message of several lines (a refused reload and its problems): the journal takes each
+        // line as an entry of its own, so each needs the priority.
+        *fields.line = fields.line.replace('\n', &format!("\n{priority}"));
+    }
     fields.line.push('\n');
     Ok(())
 }

@@ -110,7 +110,7 @@ fn main() -> ExitCode {
     let runtime = match credproxy::runtime(threads, shape) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("credproxy: cannot start the async runtime: {e}");
+            fatal(format!("credproxy: cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -132,14 +132,25 @@ fn main() -> ExitCode {
 
 fn load_for_run(file: &std::path::Path) -> Result<credproxy::config::Config, ExitCode> {
     credproxy::config::load(file).map_err(|e| {
-        eprintln!("{e}");
-        eprintln!(
-            "credproxy: not started: {} has {} problem(s)",
+        fatal(format!(
+            "{e}\ncredproxy: not started: {} has {} problem(s)",
             file.display(),
             e.problems.len()
-        );
+        ));
         ExitCode::from(EXIT_CONFIG)
     })
+}
+
+/// Why `run` could not start, on stderr: into the journal, each line as an error (`<3>`), so
+/// that `journalctl -p err` shows it.
+fn fatal(text: String) {
+    if credproxy::logs::stderr_is_the_journal() {
+        for line in text.lines() {
+            eprintln!("<3>{line}");
+        }
+    } else {
+        eprintln!("{text}");
+    }
 }
 
 /// Logs go to stderr through a background writer thread that takes many lines at a time, so a
@@ -416,11 +427,11 @@ async fn run(config: credproxy::config::Config) -> ExitCode {
         // TLS roots and the CA are configuration: restarting will not fix them (exit 2, which
         // the systemd unit does not restart on); a port in use may be transient (exit 1).
         Err(e @ credproxy::listen::StartError::Tls(_)) => {
-            eprintln!("credproxy: {e}");
+            fatal(format!("credproxy: {e}"));
             return ExitCode::from(EXIT_CONFIG);
         }
         Err(e) => {
-            eprintln!("credproxy: {e}");
+            fatal(format!("credproxy: {e}"));
             return ExitCode::FAILURE;
         }
     };

@@ -2,7 +2,8 @@
 //!
 //! Precedence, most specific first: an exact host beats a wildcard (a longer wildcard suffix beats
 //! a shorter one), then a longer path prefix beats a shorter one, then an explicit port beats
-//! "any port". Two routes equal on all three would match the same requests: config rejects them.
+//! none (80 and 443). Two routes equal on all three would match the same requests: config
+//! rejects them.
 
 use std::sync::Arc;
 
@@ -270,8 +271,20 @@ impl Route {
         }
     }
 
-    pub fn matches(&self, host: &str, port: u16, path: &str) -> bool {
-        self.host.matches(host, port) && path_under(path, &self.path_prefix)
+    /// `explicit`: the request named its port (one other than its URL scheme's default). A route
+    /// without a port then takes it only if it is the port the route sends to: `http://h:443/`
+    /// on an `upstream_scheme: http` route would otherwise carry the credentials in clear text
+    /// to port 443.
+    pub fn matches(&self, host: &str, port: u16, explicit: bool, path: &str) -> bool {
+        self.matches_host(host, port, explicit) && path_under(path, &self.path_prefix)
+    }
+
+    /// The host and port half of `matches`.
+    pub fn matches_host(&self, host: &str, port: u16, explicit: bool) -> bool {
+        self.host.matches(host, port)
+            && (self.host.port.is_some()
+                || !explicit
+                || port == self.upstream_scheme.default_port())
     }
 
     /// The key that orders routes, most specific first; equal keys are ambiguous.
@@ -318,8 +331,10 @@ impl RouteTable {
     }
 
     /// `host` must already be lower-case without a trailing dot (see [`normalize_host`]).
-    pub fn find(&self, host: &str, port: u16, path: &str) -> Option<&Arc<Route>> {
-        self.routes.iter().find(|r| r.matches(host, port, path))
+    pub fn find(&self, host: &str, port: u16, explicit: bool, path: &str) -> Option<&Arc<Route>> {
+        self.routes
+            .iter()
+            .find(|r| r.matches(host, port, explicit, path))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
@@ -431,7 +446,7 @@ mod tests {
         for (i, r) in table.iter().enumerate() {
             assert_eq!(r.index, i, "{}", r.name);
         }
-        let name = |h: &str, p: &str| table.find(h, 443, p).map(|r| r.name.clone());
+        let name = |h: &str, p: &str| table.find(h, 443, false, p).map(|r| r.name.clone());
         assert_eq!(
             name("api.cloudnet.services", "/v1/customers/9").as_deref(),
             Some("customers")

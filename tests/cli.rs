@@ -505,7 +505,7 @@ fn log_lines_carry_their_priority_only_into_the_journal() {
     use std::os::unix::fs::MetadataExt;
     let env = Env::new();
     let path = env.write("config.yaml", &env.base_yaml());
-    for journal in [true, false] {
+    for journal in [false, true] {
         let log_path = env.dir.path().join(format!("stderr-{journal}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
         let meta = log.metadata().unwrap();
@@ -536,5 +536,44 @@ fn log_lines_carry_their_priority_only_into_the_journal() {
             .find(|l| l.contains("forward proxy listening"))
             .unwrap_or_else(|| panic!("{text}"));
         assert_eq!(listening.starts_with("<6>"), journal, "{text}");
+        if !journal {
+            continue;
+        }
+        // A refused reload's problems are lines of their own, each an error.
+        std::fs::write(&path, env.base_yaml() + "bogus: 1\n").unwrap();
+        let pid = _running.0.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let text = loop {
+            let text = std::fs::read_to_string(&log_path).unwrap();
+            if text.contains("unknown field `bogus`") || Instant::now() > deadline {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let problem = text
+            .lines()
+            .find(|l| l.contains("unknown field `bogus`"))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(problem.starts_with("<3>"), "{text}");
+        // A start that fails says why as errors too.
+        let log = std::fs::File::create(&log_path).unwrap();
+        let meta = log.metadata().unwrap();
+        let out = Command::new(BIN)
+            .args(["run", "-c"])
+            .arg(&path)
+            .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+            .stderr(log)
+            .status()
+            .unwrap();
+        assert_eq!(out.code(), Some(2));
+        let text = std::fs::read_to_string(&log_path).unwrap();
+        assert!(text.lines().count() >= 2, "{text}");
+        assert!(text.lines().all(|l| l.starts_with("<3>")), "{text}");
     }
 }

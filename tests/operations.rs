@@ -358,6 +358,12 @@ routes:
     let r = send(direct_client().get(format!("http://{admin}/reload"))).await;
     assert_eq!(r.status(), 405);
     assert_eq!(r.headers()["allow"], "POST");
+    // Health checkers that send HEAD get GET's answer, without its body.
+    let r = send(direct_client().head(format!("http://{admin}/healthz"))).await;
+    assert_eq!(r.status(), 200);
+    let r = send(direct_client().delete(format!("http://{admin}/healthz"))).await;
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "GET, HEAD");
     std::fs::write(&path, body("v3") + "bogus: 1\n").unwrap();
     let r = admin_reload(admin).await;
     assert_eq!(r.status(), 409);

@@ -57,6 +57,16 @@ fn answer(path: &str) -> Vec<u8> {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
                 .to_vec()
         }
+        // The same, with `Connection` naming Transfer-Encoding (which must not hide it).
+        "/gzip-listed" => {
+            b"HTTP/1.1 200 OK\r\nConnection: Transfer-Encoding\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                .to_vec()
+        }
+        "/clte-listed" => format!(
+            "HTTP/1.1 200 OK\r\nConnection: transfer-encoding\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{LONG}\r\n0\r\n\r\n",
+            LONG.len()
+        )
+        .into_bytes(),
         "/http10" => b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
         "/101" => {
             b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: foo\r\n\r\n"
@@ -74,20 +84,25 @@ async fn upstream_framing_and_versions_are_made_right_or_refused() {
 
     // Content-Length beside Transfer-Encoding: the chunked body wins, whole, and the stale
     // length does not reach the client (RFC 9112 §6.3).
-    let r = get(&c, "http://api.example.com/clte").await;
-    assert_eq!(r.status(), 200);
-    assert_ne!(
-        r.headers().get("content-length").map(|v| v.as_bytes()),
-        Some(&b"5"[..])
-    );
-    assert_eq!(r.text().await.unwrap(), LONG);
+    for path in ["/clte", "/clte-listed"] {
+        let r = get(&c, format!("http://api.example.com{path}")).await;
+        assert_eq!(r.status(), 200);
+        assert_ne!(
+            r.headers().get("content-length").map(|v| v.as_bytes()),
+            Some(&b"5"[..]),
+            "{path}"
+        );
+        assert_eq!(r.text().await.unwrap(), LONG, "{path}");
+    }
 
     // A transfer coding the proxy cannot pass on: a 502 that names it, not gzip bytes with no
     // label.
-    let r = get(&c, "http://api.example.com/gzip").await;
-    assert_refused(&r, 502, "upstream_error");
-    let msg: serde_json::Value = r.json().await.unwrap();
-    assert!(msg["message"].as_str().unwrap().contains("`gzip`"), "{msg}");
+    for path in ["/gzip", "/gzip-listed"] {
+        let r = get(&c, format!("http://api.example.com{path}")).await;
+        assert_refused(&r, 502, "upstream_error");
+        let msg: serde_json::Value = r.json().await.unwrap();
+        assert!(msg["message"].as_str().unwrap().contains("`gzip`"), "{msg}");
+    }
 
     // A 101 nobody asked for would leave the connection in an unknown protocol.
     let r = get(&c, "http://api.example.com/101").await;
@@ -100,6 +115,8 @@ async fn upstream_framing_and_versions_are_made_right_or_refused() {
         s.write_all(request).await.unwrap();
         let head = read_response(&mut s).await;
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        // Via says what the proxy received: HTTP/1.0.
+        assert!(head.contains("via: 1.0 credproxy\r\n"), "{head}");
         assert!(head.ends_with("\r\n\r\nok"), "{head}");
     }
 }
@@ -118,6 +135,21 @@ async fn requests_a_proxy_cannot_pass_on_faithfully_are_refused() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
     assert!(answer.contains("unsupported_transfer_coding"), "{answer}");
+    // Also when `Connection` names Transfer-Encoding.
+    let answer = raw(
+        proxy.addr,
+        b"POST http://api.example.com/x HTTP/1.1\r\nHost: api.example.com\r\nConnection: close, transfer-encoding\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
+    // An empty list item is no coding (RFC 9110 §5.6.1): `, chunked` is chunked.
+    let answer = raw(
+        proxy.addr,
+        b"POST http://api.example.com/__echo HTTP/1.1\r\nHost: api.example.com\r\nTransfer-Encoding: , chunked\r\nConnection: close\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let before = upstream.requests().len();
 
     // User info makes a URL look like another host's (RFC 9110 §4.2.4).
     let answer = raw(
@@ -127,9 +159,10 @@ async fn requests_a_proxy_cannot_pass_on_faithfully_are_refused() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("bad_uri"), "{answer}");
-    assert!(
-        upstream.requests().is_empty(),
-        "nothing reached the upstream"
+    assert_eq!(
+        upstream.requests().len(),
+        before,
+        "nothing refused reached the upstream"
     );
 
     // An HTTP/1.0 client's Expect means nothing (RFC 9110 §10.1.1): it is not passed on as
@@ -192,6 +225,48 @@ async fn max_forwards_zero_is_answered_by_the_proxy_and_counted_down_otherwise()
     .await;
     assert_eq!(header_values(&echo, "max-forwards"), ["2"]);
     assert_eq!(header_values(&echo, "x-k"), ["v"]);
+}
+
+/// A route without a port sends to its scheme's port: `http://host:443/` is not for a plain-HTTP
+/// route (its credentials would go in clear text to 443), and a denial names the port, as a
+/// CONNECT's does. Max-Forwards does not get round a denial.
+#[tokio::test]
+async fn a_portless_route_takes_only_its_own_schemes_port_and_denials_name_the_port() {
+    let env = Env::new();
+    let upstream = echo::start(listener().await, None);
+    let proxy = env
+        .proxy(&(http_route_yaml(upstream.addr) + "unmapped: deny\n"))
+        .await;
+    let c = client(proxy.addr);
+    let echo = echoed(get(&c, "http://api.example.com:80/__echo").await).await;
+    assert_eq!(header_values(&echo, "x-k"), ["v"]);
+    let r = get(&c, "http://api.example.com:443/__echo").await;
+    assert_refused(&r, 403, "host_denied");
+    let msg: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        msg["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("no route maps api.example.com:443"),
+        "{msg}"
+    );
+    let answer = raw(
+        proxy.addr,
+        b"CONNECT api.example.com:8443 HTTP/1.1\r\nHost: api.example.com:8443\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(
+        answer.contains("no route maps api.example.com:8443"),
+        "{answer}"
+    );
+    let r = send(
+        c.request(reqwest::Method::OPTIONS, "http://elsewhere.example/")
+            .header("max-forwards", "0"),
+    )
+    .await;
+    assert_refused(&r, 403, "host_denied");
+    assert_eq!(upstream.requests().len(), 1);
 }
 
 #[tokio::test]

@@ -58,8 +58,15 @@ fn token_uri(s: &Settings) -> Result<http::Uri, http::uri::InvalidUri> {
 /// `//` or a backslash, under any prefix), as servers differ in what they normalise.
 pub fn is_token_path(path_and_query: &str) -> bool {
     let path = path_and_query.split('?').next().unwrap_or("");
-    crate::providers::oauth2::decode(path)
-        .split(['/', '\\'])
+    // Decoded only when it has escapes: a copy per signed request saved.
+    let decoded;
+    let path = if path.contains('%') {
+        decoded = crate::providers::oauth2::decode(path);
+        decoded.as_str()
+    } else {
+        path
+    };
+    path.split(['/', '\\'])
         .map(|seg| seg.split(';').next().unwrap_or(seg))
         .rfind(|seg| !seg.is_empty())
         .is_some_and(|seg| seg.eq_ignore_ascii_case("api_tokens"))
