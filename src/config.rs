@@ -1331,7 +1331,7 @@ impl Validator<'_> {
                     self.problem(
                         &c.license_id,
                         format!("{k}.license_id"),
-                        "must be a license id (letters, digits, `-`)",
+                        "must be a license id (letters, digits, `-` and `_`)",
                     );
                     return None;
                 }
