@@ -552,26 +552,30 @@ async fn forward(
             && let (Some(route), Some(token)) = (route, token)
         {
             let provider = &route.provider.name;
+            let tokens = state.tokens.get(provider);
             if retried {
+                if let Some(tokens) = tokens {
+                    tokens.refused_fresh(&token.scope, token.generation);
+                }
                 tracing::error!(
                     provider = %provider,
                     route = %route.name,
                     "the upstream refused a freshly fetched token too: the provider's credentials themselves look wrong (check the id, secret and permissions)"
                 );
-            } else if body.replayable() {
-                if let Some(tokens) = state.tokens.get(provider) {
-                    tokens.invalidate(&token.scope, token.generation);
-                    tokens
-                        .stats
-                        .retries_after_401
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
+            } else if body.replayable()
+                && let Some(tokens) = tokens
+                && tokens.invalidate(&token.scope, token.generation)
+            {
+                tokens
+                    .stats
+                    .retries_after_401
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(provider = %provider, route = %route.name, "401 with a cached token: fetching a fresh one and retrying once");
                 retried = true;
                 continue;
-            } else {
+            } else if !body.replayable() {
                 // No replay, but the token is still bad: the next request must not reuse it.
-                if let Some(tokens) = state.tokens.get(provider) {
+                if let Some(tokens) = tokens {
                     tokens.invalidate(&token.scope, token.generation);
                 }
                 response.headers_mut().insert(

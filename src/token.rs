@@ -175,6 +175,9 @@ struct Slot {
     generation: AtomicU64,
     /// Set by every use, cleared by the refresh timer: an idle scope is not refreshed.
     used: AtomicBool,
+    /// A token the upstream refused although it was freshly fetched, and when: its 401s are
+    /// about the credentials' permissions, not the token's age (see `invalidate`).
+    refused_fresh: Mutex<Option<(u64, Instant)>>,
 }
 
 struct Failure {
@@ -256,13 +259,32 @@ impl Tokens {
     }
 
     /// The upstream refused `generation`: drop it, unless a newer token already replaced it.
-    pub fn invalidate(&self, scope: &str, generation: u64) {
+    /// Says whether a fresh token is worth fetching: not for a token the upstream refused even
+    /// freshly fetched, for `tokens.backoff_max` after that (an API that refuses every token, a
+    /// missing permission, would otherwise cost a token request per client request).
+    pub fn invalidate(&self, scope: &str, generation: u64) -> bool {
         let slot = self.slot(scope);
+        let refused = *slot.refused_fresh.lock().unwrap_or_else(|e| e.into_inner());
+        if refused
+            .is_some_and(|(g, at)| g == generation && at.elapsed() < self.lifecycle.backoff_max)
+        {
+            return false;
+        }
         let mut current = slot.current.lock().unwrap_or_else(|e| e.into_inner());
         if current.as_ref().is_some_and(|t| t.generation == generation) {
             *current = None;
             tracing::debug!(provider = %self.provider.name, scope, generation, "token refused upstream; dropped");
         }
+        true
+    }
+
+    /// The upstream refused `generation` although it had just been fetched.
+    pub fn refused_fresh(&self, scope: &str, generation: u64) {
+        *self
+            .slot(scope)
+            .refused_fresh
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some((generation, Instant::now()));
     }
 
     async fn fetch_into(
@@ -284,6 +306,7 @@ impl Tokens {
                 after: self.lifecycle.timeout,
             }),
         };
+        let result = result.and_then(|fetched| self.checked(fetched, scope));
         match result {
             Ok(fetched) => {
                 let generation = slot.generation.fetch_add(1, Ordering::Relaxed) + 1;
@@ -333,6 +356,22 @@ impl Tokens {
         }
     }
 
+    /// A token goes into a header (`Bearer …`, CleanCloud's `Credential=…,`): one that a header
+    /// cannot carry as it is (a space, a control character such as CR or LF, non-ASCII, or a
+    /// comma, which would add a parameter) is a failed fetch, backed off and retried like one,
+    /// not a token kept for its whole lifetime while every request fails.
+    fn checked(&self, fetched: Fetched, scope: &str) -> Result<Fetched, TokenError> {
+        let ok = |b: u8| b.is_ascii_graphic() && b != b',';
+        let value = fetched.value.expose();
+        if !value.is_empty() && value.bytes().all(ok) {
+            return Ok(fetched);
+        }
+        Err(TokenError::BadResponse {
+            endpoint: crate::providers::token_endpoint(&self.provider, scope),
+            what: "its token has characters a header cannot carry as they are (spaces, control characters such as CR or LF, non-ASCII, or commas)".into(),
+        })
+    }
+
     fn schedule_refresh(
         self: &Arc<Self>,
         slot: &Arc<Slot>,
@@ -366,12 +405,13 @@ impl Tokens {
                 if slot.generation.load(Ordering::Relaxed) != generation {
                     return;
                 }
-                tokens
-                    .stats
-                    .proactive_refreshes
-                    .fetch_add(1, Ordering::Relaxed);
-                // A success schedules the next refresh itself.
+                // A success schedules the next refresh itself; only successes count as
+                // refreshes (a failure counts in `failures`).
                 if tokens.fetch_into(&slot, &scope).await.is_ok() {
+                    tokens
+                        .stats
+                        .proactive_refreshes
+                        .fetch_add(1, Ordering::Relaxed);
                     return;
                 }
                 // The current token stays in use meanwhile. Try again when the backoff allows,
@@ -544,7 +584,7 @@ pub async fn call(
     req: Request<Body>,
     secrets: &[&Secret],
 ) -> Result<Answer, TokenError> {
-    let blanks = Blanks::new(secrets, req.headers());
+    let blanks = Blanks::new(secrets, req.headers()).and_query(req.uri());
     let endpoint = blanks.apply(endpoint_of(req.uri()));
     let resp = client
         .request(req)
@@ -559,9 +599,21 @@ pub async fn call(
         .collect()
         .await
         .map(|c| c.to_bytes())
-        .map_err(|e| TokenError::Unreachable {
-            endpoint: endpoint.clone(),
-            cause: format!("reading the answer: {e}"),
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                TokenError::BadResponse {
+                    endpoint: endpoint.clone(),
+                    what: format!(
+                        "its answer is larger than {} KiB, more than any token answer",
+                        MAX_TOKEN_RESPONSE / 1024
+                    ),
+                }
+            } else {
+                TokenError::Unreachable {
+                    endpoint: endpoint.clone(),
+                    cause: format!("reading the answer: {e}"),
+                }
+            }
         })?;
     if !status.is_success() {
         return Err(TokenError::Status {
@@ -640,6 +692,26 @@ impl Blanks {
         Blanks(all)
     }
 
+    /// The token URL's query too (`?api_key=…`): its values may be secrets written into the URL.
+    pub fn and_query(mut self, uri: &http::Uri) -> Blanks {
+        if let Some(query) = uri.query() {
+            self.0.push(query.to_string());
+            for value in query
+                .split('&')
+                .filter_map(|p| p.split_once('=').map(|(_, v)| v))
+            {
+                // Short values (`1`, `json`) are not secrets, and blanking them would garble text.
+                if value.len() >= 6 {
+                    self.0.push(value.to_string());
+                    self.0.push(crate::providers::oauth2::decode(value));
+                }
+            }
+            self.0.sort_by_key(|n| std::cmp::Reverse(n.len()));
+            self.0.dedup();
+        }
+        self
+    }
+
     /// `text` with every blank replaced, in any letter case (a server may echo `%2f` for `%2F`).
     pub fn apply(&self, mut text: String) -> String {
         for needle in &self.0 {
@@ -677,12 +749,21 @@ pub fn excerpt(body: &[u8], blanks: &Blanks) -> String {
     }
 }
 
-/// `Retry-After: N` (seconds), or CloudConnexa's `X-RateLimit-Replenish-Time: N`.
+/// `Retry-After: N` (seconds) or `Retry-After: <HTTP date>` (RFC 9110 §10.2.3), or
+/// CloudConnexa's `X-RateLimit-Replenish-Time: N`.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     ["retry-after", "x-ratelimit-replenish-time"]
         .iter()
-        .find_map(|h| headers.get(*h)?.to_str().ok()?.trim().parse::<u64>().ok())
-        .map(Duration::from_secs)
+        .find_map(|h| {
+            let v = headers.get(*h)?.to_str().ok()?.trim();
+            v.parse::<u64>().ok().map(Duration::from_secs).or_else(|| {
+                let at = httpdate::parse_http_date(v).ok()?;
+                Some(
+                    at.duration_since(std::time::SystemTime::now())
+                        .unwrap_or(Duration::ZERO),
+                )
+            })
+        })
 }
 
 /// The body of a 2xx token answer as JSON. A body that is not JSON is described, never quoted: a
@@ -757,10 +838,13 @@ pub fn json_seconds(v: &serde_json::Value) -> Option<Duration> {
         s if s >= 1e9 => s - now(),
         s => s,
     };
-    // Not `from_secs_f64`, which panics past u64::MAX seconds.
-    Duration::try_from_secs_f64(secs)
-        .ok()
-        .filter(|d| !d.is_zero())
+    // Not `from_secs_f64`, which panics past u64::MAX seconds; a finite value past any time
+    // there is (`1e308`) is the longest lifetime kept.
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) => Some(d).filter(|d| !d.is_zero()),
+        Err(_) if secs.is_finite() && secs > 0.0 => Some(MAX_LIFETIME),
+        Err(_) => None,
+    }
 }
 
 /// The time left until a JWT's `exp`, if the token is a JWT that has one.
@@ -988,9 +1072,39 @@ mod tests {
     }
 
     #[test]
+    fn a_429s_wait_may_be_an_http_date_and_a_url_query_is_blanked() {
+        let mut h = HeaderMap::new();
+        let at = std::time::SystemTime::now() + Duration::from_secs(30);
+        h.insert(
+            "retry-after",
+            httpdate::fmt_http_date(at).parse().expect("a header value"),
+        );
+        let wait = retry_after(&h).expect("a wait").as_secs();
+        assert!((28..=30).contains(&wait), "{wait}");
+        h.insert(
+            "retry-after",
+            "Sun, 06 Nov 1994 08:49:37 GMT".parse().expect("valid"),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::ZERO), "a date past");
+        h.insert("retry-after", "soon".parse().expect("valid"));
+        assert_eq!(retry_after(&h), None);
+
+        let uri: http::Uri = "https://t.example/token?api_key=LITERAL%2BKEY123&v=1"
+            .parse()
+            .expect("a URI");
+        let blanks = Blanks::new(&[], &HeaderMap::new()).and_query(&uri);
+        let e = excerpt(
+            b"got api_key=LITERAL+KEY123 and LITERAL%2BKEY123 v=1",
+            &blanks,
+        );
+        assert_eq!(e, "got api_key=[redacted] and [redacted] v=1");
+    }
+
+    #[test]
     fn json_helpers_survive_absurd_lifetimes() {
         // Past u64::MAX seconds, `Duration::from_secs_f64` would panic.
-        assert!(json_seconds(&serde_json::json!(1e30)).is_none());
+        // Past any time there is: the longest lifetime kept.
+        assert_eq!(json_seconds(&serde_json::json!(1e30)), Some(MAX_LIFETIME));
         assert!(json_seconds(&serde_json::json!("1e400")).is_none());
         assert!(json_seconds(&serde_json::json!(-5)).is_none());
         assert!(json_seconds(&serde_json::json!(0)).is_none());

@@ -146,11 +146,19 @@ async fn a_failed_refresh_is_retried_while_the_old_token_still_serves() {
     }
     assert!(failed_once, "the refresh was tried");
     assert_eq!(issuer.token_requests(), 3, "the refresh was tried again");
+    // Counted once the answer is in (the fake counts the request as it arrives).
+    for _ in 0..100 {
+        if tokens.stats.proactive_refreshes.load(Ordering::Relaxed) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         tokens.stats.proactive_refreshes.load(Ordering::Relaxed),
-        2,
-        "the second try was the refresh timer's, before the old token ran out, not a request's"
+        1,
+        "the second try was the refresh timer's, before the old token ran out, not a request's; the failed one counts as a failure, not as a refresh"
     );
+    assert_eq!(tokens.stats.failures.load(Ordering::Relaxed), 1);
 }
 
 const LICENSE: &str = "9085e05b-0000-4000-8000-00000000c0de";
@@ -402,6 +410,49 @@ async fn a_persistent_401_is_passed_on_after_exactly_two_attempts() {
         issuer.token_requests(),
         2,
         "one token, one fresh token for the retry, no loop"
+    );
+    // The fresh token was refused too: the next requests' 401s are about the credentials, so
+    // they cost no token request each (a missing permission would otherwise hammer the token
+    // endpoint at the clients' rate), and are not retried.
+    for _ in 0..5 {
+        let r = get(
+            &client(proxy.addr),
+            "http://acme.api.openvpn.com/api/v1/networks",
+        )
+        .await;
+        assert_eq!(r.status(), 401);
+    }
+    assert_eq!(issuer.token_requests(), 2);
+    let attempts = fake
+        .requests()
+        .iter()
+        .filter(|r| r.uri.path() == "/api/v1/networks")
+        .count();
+    assert_eq!(attempts, 7, "one attempt each");
+}
+
+/// A token with CR LF in it would be a header injection: it is a failed fetch, named, backed off
+/// and fetched again, not a token kept (and every request refused) for its whole lifetime.
+#[tokio::test]
+async fn a_token_no_header_can_carry_is_a_failed_fetch_and_fetched_again() {
+    let env = Env::new();
+    let (fake, issuer, proxy) = oauth_proxy(&env).await;
+    let c = client(proxy.addr);
+    let url = "http://acme.api.openvpn.com/api/v1/networks";
+    issuer.set_mode(Mode::BrokenToken);
+    let (msg, _) = token_error(&c, url).await;
+    assert!(msg.contains("characters a header cannot carry"), "{msg}");
+    assert!(!msg.contains("X-Injected"), "{msg}");
+    issuer.set_mode(Mode::Normal);
+    // The backoff here is 300 ms, doubled at most once.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(get(&c, url).await.status(), 200);
+    assert_eq!(issuer.token_requests(), 2);
+    assert!(
+        fake.requests()
+            .iter()
+            .all(|r| !r.headers.contains_key("x-injected")),
+        "nothing was injected"
     );
 }
 

@@ -32,6 +32,8 @@ pub enum Mode {
     Slow(Duration),
     /// 429, with whatever headers and body that provider sends with it.
     RateLimited { retry_after_secs: u64 },
+    /// 200 with a token no header can carry (CR LF in it: a header injection, if passed on).
+    BrokenToken,
 }
 
 struct Entry {
@@ -170,7 +172,7 @@ impl Issuer {
         self.token_requests.fetch_add(1, Ordering::SeqCst);
         let mode = self.mode();
         match mode {
-            Mode::Normal | Mode::MissingToken => Ok(mode),
+            Mode::Normal | Mode::MissingToken | Mode::BrokenToken => Ok(mode),
             Mode::Slow(d) => {
                 tokio::time::sleep(d).await;
                 Ok(mode)

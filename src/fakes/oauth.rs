@@ -311,6 +311,12 @@ async fn token(settings: &Settings, issuer: &Issuer, req: Request<Incoming>) -> 
     }
 
     let expires_in = issuer.ttl().as_secs().max(1);
+    if mode == Mode::BrokenToken {
+        return json_response(
+            StatusCode::OK,
+            json!({"access_token": "abc\r\nX-Injected: yes", "token_type": "bearer", "expires_in": expires_in}),
+        );
+    }
     if mode == Mode::MissingToken {
         return json_response(
             StatusCode::OK,
