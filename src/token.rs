@@ -769,7 +769,8 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 /// The body of a 2xx token answer as JSON. A body that is not JSON is described, never quoted: a
 /// 2xx answer may hold a token in another format, or a page that repeats the request's secrets.
 pub fn parse_json(answer: &Answer) -> Result<serde_json::Value, TokenError> {
-    serde_json::from_slice(&answer.body).map_err(|_| {
+    // serde_json's syntax errors name a place, never the text there.
+    serde_json::from_slice(&answer.body).map_err(|e| {
         let content_type = answer
             .headers
             .get(http::header::CONTENT_TYPE)
@@ -779,7 +780,7 @@ pub fn parse_json(answer: &Answer) -> Result<serde_json::Value, TokenError> {
         TokenError::BadResponse {
             endpoint: answer.endpoint.clone(),
             what: format!(
-                "the body is not JSON ({}, {} bytes)",
+                "the body is not JSON ({}, {} bytes): {e}",
                 content_type,
                 answer.body.len()
             ),
@@ -845,6 +846,35 @@ pub fn json_seconds(v: &serde_json::Value) -> Option<Duration> {
         Err(_) if secs.is_finite() && secs > 0.0 => Some(MAX_LIFETIME),
         Err(_) => None,
     }
+}
+
+/// A token's lifetime: the answer's `key` field (`field`), else the JWT's `exp`, else `default`.
+/// A field that is there but gives no usable lifetime (zero, negative, already past, not a
+/// number) is warned about: the token is then kept longer or shorter than its issuer meant.
+pub fn lifetime(
+    answer: &Answer,
+    field: Option<&serde_json::Value>,
+    key: &str,
+    token: &str,
+    default: Duration,
+) -> Duration {
+    if let Some(life) = field.and_then(json_seconds) {
+        return life;
+    }
+    let fallback = jwt_lifetime(token);
+    if field.is_some() {
+        tracing::warn!(
+            "the token endpoint {} gave `{key}` no usable lifetime (zero, negative, already past, or not a number): the token is kept for {} ({})",
+            answer.endpoint,
+            humantime::format_duration(fallback.unwrap_or(default)),
+            if fallback.is_some() {
+                "its JWT `exp`"
+            } else {
+                "the configured lifetime"
+            }
+        );
+    }
+    fallback.unwrap_or(default)
 }
 
 /// The time left until a JWT's `exp`, if the token is a JWT that has one.
@@ -1098,6 +1128,54 @@ mod tests {
             &blanks,
         );
         assert_eq!(e, "got api_key=[redacted] and [redacted] v=1");
+    }
+
+    #[test]
+    fn an_unusable_lifetime_falls_back_and_says_so() {
+        let answer = Answer {
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            endpoint: "https://auth.example/token".into(),
+        };
+        let hour = Duration::from_secs(3600);
+        let logs = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        let got = tracing::subscriber::with_default(subscriber, || {
+            [
+                Some(serde_json::json!(-5)),
+                Some(serde_json::json!("soon")),
+                Some(serde_json::json!(60)),
+                None,
+            ]
+            .map(|f| lifetime(&answer, f.as_ref(), "expires_in", "opaque", hour))
+        });
+        assert_eq!(got, [hour, hour, Duration::from_secs(60), hour]);
+        let text = String::from_utf8_lossy(&logs.lock().expect("logs")).into_owned();
+        assert_eq!(
+            text.matches("gave `expires_in` no usable lifetime").count(),
+            2,
+            "{text}"
+        );
+        assert!(
+            text.contains("kept for 1h (the configured lifetime)"),
+            "{text}"
+        );
+    }
+
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("logs").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 
     #[test]

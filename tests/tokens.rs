@@ -504,7 +504,10 @@ async fn slow_garbage_and_incomplete_token_answers_are_named() {
             "did not answer within 1s",
         ),
         // Described, never quoted: a 2xx body may be a token in another format.
-        (Mode::Garbage, "the body is not JSON (text/html, 27 bytes)"),
+        (
+            Mode::Garbage,
+            "the body is not JSON (text/html, 27 bytes): expected value at line 1 column 1",
+        ),
         (Mode::MissingToken, "has no `access_token`"),
     ];
     for (mode, words) in cases {

@@ -105,14 +105,16 @@ fn fill_json(
 
 impl Recipe {
     /// The scope of a request path, if the recipe has per-scope tokens.
-    pub fn scope_of<'a>(&self, path: &'a str) -> Option<&'a str> {
+    /// The scope a path names, percent-decoded: `acc%2F1` is the account `acc/1`, whose token
+    /// URL then has it encoded once (`{scope}`), not twice.
+    pub fn scope_of(&self, path: &str) -> Option<String> {
         let scoped = self.scoped.as_ref()?;
         // `/{segment}/{value}/…`: the value must be followed by more path, so Cloudneeti's
         // `/onboarding/license/{id}/account/aws` (a license-level call) is not an account scope.
         let segs: Vec<&str> = path.split('/').collect();
         segs.windows(3)
             .find(|w| w[0] == scoped.segment && !w[1].is_empty() && !w[2].is_empty())
-            .map(|w| w[1])
+            .map(|w| super::oauth2::decode(w[1]))
     }
 
     pub fn url_for(&self, scope: &str) -> String {
@@ -178,13 +180,14 @@ impl Recipe {
             .and_then(|v| v.as_str())
             .filter(|v| !v.is_empty())
             .ok_or_else(|| token::missing_field(&answer, &json, &self.token_path))?;
-        let lifetime = self
-            .expires_in_path
-            .as_deref()
-            .and_then(|p| token::json_path(&json, p))
-            .and_then(token::json_seconds)
-            .or_else(|| token::jwt_lifetime(value))
-            .unwrap_or(self.ttl);
+        let path = self.expires_in_path.as_deref();
+        let lifetime = token::lifetime(
+            &answer,
+            path.and_then(|p| token::json_path(&json, p)),
+            path.unwrap_or_default(),
+            value,
+            self.ttl,
+        );
         Ok(Fetched {
             value: Secret::new(value),
             signing_secret: None,
@@ -286,7 +289,14 @@ mod tests {
         let r = recipe("api.cloudneeti.com");
         assert_eq!(
             r.scope_of("/audit/license/L/account/acc-1/healthstatus"),
-            Some("acc-1")
+            Some("acc-1".into())
+        );
+        // Written percent-encoded, it is encoded once in the token URL, not twice.
+        let scope = r.scope_of("/audit/license/L/account/acc%2F1/healthstatus");
+        assert_eq!(scope.as_deref(), Some("acc/1"));
+        assert_eq!(
+            r.url_for(&scope.unwrap_or_default()),
+            "https://api.cloudneeti.com/authorize/license/L/token?accountId=acc%2F1"
         );
         assert_eq!(r.scope_of("/onboarding/license/L/account/aws"), None);
         assert_eq!(r.scope_of("/onboarding/license/L/account/aws/"), None);

@@ -69,7 +69,7 @@ impl Provider {
     pub fn scope(&self, host: &str, path: &str) -> String {
         match &self.kind {
             Kind::OAuth2(s) if s.token_url.contains("{host}") => host.to_string(),
-            Kind::Exchange(r) => r.scope_of(path).unwrap_or_default().to_string(),
+            Kind::Exchange(r) => r.scope_of(path).unwrap_or_default(),
             _ => String::new(),
         }
     }

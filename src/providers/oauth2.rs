@@ -182,11 +182,13 @@ pub async fn fetch(
         .and_then(|v| v.as_str())
         .filter(|v| !v.is_empty())
         .ok_or_else(|| token::missing_field(&answer, &json, "access_token"))?;
-    let lifetime = json
-        .get("expires_in")
-        .and_then(token::json_seconds)
-        .or_else(|| token::jwt_lifetime(access))
-        .unwrap_or(s.default_ttl);
+    let lifetime = token::lifetime(
+        &answer,
+        json.get("expires_in"),
+        "expires_in",
+        access,
+        s.default_ttl,
+    );
     Ok(Fetched {
         value: Secret::new(access),
         signing_secret: None,
