@@ -215,7 +215,9 @@ impl Ca {
                 .with_no_client_auth()
                 .with_single_cert(chain, key)
                 .map_err(|e| CaError(e.to_string()))?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // `http/1.0` too: rustls refuses a client whose ALPN offer has nothing in common with
+        // ours, and `curl --http1.0` offers only that.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
         config.ticketer =
             rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| CaError(e.to_string()))?;
         Ok(Arc::new(config))

@@ -1,23 +1,28 @@
 //! CONNECT (HTTPS through the proxy). For a host some route covers: answer 200, terminate the
 //! client's TLS with a leaf from the local CA, and serve the decrypted requests through the same
-//! route → credentials → forward path as plain requests. For any other host: a blind tunnel
+//! route → credentials → forward path as plain requests. A client that tunnels plain HTTP (a
+//! CONNECT to port 80 of a routed host, as undici and `curl --proxytunnel` do for `http://`
+//! URLs) has its requests served the same way, unencrypted. For any other host: a blind tunnel
 //! (after the upstream connection is up, so an unreachable host gets a 502, not a dead 200), or
 //! 403 with `unmapped: deny`.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use crate::body::{Body, empty};
 use crate::config::Unmapped;
 use crate::error::ProxyError;
 use crate::forward;
 use crate::listen::{Entry, State};
-use crate::route::{authority_port, normalize_host};
+use crate::route::{Scheme, authority_port, normalize_host};
 
 pub async fn handle(
     state: Arc<State>,
@@ -57,19 +62,12 @@ pub async fn handle(
         .map(|a| a.begin());
     let upgrade = hyper::upgrade::on(&mut req);
 
-    if state.config.routes.intercepts(&host, port) {
-        let leaves = state
-            .leaves
-            .as_ref()
-            .ok_or_else(|| ProxyError::InterceptRefused {
-                host: host.clone(),
-                cause: "no local CA is loaded".into(),
-            })?;
-        if !leaves.ca.covers(&host) {
-            return Err(ProxyError::InterceptRefused {
-                host,
-                cause: "the local CA's name constraints do not cover it; run `credproxy ca rotate` after adding its route, and import the new CA".into(),
-            });
+    let tls_route = state.config.routes.intercepts(&host, port);
+    if tls_route || state.config.routes.tunnels_http(&host, port) {
+        // Port 80 carries plain HTTP: no CA is needed up front (a TLS hello there is refused
+        // when it arrives).
+        if tls_route {
+            check_ca(&state, &host)?;
         }
         let keep = crate::relay::Keep::new((held, busy));
         spawn_intercept(state, upgrade, host, port, peer, keep);
@@ -109,6 +107,24 @@ pub async fn handle(
     Ok(Response::new(empty()))
 }
 
+/// Interception needs a CA whose name constraints cover the host.
+fn check_ca(state: &State, host: &str) -> Result<(), ProxyError> {
+    let refused = |cause: &str| ProxyError::InterceptRefused {
+        host: host.to_string(),
+        cause: cause.into(),
+    };
+    let leaves = state
+        .leaves
+        .as_ref()
+        .ok_or_else(|| refused("no local CA is loaded"))?;
+    if !leaves.ca.covers(host) {
+        return Err(refused(
+            "the local CA's name constraints do not cover it; run `credproxy ca rotate` after adding its route, and import the new CA",
+        ));
+    }
+    Ok(())
+}
+
 /// Spawned from a plain function rather than in `handle`: the tunnel's requests are served by
 /// `forward::serve`, whose future contains `handle`'s, and the compiler can check that such a
 /// cycle is `Send` only across a function boundary like this one.
@@ -140,6 +156,33 @@ async fn intercept(
             return;
         }
     };
+    // A client that never speaks (or never finishes its handshake) does not hold the tunnel (and
+    // a `max_connections` slot) for ever: it gets the time a request head gets.
+    let idle = state.config.limits.header_read_timeout;
+    // The first byte says what the client speaks: a TLS handshake record starts with 22.
+    let mut io = TokioIo::new(upgraded);
+    let mut first = [0u8; 1];
+    let first = match tokio::time::timeout(idle, io.read(&mut first)).await {
+        Ok(Ok(1)) => first[0],
+        Ok(_) => return,
+        Err(_) => {
+            tracing::info!(%peer, host, "the client sent nothing into its tunnel within limits.header_read_timeout ({idle:?})");
+            return;
+        }
+    };
+    let io = Prefixed {
+        first: Some(first),
+        io,
+    };
+    if first != 22 {
+        let entry = Entry::Intercepted(Arc::new((host.clone(), port, Scheme::Http)));
+        serve(&state, io, entry, peer, keep, &host).await;
+        return;
+    }
+    if !state.config.routes.intercepts(&host, port) {
+        tracing::info!(%peer, host, port, "the client started TLS in a tunnel to port {port}, which carries plain HTTP for this host; closed");
+        return;
+    }
     let Some(leaves) = state.leaves.as_ref() else {
         return;
     };
@@ -150,10 +193,7 @@ async fn intercept(
             return;
         }
     };
-    // A client that never finishes its handshake does not hold the tunnel (and a
-    // `max_connections` slot) for ever: it gets the time a request head gets.
-    let idle = state.config.limits.header_read_timeout;
-    let accept = tokio_rustls::TlsAcceptor::from(config).accept(TokioIo::new(upgraded));
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(io);
     let tls = match tokio::time::timeout(idle, accept).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
@@ -165,7 +205,22 @@ async fn intercept(
             return;
         }
     };
-    let entry = Entry::Intercepted(Arc::new((host.clone(), port)));
+    let entry = Entry::Intercepted(Arc::new((host.clone(), port, Scheme::Https)));
+    serve(&state, tls, entry, peer, keep, &host).await;
+}
+
+/// Serves the requests inside an intercepted tunnel (decrypted, or plain HTTP).
+async fn serve<I>(
+    state: &Arc<State>,
+    io: I,
+    entry: Entry,
+    peer: SocketAddr,
+    keep: crate::relay::Keep,
+    host: &str,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let idle = state.config.limits.header_read_timeout;
     let server = crate::listen::http_server(&state.config);
     let state2 = state.clone();
     let pinned = Arc::new(crate::pinned::Pinned::new());
@@ -185,7 +240,7 @@ async fn intercept(
         crate::watchdog::track(&requests, forward::serve(state, entry, req, peer, pinned))
     });
     // With upgrades: a WebSocket inside the tunnel (`upgrade`).
-    let conn = server.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    let conn = server.serve_connection_with_upgrades(TokioIo::new(io), service);
     // Watched like the listeners' connections, so a shutdown lets in-flight requests finish.
     let watcher = state
         .tunnels
@@ -199,6 +254,54 @@ async fn intercept(
     let served = crate::watchdog::serve(conn, close, &activity, idle, watcher).await;
     if let Err(e) = served {
         tracing::debug!(%peer, host, "intercepted connection ended: {e}");
+    }
+}
+
+/// The tunnel's bytes with its first byte, read to tell TLS from plain HTTP, put back in front.
+struct Prefixed<I> {
+    first: Option<u8>,
+    io: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if buf.remaining() > 0
+            && let Some(b) = self.first.take()
+        {
+            buf.put_slice(&[b]);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

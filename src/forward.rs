@@ -269,7 +269,7 @@ fn target(
         }
         Entry::Proxy => absolute_target(uri).map_err(|e| (e, None)),
         Entry::Intercepted(dest) => {
-            let (host, port) = (dest.0.as_str(), dest.1);
+            let (host, port, scheme) = (dest.0.as_str(), dest.1, dest.2);
             // The tunnel was opened (and its certificate minted) for one host: a request inside it
             // for another host must not borrow that host's credentials.
             // Both `Host` and the URI's authority (HTTP/2's `:authority`, or an absolute-form
@@ -293,10 +293,10 @@ fn target(
                 ));
             }
             Ok(Target {
-                scheme: Scheme::Https,
+                scheme,
                 host: host.to_string(),
                 port,
-                explicit_port: port != 443,
+                explicit_port: port != scheme.default_port(),
                 path_and_query: path_and_query(uri),
             })
         }
@@ -686,6 +686,7 @@ async fn send(
     mut upload: Option<body::Progress>,
 ) -> Result<Response<Body>, ProxyError> {
     let timeout = state.config.upstream.response_timeout;
+    let head = req.method() == Method::HEAD;
     // The request's future is awaited where it is made: passed by value into another async fn,
     // it was copied into that one's frame (several kilobytes, ~9,000 instructions per request;
     // bench/notes.md, "WebSockets, `Via`, ...").
@@ -744,6 +745,12 @@ async fn send(
     // RFC 9110 §6.2: the proxy speaks its own version (an HTTP/1.0 upstream's would close the
     // client's connection); hyper answers an HTTP/1.0 client in 1.0 anyway.
     parts.version = Version::HTTP_11;
+    if head {
+        // RFC 9110 §9.3.2: an answer to HEAD has no content, whatever an upstream sends (an
+        // HTTP/2 upstream's DATA on a HEAD stream is a protocol error, which would reset the
+        // client's stream). Its Content-Length stays: it is the size a GET would get.
+        return Ok(Response::from_parts(parts, crate::body::empty()));
+    }
     Ok(Response::from_parts(parts, body))
 }
 

@@ -32,8 +32,9 @@ pub enum Entry {
     Proxy,
     /// A local endpoint: origin-form requests, all for the route of this name.
     Local(Arc<str>),
-    /// Decrypted requests inside an intercepted CONNECT tunnel to (host, port).
-    Intercepted(Arc<(String, u16)>),
+    /// Requests inside an intercepted CONNECT tunnel to (host, port): decrypted (`Https`), or
+    /// plain HTTP from a client that tunnels `http://` URLs too (`Http`).
+    Intercepted(Arc<(String, u16, crate::route::Scheme)>),
 }
 
 /// The current state; a reload replaces it.

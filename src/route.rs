@@ -348,6 +348,13 @@ impl RouteTable {
             .any(|r| r.host.matches_connect(host, port))
     }
 
+    /// For CONNECT to port 80: a route covers the host as a plain-HTTP URL would reach it
+    /// (`http://host/`), so a client that tunnels `http://` URLs is served like one that sends
+    /// them to the proxy.
+    pub fn tunnels_http(&self, host: &str, port: u16) -> bool {
+        port == 80 && self.routes.iter().any(|r| r.matches_host(host, 80, false))
+    }
+
     pub fn by_name(&self, name: &str) -> Option<&Arc<Route>> {
         self.routes.iter().find(|r| r.name == name)
     }
@@ -415,6 +422,22 @@ mod tests {
         assert!(any.matches("api.example.com", 80));
         assert!(one.matches("api.example.com", 8443));
         assert!(!one.matches("api.example.com", 443));
+    }
+
+    #[test]
+    fn connect_to_port_80_is_served_as_plain_http_only_where_http_urls_would_be() {
+        let table = RouteTable::new(vec![
+            route("any", "api.example.com", "/v1"),
+            route("one", "other.example.com:8443", "/"),
+        ]);
+        assert!(table.tunnels_http("api.example.com", 80));
+        assert!(!table.tunnels_http("api.example.com", 443), "that is TLS");
+        assert!(!table.tunnels_http("api.example.com", 8080));
+        assert!(!table.tunnels_http("unrouted.example.com", 80));
+        assert!(
+            !table.tunnels_http("other.example.com", 80),
+            "its route names 8443"
+        );
     }
 
     #[test]

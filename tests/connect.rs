@@ -186,6 +186,16 @@ async fn tls_tunnel(
     host: &str,
     roots: &rustls::RootCertStore,
 ) -> (String, ClientTls) {
+    tls_tunnel_offering(proxy, host, roots, &[]).await
+}
+
+/// `tls_tunnel` with these ALPN protocols offered.
+async fn tls_tunnel_offering(
+    proxy: SocketAddr,
+    host: &str,
+    roots: &rustls::RootCertStore,
+    alpn: &[&[u8]],
+) -> (String, ClientTls) {
     let mut tcp = TcpStream::connect(proxy).await.unwrap();
     tcp.write_all(format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n").as_bytes())
         .await
@@ -193,12 +203,13 @@ async fn tls_tunnel(
     let mut buf = [0u8; 1024];
     let n = tcp.read(&mut buf).await.unwrap();
     let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
-    let config =
+    let mut config =
         rustls::ClientConfig::builder_with_provider(credproxy::outbound::crypto_provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots.clone())
             .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     // `[2001:db8::7]` is the IP address name `2001:db8::7`.
     let name =
         rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string()).unwrap();
@@ -611,5 +622,98 @@ async fn shutdown_closes_idle_connections_and_tunnels_without_waiting_for_them()
     assert!(
         read_until_closed(&mut tls).await.is_empty(),
         "tunnel closed"
+    );
+}
+
+/// Sends `CONNECT {target}` and then `inside` through the tunnel; returns everything that came
+/// back (the CONNECT's answer, then the tunnel's) until the proxy closed.
+async fn through_tunnel(proxy: SocketAddr, target: &str, inside: &[u8]) -> String {
+    let mut tcp = TcpStream::connect(proxy).await.unwrap();
+    let connect = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    tcp.write_all(connect.as_bytes()).await.unwrap();
+    tcp.write_all(inside).await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(20), read_until_closed(&mut tcp))
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn plain_http_tunnelled_to_port_80_of_a_routed_host_gets_its_credentials() {
+    // undici's ProxyAgent and `curl --proxytunnel` CONNECT for `http://` URLs too.
+    let s = setup().await;
+    let proxy = s.env.proxy(&s.yaml("")).await;
+    let request = b"GET /__echo HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n";
+    let text = through_tunnel(proxy.addr, "api.example.com:80", request).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = &text[text.rfind("\r\n\r\n").unwrap() + 4..];
+    let echo: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+    assert_eq!(header_values(&echo, "x-api-key"), ["static-value"]);
+    assert_eq!(s.echo.requests().len(), 1, "sent over the route's HTTPS");
+    assert_eq!(proxy.leaf_mints(), 0, "nothing to decrypt");
+
+    // Another host inside the tunnel does not get this host's credentials.
+    let other = b"GET /__echo HTTP/1.1\r\nHost: api.cloudnet.services\r\nConnection: close\r\n\r\n";
+    let text = through_tunnel(proxy.addr, "api.example.com:80", other).await;
+    assert!(text.contains("host_mismatch"), "{text}");
+
+    // TLS started in a tunnel to port 80: closed after the 200, nothing forwarded.
+    let hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
+    let text = through_tunnel(proxy.addr, "api.example.com:80", hello).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.ends_with("\r\n\r\n"),
+        "nothing after the CONNECT's answer: {text}"
+    );
+    assert_eq!(s.echo.requests().len(), 1);
+
+    // A CONNECT to a host and port no route covers stays a blind tunnel: to a closed port, a
+    // 502 before any 200 (`Routes::tunnels_http` has the port-80 cases).
+    let port = closed_port().await;
+    let target = format!("localhost:{port}");
+    let connect = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    let text = raw(proxy.addr, connect.as_bytes()).await;
+    assert!(text.starts_with("HTTP/1.1 502"), "{text}");
+}
+
+#[tokio::test]
+async fn an_http_1_0_client_offering_only_http_1_0_by_alpn_is_served() {
+    // `curl --http1.0 -x … https://…` offers ALPN `http/1.0` alone.
+    let s = setup().await;
+    let proxy = s.env.proxy(&s.yaml("")).await;
+    let roots = s.env.proxy_roots();
+    let (answer, mut tls) =
+        tls_tunnel_offering(proxy.addr, "api.example.com", &roots, &[b"http/1.0"]).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.0"[..]));
+    tls.write_all(b"GET /__echo HTTP/1.0\r\nHost: api.example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&read_until_closed(&mut tls).await).into_owned();
+    assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+    assert!(text.contains("static-value"), "{text}");
+}
+
+#[tokio::test]
+async fn a_head_answer_carries_no_body_over_http2() {
+    // The upstream's headers (Content-Length too) reach the client; no content does, even from an
+    // upstream that sends some (RFC 9110 §9.3.2): DATA on a HEAD stream is an HTTP/2 protocol
+    // error.
+    let s = setup().await;
+    let proxy = s.env.proxy(&s.yaml("")).await;
+    let c = s.env.https_client(proxy.addr, vec![s.env.proxy_ca()], true);
+    let r = send(c.head("https://api.example.com/__echo")).await;
+    assert_eq!(r.version(), http::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    let length = r.headers().get("content-length").cloned();
+    assert!(r.bytes().await.unwrap().is_empty());
+    // The length a GET would get.
+    let get = get(&c, "https://api.example.com/__echo").await;
+    let body = get.bytes().await.unwrap();
+    let length: usize = length.unwrap().to_str().unwrap().parse().unwrap();
+    assert!(
+        length > 0 && body.len().abs_diff(length) < 16,
+        "{length} {}",
+        body.len()
     );
 }
