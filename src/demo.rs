@@ -157,7 +157,7 @@ async fn start_fakes(tls: Arc<rustls::ServerConfig>) -> Result<Fakes, DemoError>
     };
     let tls = Some(tls);
     // Short token lifetimes, so a few minutes of playing show refreshes in the log (debug level).
-    let ttl = Duration::from_secs(300);
+    let ttl = Duration::from_secs(FAKE_TOKEN_SECS);
     Ok(Fakes {
         two_t: twotcloud::start(
             listener().await?,
@@ -211,7 +211,12 @@ async fn start_fakes(tls: Arc<rustls::ServerConfig>) -> Result<Fakes, DemoError>
     })
 }
 
+/// How long the demo's fakes honour what they issue.
+const FAKE_TOKEN_SECS: u64 = 300;
+
 fn config_yaml(dir: &Path, port: u16, local_port: u16, f: &Fakes) -> String {
+    // Renewed a minute before the fakes expire it (they do not say when, as the real APIs don't).
+    let renew = FAKE_TOKEN_SECS - 60;
     let d = dir.display();
     let admin_port = if port == 0 { 0 } else { port.saturating_add(2) };
     let (two_t, stack, neeti, connexa, clean) = (
@@ -245,6 +250,7 @@ providers:
       app_id: "{NEETI_APP_ID}"
       app_secret: "file:{d}/cloudneeti-app-secret"
       subscription_key: "file:{d}/cloudneeti-subscription-key"
+      token_ttl: {renew}s
       connect_to: {neeti}
   cloudconnexa:
     oauth2:
@@ -259,6 +265,7 @@ providers:
     cleancloud:
       user_code: "{CLEANCLOUD_CODE}"
       user_secret: "file:{d}/cleancloud-user-secret"
+      token_ttl: {renew}s
       connect_to: {clean}
 routes:
   - name: twotcloud-customers

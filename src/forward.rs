@@ -47,8 +47,24 @@ fn path_and_query(uri: &Uri) -> PathAndQuery {
 }
 
 /// A request refused before routing: logged, counted, answered.
-fn refused(state: &State, peer: SocketAddr, err: ProxyError) -> Response<Body> {
-    tracing::warn!(%peer, code = err.code(), "request refused");
+fn refused(
+    state: &State,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+    err: ProxyError,
+) -> Response<Body> {
+    // Which request, for whoever reads the log: its method and host (never its path or query,
+    // which can carry secrets).
+    let host = match req.uri().authority() {
+        Some(a) => a.as_str(),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("-"),
+    };
+    let method = req.method();
+    tracing::warn!(%peer, %method, host, code = err.code(), "request refused");
     let response = err.into_response(None);
     state.stats(None).request(response.status().as_u16());
     response
@@ -76,7 +92,7 @@ pub async fn serve(
             "duplicate_host",
             "the request has more than one Host header",
         );
-        return refused(&state, peer, err);
+        return refused(&state, peer, &req, err);
     }
     let checked = state.config.access.check(
         peer.ip(),
@@ -129,7 +145,7 @@ pub async fn serve(
                 message: "a web page on another site sent this request; allow its origin in access.allow_origins if you meant to".into(),
             },
         };
-        return refused(&state, peer, err);
+        return refused(&state, peer, &req, err);
     }
     if req.method() == Method::CONNECT && matches!(entry, Entry::Proxy) {
         let authority = req.uri().to_string();
@@ -597,14 +613,18 @@ fn max_forwards(parts: &mut http::request::Parts) -> Option<Response<Body>> {
     if !matches!(parts.method, Method::OPTIONS | Method::TRACE) {
         return None;
     }
-    let left = parts
+    let value = parts
         .headers
         .get(header::MAX_FORWARDS)?
         .to_str()
         .ok()?
-        .trim()
-        .parse::<u32>()
-        .ok()?;
+        .trim();
+    // 1*DIGIT: a count too large to hold is still a count, and still goes down by one.
+    let left = match value.parse::<u32>() {
+        Ok(n) => n,
+        Err(_) if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => u32::MAX,
+        Err(_) => return None,
+    };
     if left > 0 {
         parts
             .headers

@@ -230,6 +230,9 @@ routes:
     let bearer = header_values(&echo, "authorization")[0].clone();
     let access_token = bearer.trim_start_matches("Bearer ").to_string();
     assert!(access_token.len() > 20, "{bearer}");
+    // Refused before routing: the log says which request, without its query.
+    let two_hosts = raw(addr, b"PATCH http://api.cloudnet.services/v3/x?apikey=refused-query-secret HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n").await;
+    assert!(two_hosts.contains("duplicate_host"), "{two_hosts}");
     let r = get(&c, "http://down.example.com/x").await;
     assert_eq!(r.status(), 502);
     let body = r.text().await.unwrap();
@@ -244,6 +247,13 @@ routes:
         "the run really logged at trace level"
     );
     assert!(logs.len() > 2000, "trace logging produced output");
+    let refusal = logs
+        .lines()
+        .find(|l| l.contains("request refused"))
+        .expect("the refusal is logged");
+    for part in ["PATCH", "api.cloudnet.services", "duplicate_host"] {
+        assert!(refusal.contains(part), "{part} in {refusal}");
+    }
     let basic = basic("100234", KEY);
     let basic_b64 = basic.trim_start_matches("Basic ");
     for secret in [
@@ -253,6 +263,7 @@ routes:
         CLIENT_OWN,
         basic_b64,
         "query-is-not-logged",
+        "refused-query-secret",
         OAUTH_SECRET,
         access_token.as_str(),
     ] {

@@ -225,6 +225,19 @@ async fn max_forwards_zero_is_answered_by_the_proxy_and_counted_down_otherwise()
     .await;
     assert_eq!(header_values(&echo, "max-forwards"), ["2"]);
     assert_eq!(header_values(&echo, "x-k"), ["v"]);
+    // A count too large for any counter still goes down (to the largest one kept).
+    let echo = echoed(
+        send(
+            c.request(reqwest::Method::OPTIONS, "http://api.example.com/__echo")
+                .header("max-forwards", "99999999999999999999999"),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        header_values(&echo, "max-forwards"),
+        [(u32::MAX - 1).to_string()]
+    );
 }
 
 /// A route without a port sends to its scheme's port: `http://host:443/` is not for a plain-HTTP
