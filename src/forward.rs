@@ -147,6 +147,17 @@ pub async fn serve(
         };
         return refused(&state, peer, &req, err);
     }
+    // `OPTIONS *` to the forward proxy asks about the proxy itself (RFC 9110 §9.3.7).
+    if req.method() == Method::OPTIONS && req.uri() == "*" && matches!(entry, Entry::Proxy) {
+        let mut response = Response::new(crate::body::empty());
+        response.headers_mut().insert(
+            header::ALLOW,
+            http::HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, CONNECT"),
+        );
+        state.stats(None).request(200);
+        tracing::info!(%peer, method = "OPTIONS", host = "*", status = 200, "request");
+        return response;
+    }
     if req.method() == Method::CONNECT && matches!(entry, Entry::Proxy) {
         let authority = req.uri().to_string();
         let response = match crate::connect::handle(state, req, peer).await {

@@ -180,7 +180,7 @@ async fn requests_a_proxy_cannot_pass_on_faithfully_are_refused() {
 }
 
 #[tokio::test]
-async fn max_forwards_zero_is_answered_by_the_proxy_and_counted_down_otherwise() {
+async fn max_forwards_zero_and_options_star_are_answered_by_the_proxy() {
     let env = Env::new();
     let upstream = echo::start(listener().await, None);
     let proxy = env.proxy(&http_route_yaml(upstream.addr)).await;
