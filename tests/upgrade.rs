@@ -507,3 +507,34 @@ local_endpoints:
     drop(s);
     no_connection_left(&proxy).await;
 }
+
+#[tokio::test]
+async fn a_ws_url_tunnelled_through_connect_to_port_80_gets_credentials() {
+    // WebSocket libraries (Python's `websockets`, undici) CONNECT for `ws://` URLs too.
+    let env = Env::new();
+    let (upstream, heads) = switching_upstream(SWITCH).await;
+    let proxy = env.proxy(&http_route_yaml(upstream)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"CONNECT api.example.com:80 HTTP/1.1\r\nHost: api.example.com:80\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let handshake = HANDSHAKE.replace("GET http://api.example.com/", "GET /");
+    s.write_all(handshake.as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert_eq!(round_trip(&mut s, b"hello").await, b"HELLO");
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1);
+    assert!(
+        heads[0].starts_with("get /socket?room=1 http/1.1\r\n"),
+        "{}",
+        heads[0]
+    );
+    assert!(
+        heads[0].contains("\r\nx-k: v\r\n"),
+        "credentials injected: {}",
+        heads[0]
+    );
+}
