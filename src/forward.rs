@@ -406,6 +406,9 @@ async fn forward(
     peer: SocketAddr,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
+    // A TRACE the proxy answers itself (Max-Forwards: 0) shows the request as it arrived, before
+    // the changes below. TRACE is rare: the copy costs nothing elsewhere.
+    let arrived = (parts.method == Method::TRACE).then(|| parts.headers.clone());
     let hop = strip_hop_by_hop(&mut parts.headers);
     if let Some(coding) = hop.unknown_coding {
         return Err(ProxyError::UnsupportedCoding { coding });
@@ -470,7 +473,7 @@ async fn forward(
         }
     };
     // After the routing decision: a host the config denies is denied, whatever Max-Forwards says.
-    if let Some(answer) = max_forwards(&mut parts) {
+    if let Some(answer) = max_forwards(&mut parts, arrived.as_ref()) {
         return Ok(answer);
     }
     let authority: Authority = authority(&target.host, port_in_uri, scheme)
@@ -620,7 +623,10 @@ async fn forward(
 
 /// RFC 9110 §7.6.2: an `OPTIONS` or `TRACE` with `Max-Forwards: 0` is answered here; with more,
 /// it goes on with one less.
-fn max_forwards(parts: &mut http::request::Parts) -> Option<Response<Body>> {
+fn max_forwards(
+    parts: &mut http::request::Parts,
+    arrived: Option<&HeaderMap>,
+) -> Option<Response<Body>> {
     if !matches!(parts.method, Method::OPTIONS | Method::TRACE) {
         return None;
     }
@@ -645,8 +651,12 @@ fn max_forwards(parts: &mut http::request::Parts) -> Option<Response<Body>> {
     let mut resp = if parts.method == Method::TRACE {
         // The request as it arrived, but for what may be secret (RFC 9110 §9.3.8).
         let mut head = format!("TRACE {} HTTP/1.1\r\n", parts.uri);
-        for (name, value) in &parts.headers {
-            if matches!(name.as_str(), "authorization" | "cookie") || value.is_sensitive() {
+        for (name, value) in arrived.unwrap_or(&parts.headers) {
+            let secret = matches!(
+                name.as_str(),
+                "authorization" | "proxy-authorization" | "cookie"
+            );
+            if secret || value.is_sensitive() {
                 continue;
             }
             head.push_str(name.as_str());

@@ -200,7 +200,8 @@ async fn max_forwards_zero_and_options_star_are_answered_by_the_proxy() {
         c.request(reqwest::Method::TRACE, "http://api.example.com/t")
             .header("max-forwards", "0")
             .header("x-mine", "visible")
-            .header("authorization", "Bearer client-own"),
+            .header("authorization", "Bearer client-own")
+            .header("proxy-authorization", "Basic cHJveHk6cHJveHktb3du"),
     )
     .await;
     assert_eq!(r.status(), 200);
@@ -208,8 +209,11 @@ async fn max_forwards_zero_and_options_star_are_answered_by_the_proxy() {
     let text = r.text().await.unwrap();
     assert!(text.starts_with("TRACE "), "{text}");
     assert!(text.contains("x-mine: visible"), "{text}");
+    // As it arrived: its Host, and no Via of the proxy's own.
+    assert!(text.contains("host: api.example.com"), "{text}");
+    assert!(!text.contains("via:"), "{text}");
     assert!(
-        !text.contains("client-own") && !text.contains("x-k"),
+        !text.contains("client-own") && !text.contains("x-k") && !text.contains("cHJveHk6"),
         "{text}"
     );
     assert!(upstream.requests().is_empty(), "neither went upstream");
