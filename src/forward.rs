@@ -83,6 +83,31 @@ pub async fn serve(
     peer: SocketAddr,
     pinned: Arc<Pinned>,
 ) -> Response<Body> {
+    let head = req.method() == Method::HEAD;
+    let response = answer(state, entry, req, peer, pinned).await;
+    if !head {
+        return response;
+    }
+    // RFC 9110 §9.3.2: an answer to HEAD has no content, whatever an upstream sends (an HTTP/2
+    // upstream's DATA on a HEAD stream is a protocol error) and also when the answer is the
+    // proxy's own error; HTTP/2 clients reset a HEAD stream that gets DATA. Its length stays: the
+    // size a GET would get.
+    let (mut parts, body) = response.into_parts();
+    if !parts.headers.contains_key(header::CONTENT_LENGTH)
+        && let Some(n) = http_body::Body::size_hint(&body).exact()
+    {
+        parts.headers.insert(header::CONTENT_LENGTH, n.into());
+    }
+    Response::from_parts(parts, crate::body::empty())
+}
+
+async fn answer(
+    state: Arc<State>,
+    entry: Entry,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    pinned: Arc<Pinned>,
+) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
     // RFC 9112 §3.2: two Hosts make the target ambiguous (the checks and the upstream could each
@@ -157,6 +182,21 @@ pub async fn serve(
         state.stats(None).request(200);
         tracing::info!(%peer, method = "OPTIONS", host = "*", status = 200, "request");
         return response;
+    }
+    if req.method() == Method::CONNECT {
+        let err = match &entry {
+            Entry::Proxy => None,
+            Entry::Local(name) => Some(not_a_local_request(name)),
+            // An origin server has no use for a CONNECT, and a 2xx to one would turn the
+            // client's connection into a tunnel the proxy never checked.
+            Entry::Intercepted(_) => Some(ProxyError::bad_request(
+                "connect_in_tunnel",
+                "a CONNECT goes to the proxy, not inside a tunnel",
+            )),
+        };
+        if let Some(err) = err {
+            return refused(&state, peer, &req, err);
+        }
     }
     if req.method() == Method::CONNECT && matches!(entry, Entry::Proxy) {
         let authority = req.uri().to_string();
@@ -727,7 +767,6 @@ async fn send(
     mut upload: Option<body::Progress>,
 ) -> Result<Response<Body>, ProxyError> {
     let timeout = state.config.upstream.response_timeout;
-    let head = req.method() == Method::HEAD;
     // The request's future is awaited where it is made: passed by value into another async fn,
     // it was copied into that one's frame (several kilobytes, ~9,000 instructions per request;
     // bench/notes.md, "WebSockets, `Via`, ...").
@@ -786,12 +825,6 @@ async fn send(
     // RFC 9110 §6.2: the proxy speaks its own version (an HTTP/1.0 upstream's would close the
     // client's connection); hyper answers an HTTP/1.0 client in 1.0 anyway.
     parts.version = Version::HTTP_11;
-    if head {
-        // RFC 9110 §9.3.2: an answer to HEAD has no content, whatever an upstream sends (an
-        // HTTP/2 upstream's DATA on a HEAD stream is a protocol error, which would reset the
-        // client's stream). Its Content-Length stays: it is the size a GET would get.
-        return Ok(Response::from_parts(parts, crate::body::empty()));
-    }
     Ok(Response::from_parts(parts, body))
 }
 

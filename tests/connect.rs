@@ -657,6 +657,16 @@ async fn plain_http_tunnelled_to_port_80_of_a_routed_host_gets_its_credentials()
     let text = through_tunnel(proxy.addr, "api.example.com:80", other).await;
     assert!(text.contains("host_mismatch"), "{text}");
 
+    // A CONNECT inside the tunnel is not passed on (with the route's credentials) to a server
+    // that has no use for it.
+    let nested = b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\nConnection: close\r\n\r\n";
+    let text = through_tunnel(proxy.addr, "api.example.com:80", nested).await;
+    assert!(
+        text.contains("400 Bad Request") && text.contains("connect_in_tunnel"),
+        "{text}"
+    );
+    assert_eq!(s.echo.requests().len(), 1);
+
     // TLS started in a tunnel to port 80: closed after the 200, nothing forwarded.
     let hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
     let text = through_tunnel(proxy.addr, "api.example.com:80", hello).await;
