@@ -67,31 +67,17 @@ fn refused(
     tracing::warn!(%peer, %method, host, code = err.code(), "request refused");
     let response = err.into_response(None);
     state.stats(None).request(response.status().as_u16());
+    if method == Method::HEAD {
+        return without_content(response);
+    }
     response
 }
 
-/// Serves one request and never fails: every error becomes a JSON response. `pinned` is the
-/// client connection's own upstream connection, if any.
-///
-/// Not boxed: hyper keeps each connection's request future in one allocation, so a request
-/// costs no allocation (and free) of this several-kilobyte future. (An intercepted CONNECT
-/// tunnel serves its requests with this too; see `connect::spawn_intercept`.)
-pub async fn serve(
-    state: Arc<State>,
-    entry: Entry,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-    pinned: Arc<Pinned>,
-) -> Response<Body> {
-    let head = req.method() == Method::HEAD;
-    let response = answer(state, entry, req, peer, pinned).await;
-    if !head {
-        return response;
-    }
-    // RFC 9110 §9.3.2: an answer to HEAD has no content, whatever an upstream sends (an HTTP/2
-    // upstream's DATA on a HEAD stream is a protocol error) and also when the answer is the
-    // proxy's own error; HTTP/2 clients reset a HEAD stream that gets DATA. Its length stays: the
-    // size a GET would get.
+/// RFC 9110 §9.3.2: an answer to HEAD has no content, whatever an upstream sends (an HTTP/2
+/// upstream's DATA on a HEAD stream is a protocol error) and also when it is the proxy's own
+/// error: HTTP/2 clients reset a HEAD stream that gets DATA. Its length stays, the size a GET
+/// would get.
+fn without_content(response: Response<Body>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     if !parts.headers.contains_key(header::CONTENT_LENGTH)
         && let Some(n) = http_body::Body::size_hint(&body).exact()
@@ -101,7 +87,13 @@ pub async fn serve(
     Response::from_parts(parts, crate::body::empty())
 }
 
-async fn answer(
+/// Serves one request and never fails: every error becomes a JSON response. `pinned` is the
+/// client connection's own upstream connection, if any.
+///
+/// Not boxed: hyper keeps each connection's request future in one allocation, so a request
+/// costs no allocation (and free) of this several-kilobyte future. (An intercepted CONNECT
+/// tunnel serves its requests with this too; see `connect::spawn_intercept`.)
+pub async fn serve(
     state: Arc<State>,
     entry: Entry,
     req: Request<Incoming>,
@@ -268,6 +260,9 @@ async fn answer(
         latency_ms = started.elapsed().as_millis() as u64,
         "request"
     );
+    if method == Method::HEAD {
+        return without_content(response);
+    }
     response
 }
 
