@@ -4,7 +4,7 @@
 //! - any failure — missing or bad header, key of another API, inactive key, wrong source IP — is
 //!   403, never 401 (the document says so: "403 … either not a valid Basic header or a different
 //!   IP address");
-//! - only GET and POST; Customers and Billing answer XML unless `Accept: application/json`;
+//! - only GET, HEAD and POST; Customers and Billing answer XML unless `Accept: application/json`;
 //!   Cloudstore is JSON only.
 
 use std::net::{IpAddr, SocketAddr};
@@ -95,11 +95,12 @@ fn handle(keys: &[Key], req: Request<Incoming>, peer: SocketAddr) -> Response<Bo
     let Some((api, endpoint)) = api_of(req.uri().path()) else {
         return respond(StatusCode::NOT_FOUND, "text/plain", "Not Found\n");
     };
-    if req.method() != Method::GET && req.method() != Method::POST {
+    // HEAD is GET without the body (the HTTP layer drops it), as on most web servers.
+    if !matches!(*req.method(), Method::GET | Method::HEAD | Method::POST) {
         return respond(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            "Only GET and POST are supported\n",
+            "Only GET, HEAD and POST are supported\n",
         );
     }
     if !authorized(keys, &req, peer, api) {
