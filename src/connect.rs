@@ -70,7 +70,7 @@ pub async fn handle(
             check_ca(&state, &host)?;
         }
         let keep = crate::relay::Keep::new((held, busy));
-        spawn_intercept(state, upgrade, host, port, peer, keep);
+        spawn_intercept(state, upgrade, host, port, tls_route, peer, keep);
         return Ok(Response::new(empty()));
     }
 
@@ -133,19 +133,22 @@ fn spawn_intercept(
     upgrade: hyper::upgrade::OnUpgrade,
     host: String,
     port: u16,
+    tls_route: bool,
     peer: SocketAddr,
     keep: crate::relay::Keep,
 ) {
     tokio::spawn(async move {
-        intercept(state, upgrade, host, port, peer, keep).await;
+        intercept(state, upgrade, host, port, tls_route, peer, keep).await;
     });
 }
 
+/// `tls_route`: a route covers `host:port` for HTTPS (`handle` checked the CA for it).
 async fn intercept(
     state: Arc<State>,
     upgrade: hyper::upgrade::OnUpgrade,
     host: String,
     port: u16,
+    tls_route: bool,
     peer: SocketAddr,
     keep: crate::relay::Keep,
 ) {
@@ -179,7 +182,7 @@ async fn intercept(
         serve(&state, io, entry, peer, keep, &host).await;
         return;
     }
-    if !state.config.routes.intercepts(&host, port) {
+    if !tls_route {
         tracing::info!(%peer, host, port, "the client started TLS in a tunnel to port {port}, which carries plain HTTP for this host; closed");
         return;
     }

@@ -177,27 +177,24 @@ pub async fn serve(
     }
     if req.method() == Method::CONNECT {
         let err = match &entry {
-            Entry::Proxy => None,
-            Entry::Local(name) => Some(not_a_local_request(name)),
+            Entry::Proxy => {
+                let authority = req.uri().to_string();
+                let response = match crate::connect::handle(state, req, peer).await {
+                    Ok(r) => r,
+                    Err(e) => e.into_response(None),
+                };
+                tracing::info!(%peer, method = "CONNECT", host = %authority, status = response.status().as_u16(), "request");
+                return response;
+            }
+            Entry::Local(name) => not_a_local_request(name),
             // An origin server has no use for a CONNECT, and a 2xx to one would turn the
             // client's connection into a tunnel the proxy never checked.
-            Entry::Intercepted(_) => Some(ProxyError::bad_request(
+            Entry::Intercepted(_) => ProxyError::bad_request(
                 "connect_in_tunnel",
                 "a CONNECT goes to the proxy, not inside a tunnel",
-            )),
+            ),
         };
-        if let Some(err) = err {
-            return refused(&state, peer, &req, err);
-        }
-    }
-    if req.method() == Method::CONNECT && matches!(entry, Entry::Proxy) {
-        let authority = req.uri().to_string();
-        let response = match crate::connect::handle(state, req, peer).await {
-            Ok(r) => r,
-            Err(e) => e.into_response(None),
-        };
-        tracing::info!(%peer, method = "CONNECT", host = %authority, status = response.status().as_u16(), "request");
-        return response;
+        return refused(&state, peer, &req, err);
     }
     // What the request log needs, kept rather than copied out as strings.
     let mut target_slot: Option<Target> = None;
