@@ -774,6 +774,27 @@ async fn cleancloud_signature_covers_method_path_and_body() {
         .get(format!("http://{}/clouds", fake.addr))
         .header("Authorization", header);
     assert_eq!(answer(request).await, unauthorized);
+    // HEAD is answered like GET, but signed over `HEAD`: a GET's signature does not open it.
+    let head = client()
+        .head(format!("http://{}/clouds", fake.addr))
+        .header(
+            "Authorization",
+            authorization(&code, &secret, "HEAD", "/clouds", b""),
+        );
+    let head = head.send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    let clouds = json!({"clouds": [{"code": "cl-1", "name": "Demo AWS"}]}).to_string();
+    assert_eq!(
+        head.headers()["content-length"],
+        clouds.len().to_string().as_str()
+    );
+    let head_as_get = client()
+        .head(format!("http://{}/clouds", fake.addr))
+        .header(
+            "Authorization",
+            authorization(&code, &secret, "GET", "/clouds", b""),
+        );
+    assert_eq!(head_as_get.send().await.unwrap().status(), 401);
     // The user token itself is not an access code.
     assert_eq!(
         signed(

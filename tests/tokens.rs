@@ -760,6 +760,43 @@ async fn a_cleancloud_api_base_with_a_path_is_signed_over_that_path() {
     );
 }
 
+/// `curl -I` through the proxy to the fake APIs that sign or scope by method: a HEAD gets its
+/// GET's headers (status, type, length) and no body. CleanCloud's HEAD is signed over `HEAD`,
+/// which the fake checks against the method it received.
+#[tokio::test]
+async fn a_head_to_cleancloud_or_cloudneeti_gets_the_headers_of_its_get() {
+    let env = Env::new();
+    let (_cc_fake, cc_issuer, cc_proxy) = cleancloud_proxy(&env, "").await;
+    let (neeti_fake, _) = cloudneeti_fake(&env).await;
+    let neeti_proxy = env
+        .proxy(&cloudneeti_yaml(neeti_fake.addr, "current", ""))
+        .await;
+    for (proxy, url) in [
+        (&cc_proxy, "http://api.cleancloud.io/clouds".to_string()),
+        (
+            &neeti_proxy,
+            format!("http://api.cloudneeti.com/onboarding/license/{LICENSE}/licenseAccounts"),
+        ),
+    ] {
+        let c = client(proxy.addr);
+        let full = get(&c, &url).await;
+        assert_eq!(full.status(), 200, "{url}");
+        let length = full.headers()["content-length"].clone();
+        let kind = full.headers()["content-type"].clone();
+        assert!(
+            kind.to_str().unwrap().starts_with("application/json"),
+            "{url}"
+        );
+        assert!(full.bytes().await.unwrap().len() > 2, "{url}");
+        let head = send(c.head(&url)).await;
+        assert_eq!(head.status(), 200, "{url}");
+        assert_eq!(head.headers()["content-length"], length, "{url}");
+        assert_eq!(head.headers()["content-type"], kind, "{url}");
+        assert!(head.bytes().await.unwrap().is_empty(), "{url}");
+    }
+    assert_eq!(cc_issuer.token_requests(), 1);
+}
+
 #[tokio::test]
 async fn cleancloud_requests_are_signed_and_oversized_bodies_refused() {
     let env = Env::new();

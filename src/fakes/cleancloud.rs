@@ -159,12 +159,13 @@ pub async fn handle(
         return unauthorized();
     }
 
-    match (&parts.method, parts.uri.path()) {
-        (&Method::GET, "/clouds") => json_response(
+    // Signed over the method as sent (HEAD), answered as its GET.
+    match (super::routed_method(&parts.method), parts.uri.path()) {
+        (Method::GET, "/clouds") => json_response(
             StatusCode::OK,
             json!({"clouds": [{"code": "cl-1", "name": "Demo AWS"}]}),
         ),
-        (&Method::POST, "/clouds") => json_response(
+        (Method::POST, "/clouds") => json_response(
             StatusCode::CREATED,
             json!({"created": json_or_string(&body)}),
         ),

@@ -206,7 +206,7 @@ async fn data(
     segs: &[&str],
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let method = req.method().clone();
+    let method = super::routed_method(req.method());
     // (license in the path, scope the bearer token needs)
     let (license, scope) = match segs {
         ["onboarding", "license", lic, "licenseAccounts"] if method == Method::GET => {

@@ -175,6 +175,15 @@ pub fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Bo
     respond(status, "application/json", body.to_string())
 }
 
+/// The method a fake API routes a request by: HEAD is answered as GET (hyper's server drops the
+/// body), as on most web servers, so `curl -I` through the proxy shows the real headers.
+pub fn routed_method(method: &Method) -> Method {
+    match method {
+        &Method::HEAD => Method::GET,
+        m => m.clone(),
+    }
+}
+
 /// True when the client asked for JSON (2tCloud answers XML otherwise).
 pub fn wants_json(headers: &HeaderMap) -> bool {
     headers

@@ -104,12 +104,7 @@ pub async fn handle(
         return r;
     }
     let (page, size) = paging(req.uri().query());
-    // HEAD is answered as GET (the HTTP layer drops the body), as on most web servers.
-    let method = match req.method() {
-        &Method::HEAD => Method::GET,
-        m => m.clone(),
-    };
-    match (method, path.as_str()) {
+    match (super::routed_method(req.method()), path.as_str()) {
         (Method::GET, "/api/v1/networks") => list(
             page,
             size,
