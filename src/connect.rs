@@ -21,7 +21,7 @@ use crate::body::{Body, empty};
 use crate::config::Unmapped;
 use crate::error::ProxyError;
 use crate::forward;
-use crate::listen::{Entry, State};
+use crate::listen::{Entry, State, Tunnel};
 use crate::route::{Scheme, authority_port, normalize_host};
 
 pub async fn handle(
@@ -178,12 +178,17 @@ async fn intercept(
         io,
     };
     if first != 22 {
-        let entry = Entry::Intercepted(Arc::new((host.clone(), port, Scheme::Http)));
+        let entry = Entry::Intercepted(Arc::new(Tunnel {
+            host: host.clone(),
+            port,
+            scheme: Scheme::Http,
+        }));
         serve(&state, io, entry, peer, keep, &host).await;
         return;
     }
     if !tls_route {
-        tracing::info!(%peer, host, port, "the client started TLS in a tunnel to port {port}, which carries plain HTTP for this host; closed");
+        tracing::info!(%peer, host, port, "the client started TLS in a tunnel to port {port}, which carries plain HTTP for this host; refused with a TLS alert");
+        refuse_tls(io).await;
         return;
     }
     let Some(leaves) = state.leaves.as_ref() else {
@@ -208,7 +213,11 @@ async fn intercept(
             return;
         }
     };
-    let entry = Entry::Intercepted(Arc::new((host.clone(), port, Scheme::Https)));
+    let entry = Entry::Intercepted(Arc::new(Tunnel {
+        host: host.clone(),
+        port,
+        scheme: Scheme::Https,
+    }));
     serve(&state, tls, entry, peer, keep, &host).await;
 }
 
@@ -340,4 +349,19 @@ fn handshake_failed(state: &State, peer: SocketAddr, host: &str, e: &std::io::Er
             state.config.ca.files.cert.display()
         );
     }
+}
+
+/// Ends a TLS handshake the proxy will not take with a fatal `handshake_failure` alert, so the
+/// client reports a refused handshake rather than a reset connection. The client's hello is
+/// read and dropped until it closes (for a second at most): closing with unread bytes makes the
+/// kernel send a reset, which can overtake the alert.
+async fn refuse_tls<I: AsyncRead + AsyncWrite + Unpin>(mut io: I) {
+    use tokio::io::AsyncWriteExt as _;
+    const HANDSHAKE_FAILURE: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 40];
+    if io.write_all(&HANDSHAKE_FAILURE).await.is_err() || io.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let drain = async { while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {} };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
 }

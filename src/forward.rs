@@ -328,7 +328,7 @@ fn target(
         }
         Entry::Proxy => absolute_target(uri).map_err(|e| (e, None)),
         Entry::Intercepted(dest) => {
-            let (host, port, scheme) = (dest.0.as_str(), dest.1, dest.2);
+            let (host, port, scheme) = (dest.host.as_str(), dest.port, dest.scheme);
             // The tunnel was opened (and its certificate minted) for one host: a request inside it
             // for another host must not borrow that host's credentials.
             // Both `Host` and the URI's authority (HTTP/2's `:authority`, or an absolute-form

@@ -32,9 +32,18 @@ pub enum Entry {
     Proxy,
     /// A local endpoint: origin-form requests, all for the route of this name.
     Local(Arc<str>),
-    /// Requests inside an intercepted CONNECT tunnel to (host, port): decrypted (`Https`), or
-    /// plain HTTP from a client that tunnels `http://` URLs too (`Http`).
-    Intercepted(Arc<(String, u16, crate::route::Scheme)>),
+    /// Requests inside an intercepted CONNECT tunnel.
+    Intercepted(Arc<Tunnel>),
+}
+
+/// Where an intercepted CONNECT tunnel leads: the requests inside it may name only this host.
+pub struct Tunnel {
+    /// Normalised (see `route::normalize_host`).
+    pub host: String,
+    pub port: u16,
+    /// `Https` when the client's TLS was decrypted; `Http` for plain HTTP tunnelled to port 80
+    /// (clients that tunnel `http://` URLs too).
+    pub scheme: crate::route::Scheme,
 }
 
 /// The current state; a reload replaces it.
