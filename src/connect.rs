@@ -361,7 +361,8 @@ async fn refuse_tls<I: AsyncRead + AsyncWrite + Unpin>(mut io: I) {
     if io.write_all(&HANDSHAKE_FAILURE).await.is_err() || io.shutdown().await.is_err() {
         return;
     }
-    let mut sink = [0u8; 4096];
+    // On the heap: an array here would make every tunnel's task 4 KiB larger for this rare path.
+    let mut sink = vec![0u8; 4096];
     let drain = async { while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {} };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
 }
