@@ -37,9 +37,10 @@ pub async fn apply(
             route: route.name.clone(),
         });
     }
-    let names = provider.header_names();
+    // The provider's header names are listed only for the two settings that look at them.
     match route.client_auth {
         ClientAuth::Reject => {
+            let names = provider.header_names();
             if let Some(n) = names.iter().find(|n| headers.contains_key(*n)) {
                 return Err(ProxyError::ClientCredentials {
                     header: n.to_string(),
@@ -47,7 +48,14 @@ pub async fn apply(
             }
         }
         // The client brought everything this provider would add: nothing to do, no token needed.
-        ClientAuth::Keep if names.iter().all(|n| headers.contains_key(n)) => return Ok(None),
+        ClientAuth::Keep
+            if provider
+                .header_names()
+                .iter()
+                .all(|n| headers.contains_key(n)) =>
+        {
+            return Ok(None);
+        }
         _ => {}
     }
     if let Kind::Static(list) = &provider.kind {

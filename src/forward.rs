@@ -508,11 +508,15 @@ async fn forward(
     if let Some(answer) = max_forwards(&mut parts, arrived.as_ref()) {
         return Ok(answer);
     }
-    let authority: Authority = authority(&target.host, port_in_uri, scheme)
-        .parse()
-        .map_err(|e| {
-            ProxyError::bad_request("bad_uri", format!("cannot build the upstream URL: {e}"))
-        })?;
+    // From the String's own buffer: parsing a `&str` would copy it into a second allocation.
+    let authority = Authority::from_maybe_shared(bytes::Bytes::from(authority(
+        &target.host,
+        port_in_uri,
+        scheme,
+    )))
+    .map_err(|e| {
+        ProxyError::bad_request("bad_uri", format!("cannot build the upstream URL: {e}"))
+    })?;
 
     let mut body = prepare_body(state, route, &parts.headers, incoming).await?;
     let client = state.outbound.client(route);
@@ -973,8 +977,14 @@ fn via(version: Version) -> http::HeaderValue {
 
 /// `host`, `[v6]`, `host:port`: one allocation, no `format!` (this runs for every request).
 fn authority(host: &str, port: Option<u16>, scheme: Scheme) -> String {
-    let mut out = String::with_capacity(host.len() + 8);
     let v6 = host.contains(':');
+    let mut digits = itoa::Buffer::new();
+    let port = port
+        .filter(|p| *p != scheme.default_port())
+        .map(|p| digits.format(p));
+    // Sized exactly, so that `Bytes::from` can take the buffer as it is.
+    let len = host.len() + if v6 { 2 } else { 0 } + port.map_or(0, |p| p.len() + 1);
+    let mut out = String::with_capacity(len);
     if v6 {
         out.push('[');
     }
@@ -982,9 +992,9 @@ fn authority(host: &str, port: Option<u16>, scheme: Scheme) -> String {
     if v6 {
         out.push(']');
     }
-    if let Some(p) = port.filter(|p| *p != scheme.default_port()) {
+    if let Some(p) = port {
         out.push(':');
-        out.push_str(itoa::Buffer::new().format(p));
+        out.push_str(p);
     }
     out
 }
@@ -1406,5 +1416,13 @@ mod tests {
         );
         assert_eq!(authority("::1", Some(8080), Scheme::Http), "[::1]:8080");
         assert_eq!(authority("10.0.0.1", None, Scheme::Http), "10.0.0.1");
+        for (host, port) in [
+            ("a.example", Some(8443)),
+            ("::1", Some(80)),
+            ("::1", Some(81)),
+        ] {
+            let a = authority(host, port, Scheme::Http);
+            assert_eq!(a.len(), a.capacity(), "{a}");
+        }
     }
 }
