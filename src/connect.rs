@@ -191,13 +191,17 @@ async fn intercept(
         refuse_tls(io).await;
         return;
     }
-    let Some(leaves) = state.leaves.as_ref() else {
-        return;
+    // `handle` checked that a CA is loaded; a leaf that cannot be made is refused like the case
+    // above, with an alert the client can report, rather than a reset.
+    let config = match state.leaves.as_ref() {
+        Some(leaves) => leaves.server_config(&host).await,
+        None => Err(crate::ca::CaError::new("no local CA is loaded")),
     };
-    let config = match leaves.server_config(&host).await {
+    let config = match config {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(%peer, host, "cannot intercept: {e}");
+            refuse_tls(io).await;
             return;
         }
     };
