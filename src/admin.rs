@@ -105,11 +105,26 @@ async fn handle(shared: &Shared, ready: &AtomicBool, req: Request<Incoming>) -> 
                 respond(StatusCode::OK, "text/plain", "ready\n")
             }
         }
-        (&Method::GET, "/metrics") => respond(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            state.metrics.encode(&state),
-        ),
+        (&Method::GET, "/metrics") => {
+            let accept = req
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let body = state.metrics.encode(&state);
+            if crate::metrics::wants_openmetrics(accept) {
+                respond(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    body,
+                )
+            } else {
+                respond(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    crate::metrics::to_prometheus_text(&body),
+                )
+            }
+        }
         (&Method::GET, "/status") => json(StatusCode::OK, status(&state)),
         (&Method::POST, "/reload") => match reload_off_runtime(shared.clone()).await {
             Ok(done) => json(

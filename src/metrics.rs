@@ -213,6 +213,56 @@ impl Metrics {
     }
 }
 
+/// Whether a scraper's `Accept` asks for OpenMetrics (Prometheus does, preferring it); others
+/// (`curl`, older scrapers, `*/*`) get the Prometheus text format 0.0.4, as client libraries do.
+pub fn wants_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| {
+        a.split(',').any(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("");
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+        })
+    })
+}
+
+/// The same metrics in the Prometheus text format 0.0.4: a counter's HELP and TYPE lines name
+/// the `_total` series, and there is no `# EOF`.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(tail);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// A label value in the text format: a provider name may hold `"`, `\\` or a newline (config does
 /// not forbid them), which must not break the scrape.
 fn label_value(v: &str) -> std::borrow::Cow<'_, str> {
@@ -227,6 +277,29 @@ fn label_value(v: &str) -> std::borrow::Cow<'_, str> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn openmetrics_only_when_asked_for() {
+        use super::wants_openmetrics as om;
+        // What Prometheus 2.x and 3.x send.
+        assert!(om(Some(
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        )));
+        assert!(om(Some("Application/OpenMetrics-Text; version=1.0.0")));
+        assert!(!om(None));
+        assert!(!om(Some("*/*")));
+        assert!(!om(Some("text/plain;version=0.0.4")));
+        assert!(!om(Some("application/openmetrics-text;q=0, text/plain")));
+    }
+
+    #[test]
+    fn prometheus_text_names_counters_by_their_series() {
+        let om = "# HELP a_requests Requests.\n# TYPE a_requests counter\na_requests_total{x=\"1\"} 3\n# HELP g Open.\n# TYPE g gauge\ng 1\n# EOF\n";
+        assert_eq!(
+            super::to_prometheus_text(om),
+            "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\na_requests_total{x=\"1\"} 3\n# HELP g Open.\n# TYPE g gauge\ng 1\n"
+        );
+    }
+
     #[test]
     fn label_values_are_escaped() {
         assert_eq!(super::label_value("connexa"), "connexa");

@@ -257,9 +257,37 @@ routes:
         .trim_start_matches("Bearer ")
         .to_string();
 
-    let (status, metrics) = admin_get(admin, "/metrics").await;
-    assert_eq!(status, 200);
+    // Prometheus asks for OpenMetrics; anything else gets the text format 0.0.4.
+    let prometheus_accept = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let r = send(
+        direct_client()
+            .get(format!("http://{admin}/metrics"))
+            .header("accept", prometheus_accept),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let metrics = r.text().await.unwrap();
     assert!(metrics.ends_with("# EOF\n"));
+    assert!(metrics.contains("\n# TYPE credproxy_requests counter\n"));
+    let r = send(direct_client().get(format!("http://{admin}/metrics"))).await;
+    assert_eq!(
+        r.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("# EOF"), "{text}");
+    assert!(
+        text.contains("\n# TYPE credproxy_requests_total counter\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\n# TYPE credproxy_token_fetches_total counter\n"),
+        "{text}"
+    );
     for line in metrics.lines().filter(|l| !l.starts_with('#')) {
         let (series, value) = line
             .rsplit_once(' ')
