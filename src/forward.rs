@@ -90,59 +90,63 @@ fn without_content(response: Response<Body>) -> Response<Body> {
 /// Serves one request and never fails: every error becomes a JSON response. `pinned` is the
 /// client connection's own upstream connection, if any.
 ///
-/// Not boxed: hyper keeps each connection's request future in one allocation, so a request
-/// costs no allocation (and free) of this several-kilobyte future. (An intercepted CONNECT
-/// tunnel serves its requests with this too; see `connect::spawn_intercept`.)
-pub async fn serve(
+/// A plain function returning an `async move` block, like `forward`, `send` and
+/// `pinned::request`: an `async fn`'s future stores its arguments twice (as taken, and as moved
+/// into its body), and this future is copied whole into its box (`watchdog::track`). Written
+/// so, the request's future is 4.0 KB instead of 6.8 KB (bench/notes.md, "The request's
+/// future"). An intercepted CONNECT tunnel serves its requests with this too; see
+/// `connect::spawn_intercept`.
+pub fn serve(
     state: Arc<State>,
     entry: Entry,
     req: Request<Incoming>,
     peer: SocketAddr,
     pinned: Arc<Pinned>,
-) -> Response<Body> {
-    let started = Instant::now();
-    let method = req.method().clone();
-    // RFC 9112 §3.2: two Hosts make the target ambiguous (the checks and the upstream could each
-    // read a different one).
-    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
-        let err = ProxyError::bad_request(
-            "duplicate_host",
-            "the request has more than one Host header",
-        );
-        return refused(&state, peer, &req, err);
-    }
-    let checked = state.config.access.check(
-        peer.ip(),
-        req.headers(),
-        req.uri().authority(),
-        match entry {
-            Entry::Proxy => Through::ForwardProxy,
-            Entry::Intercepted(_) => Through::Tunnel,
-            Entry::Local(_) => Through::LocalEndpoint,
-        },
-        &state.verified_proxy_auth,
-    );
-    let checked = match checked {
-        Ok(crate::access::Check::VerifyPassword(value)) => {
-            let st = state.clone();
-            let ok = tokio::task::spawn_blocking(move || {
-                st.config
-                    .access
-                    .verify_password(&value, &st.verified_proxy_auth)
-            })
-            .await
-            .unwrap_or(false);
-            if ok {
-                Ok(crate::access::Check::Passed)
-            } else {
-                Err(crate::access::Refusal::ProxyAuth)
-            }
+) -> impl std::future::Future<Output = Response<Body>> + Send {
+    async move {
+        let started = Instant::now();
+        let method = req.method().clone();
+        // RFC 9112 §3.2: two Hosts make the target ambiguous (the checks and the upstream could each
+        // read a different one).
+        if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+            let err = ProxyError::bad_request(
+                "duplicate_host",
+                "the request has more than one Host header",
+            );
+            return refused(&state, peer, &req, err);
         }
-        other => other,
-    };
-    if let Err(refusal) = checked {
-        use crate::access::Refusal;
-        let err = match refusal {
+        let checked = state.config.access.check(
+            peer.ip(),
+            req.headers(),
+            req.uri().authority(),
+            match entry {
+                Entry::Proxy => Through::ForwardProxy,
+                Entry::Intercepted(_) => Through::Tunnel,
+                Entry::Local(_) => Through::LocalEndpoint,
+            },
+            &state.verified_proxy_auth,
+        );
+        let checked = match checked {
+            Ok(crate::access::Check::VerifyPassword(value)) => {
+                let st = state.clone();
+                let ok = tokio::task::spawn_blocking(move || {
+                    st.config
+                        .access
+                        .verify_password(&value, &st.verified_proxy_auth)
+                })
+                .await
+                .unwrap_or(false);
+                if ok {
+                    Ok(crate::access::Check::Passed)
+                } else {
+                    Err(crate::access::Refusal::ProxyAuth)
+                }
+            }
+            other => other,
+        };
+        if let Err(refusal) = checked {
+            use crate::access::Refusal;
+            let err = match refusal {
             Refusal::Client => ProxyError::Refused {
                 code: "client_not_allowed",
                 message: format!("{} is not in access.allow_clients", peer.ip()),
@@ -162,44 +166,46 @@ pub async fn serve(
                 message: "a web page on another site sent this request; allow its origin in access.allow_origins if you meant to".into(),
             },
         };
-        return refused(&state, peer, &req, err);
-    }
-    // `OPTIONS *` to the forward proxy asks about the proxy itself (RFC 9110 §9.3.7).
-    if req.method() == Method::OPTIONS && req.uri() == "*" && matches!(entry, Entry::Proxy) {
-        let mut response = Response::new(crate::body::empty());
-        response.headers_mut().insert(
-            header::ALLOW,
-            http::HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, CONNECT"),
-        );
-        state.stats(None).request(200);
-        tracing::info!(%peer, method = "OPTIONS", host = "*", status = 200, "request");
-        return response;
-    }
-    if req.method() == Method::CONNECT {
-        let err = match &entry {
-            Entry::Proxy => {
-                let authority = req.uri().to_string();
-                let response = match crate::connect::handle(state, req, peer).await {
-                    Ok(r) => r,
-                    Err(e) => e.into_response(None),
-                };
-                tracing::info!(%peer, method = "CONNECT", host = %authority, status = response.status().as_u16(), "request");
-                return response;
-            }
-            Entry::Local(name) => not_a_local_request(name),
-            // An origin server has no use for a CONNECT, and a 2xx to one would turn the
-            // client's connection into a tunnel the proxy never checked.
-            Entry::Intercepted(_) => ProxyError::bad_request(
-                "connect_in_tunnel",
-                "a CONNECT goes to the proxy, not inside a tunnel",
-            ),
-        };
-        return refused(&state, peer, &req, err);
-    }
-    // What the request log needs, kept rather than copied out as strings.
-    let mut target_slot: Option<Target> = None;
-    let mut route_slot: Option<Arc<Route>> = None;
-    let result = async {
+            return refused(&state, peer, &req, err);
+        }
+        // `OPTIONS *` to the forward proxy asks about the proxy itself (RFC 9110 §9.3.7).
+        if req.method() == Method::OPTIONS && req.uri() == "*" && matches!(entry, Entry::Proxy) {
+            let mut response = Response::new(crate::body::empty());
+            response.headers_mut().insert(
+                header::ALLOW,
+                http::HeaderValue::from_static(
+                    "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, CONNECT",
+                ),
+            );
+            state.stats(None).request(200);
+            tracing::info!(%peer, method = "OPTIONS", host = "*", status = 200, "request");
+            return response;
+        }
+        if req.method() == Method::CONNECT {
+            let err = match &entry {
+                Entry::Proxy => {
+                    let authority = req.uri().to_string();
+                    let response = match crate::connect::handle(state, req, peer).await {
+                        Ok(r) => r,
+                        Err(e) => e.into_response(None),
+                    };
+                    tracing::info!(%peer, method = "CONNECT", host = %authority, status = response.status().as_u16(), "request");
+                    return response;
+                }
+                Entry::Local(name) => not_a_local_request(name),
+                // An origin server has no use for a CONNECT, and a 2xx to one would turn the
+                // client's connection into a tunnel the proxy never checked.
+                Entry::Intercepted(_) => ProxyError::bad_request(
+                    "connect_in_tunnel",
+                    "a CONNECT goes to the proxy, not inside a tunnel",
+                ),
+            };
+            return refused(&state, peer, &req, err);
+        }
+        // What the request log needs, kept rather than copied out as strings.
+        let mut target_slot: Option<Target> = None;
+        let mut route_slot: Option<Arc<Route>> = None;
+        let result = async {
         let local = match &entry {
             Entry::Local(name) => Some(state.config.routes.by_name(name).cloned().ok_or_else(|| {
                 let e = ProxyError::bad_request("route_gone", format!("route `{name}` is no longer in the config; restart credproxy to drop this local endpoint"));
@@ -222,45 +228,46 @@ pub async fn serve(
             .map_err(|e| (e, route))
     }
     .await;
-    let response = match result {
-        Ok(resp) => resp,
-        Err((err, route)) => {
-            tracing::debug!(error = %err, "answered by the proxy");
-            err.into_response(route.as_deref())
+        let response = match result {
+            Ok(resp) => resp,
+            Err((err, route)) => {
+                tracing::debug!(error = %err, "answered by the proxy");
+                err.into_response(route.as_deref())
+            }
+        };
+        let route_name = route_slot.as_ref().map(|r| r.name.as_str());
+        let provider_name = route_slot.as_ref().map(|r| r.provider.name.as_str());
+        state
+            .stats(route_slot.as_deref())
+            .request(response.status().as_u16());
+        static REQUEST_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let request_id = REQUEST_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let retried = response.extensions().get::<Retried>().is_some();
+        let bytes = response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        // The path is logged without its query: query strings can carry secrets.
+        tracing::info!(
+            request_id,
+            provider = provider_name.unwrap_or("-"),
+            retried,
+            response_bytes = bytes,
+            peer = %crate::logs::Addr(peer),
+            %method,
+            host = %target_slot.as_ref().map_or("", |t| t.host.as_str()),
+            path = %target_slot.as_ref().map_or("", |t| t.path()),
+            route = route_name.unwrap_or("-"),
+            status = response.status().as_u16(),
+            latency_ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+        if method == Method::HEAD {
+            return without_content(response);
         }
-    };
-    let route_name = route_slot.as_ref().map(|r| r.name.as_str());
-    let provider_name = route_slot.as_ref().map(|r| r.provider.name.as_str());
-    state
-        .stats(route_slot.as_deref())
-        .request(response.status().as_u16());
-    static REQUEST_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let request_id = REQUEST_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let retried = response.extensions().get::<Retried>().is_some();
-    let bytes = response
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    // The path is logged without its query: query strings can carry secrets.
-    tracing::info!(
-        request_id,
-        provider = provider_name.unwrap_or("-"),
-        retried,
-        response_bytes = bytes,
-        peer = %crate::logs::Addr(peer),
-        %method,
-        host = %target_slot.as_ref().map_or("", |t| t.host.as_str()),
-        path = %target_slot.as_ref().map_or("", |t| t.path()),
-        route = route_name.unwrap_or("-"),
-        status = response.status().as_u16(),
-        latency_ms = started.elapsed().as_millis() as u64,
-        "request"
-    );
-    if method == Method::HEAD {
-        return without_content(response);
+        response
     }
-    response
 }
 
 /// A CONNECT or an absolute-form request: meant for a forward proxy. Over HTTP/2 every request
@@ -429,231 +436,235 @@ fn absolute_target(uri: &Uri) -> Result<Target, ProxyError> {
     })
 }
 
-async fn forward(
+// Not an `async fn`: see `serve`.
+fn forward(
     state: &State,
     route: Option<&Route>,
     target: &Target,
     req: Request<Incoming>,
     pinned: &Pinned,
     peer: SocketAddr,
-) -> Result<Response<Body>, ProxyError> {
+) -> impl std::future::Future<Output = Result<Response<Body>, ProxyError>> + Send {
+    // Split before the future is made, so that it holds the parts and not the request as well.
     let (mut parts, incoming) = req.into_parts();
-    // A TRACE the proxy answers itself (Max-Forwards: 0) shows the request as it arrived, before
-    // the changes below. TRACE is rare: the copy costs nothing elsewhere.
-    let arrived = (parts.method == Method::TRACE).then(|| parts.headers.clone());
-    let hop = strip_hop_by_hop(&mut parts.headers);
-    if let Some(coding) = hop.unknown_coding {
-        return Err(ProxyError::UnsupportedCoding { coding });
-    }
-    if hop.trailers {
-        // The client takes trailers, so the proxy does too: it passes them on (RFC 9110 §10.1.4).
-        // Not also listed in `Connection`, as that section asks: the pool may pick HTTP/2, whose
-        // client (hyper) removes every header `Connection` names, `TE: trailers` included.
-        parts
-            .headers
-            .insert(header::TE, http::HeaderValue::from_static("trailers"));
-    }
-    if parts.version == Version::HTTP_10 {
-        // RFC 9110 §10.1.1: an HTTP/1.0 client's Expect is ignored, not passed on as HTTP/1.1's.
-        parts.headers.remove(header::EXPECT);
-    }
-    parts.headers.remove(header::HOST);
-    if state.config.upstream.via {
-        parts.headers.append(header::VIA, via(parts.version));
-    }
-    // A switch of protocols (WebSocket) is asked for hop by hop, so the proxy asks again.
-    let mut asked = hop
-        .upgrade
-        .and_then(|protocols| crate::upgrade::asked(&protocols, &mut parts.extensions));
-
-    let (scheme, port_in_uri) = match route {
-        Some(route) => {
-            reject_dot_segments(target.path())?;
-            // A plain-HTTP client request goes out over the route's scheme: `http://host/x` from a
-            // legacy client becomes `https://host/x`. An explicit port is kept.
-            (
-                route.upstream_scheme,
-                target.explicit_port.then_some(target.port),
-            )
+    async move {
+        // A TRACE the proxy answers itself (Max-Forwards: 0) shows the request as it arrived, before
+        // the changes below. TRACE is rare: the copy costs nothing elsewhere.
+        let arrived = (parts.method == Method::TRACE).then(|| parts.headers.clone());
+        let hop = strip_hop_by_hop(&mut parts.headers);
+        if let Some(coding) = hop.unknown_coding {
+            return Err(ProxyError::UnsupportedCoding { coding });
         }
-        None => {
-            if state.config.unmapped == Unmapped::Deny {
-                // A host with routes, on none of their paths: say so, not "no route maps it".
-                let host_routed = state
-                    .config
-                    .routes
-                    .iter()
-                    .any(|r| r.matches_host(&target.host, target.port, target.explicit_port));
-                return Err(if host_routed {
-                    ProxyError::PathDenied {
-                        host: target.host.clone(),
-                        path: target.path().to_string(),
-                    }
-                } else {
-                    // With its port when it has one: a route without a port covers 80 and 443
-                    // only, so `host:8081` may be the reason.
-                    ProxyError::Denied {
-                        host: if target.explicit_port {
-                            authority(&target.host, Some(target.port), target.scheme)
-                        } else {
-                            target.host.clone()
-                        },
-                    }
+        if hop.trailers {
+            // The client takes trailers, so the proxy does too: it passes them on (RFC 9110 §10.1.4).
+            // Not also listed in `Connection`, as that section asks: the pool may pick HTTP/2, whose
+            // client (hyper) removes every header `Connection` names, `TE: trailers` included.
+            parts
+                .headers
+                .insert(header::TE, http::HeaderValue::from_static("trailers"));
+        }
+        if parts.version == Version::HTTP_10 {
+            // RFC 9110 §10.1.1: an HTTP/1.0 client's Expect is ignored, not passed on as HTTP/1.1's.
+            parts.headers.remove(header::EXPECT);
+        }
+        parts.headers.remove(header::HOST);
+        if state.config.upstream.via {
+            parts.headers.append(header::VIA, via(parts.version));
+        }
+        // A switch of protocols (WebSocket) is asked for hop by hop, so the proxy asks again.
+        let mut asked = hop
+            .upgrade
+            .and_then(|protocols| crate::upgrade::asked(&protocols, &mut parts.extensions));
+
+        let (scheme, port_in_uri) = match route {
+            Some(route) => {
+                reject_dot_segments(target.path())?;
+                // A plain-HTTP client request goes out over the route's scheme: `http://host/x` from a
+                // legacy client becomes `https://host/x`. An explicit port is kept.
+                (
+                    route.upstream_scheme,
+                    target.explicit_port.then_some(target.port),
+                )
+            }
+            None => {
+                if state.config.unmapped == Unmapped::Deny {
+                    // A host with routes, on none of their paths: say so, not "no route maps it".
+                    let host_routed =
+                        state.config.routes.iter().any(|r| {
+                            r.matches_host(&target.host, target.port, target.explicit_port)
+                        });
+                    return Err(if host_routed {
+                        ProxyError::PathDenied {
+                            host: target.host.clone(),
+                            path: target.path().to_string(),
+                        }
+                    } else {
+                        // With its port when it has one: a route without a port covers 80 and 443
+                        // only, so `host:8081` may be the reason.
+                        ProxyError::Denied {
+                            host: if target.explicit_port {
+                                authority(&target.host, Some(target.port), target.scheme)
+                            } else {
+                                target.host.clone()
+                            },
+                        }
+                    });
+                }
+                (target.scheme, target.explicit_port.then_some(target.port))
+            }
+        };
+        // After the routing decision: a host the config denies is denied, whatever Max-Forwards says.
+        if let Some(answer) = max_forwards(&mut parts, arrived.as_ref()) {
+            return Ok(answer);
+        }
+        // From the String's own buffer: parsing a `&str` would copy it into a second allocation.
+        let authority = Authority::from_maybe_shared(bytes::Bytes::from(authority(
+            &target.host,
+            port_in_uri,
+            scheme,
+        )))
+        .map_err(|e| {
+            ProxyError::bad_request("bad_uri", format!("cannot build the upstream URL: {e}"))
+        })?;
+
+        let mut body = prepare_body(state, route, &parts.headers, incoming).await?;
+        let client = state.outbound.client(route);
+        let mut retried = false;
+        // Only token providers resend after a 401: the others give their headers away on the first
+        // (and only) try instead of copying them.
+        let may_resend = route.is_some_and(|r| r.provider.uses_tokens());
+        loop {
+            let mut headers = if may_resend {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
+            let token = match route {
+                Some(route) => {
+                    let req = credentials::Request {
+                        host: &target.host,
+                        method: &parts.method,
+                        path_and_query: target.path_and_query.as_str(),
+                        body: body.bytes(),
+                    };
+                    credentials::apply(state, route, &req, &mut headers).await?
+                }
+                None => None,
+            };
+            let (for_send, upload) = body.for_send();
+            let mut upstream_req = Request::new(for_send);
+            *upstream_req.method_mut() = parts.method.clone();
+            // Origin form: `pinned::request` makes it absolute for the pool.
+            *upstream_req.uri_mut() = Uri::from(target.path_and_query.clone());
+            *upstream_req.headers_mut() = headers;
+            if asked.is_some() {
+                crate::upgrade::mark(upstream_req.headers_mut());
+            }
+            // The pool picks HTTP/1.1 or HTTP/2 per connection (ALPN); the client's version is not ours.
+            *upstream_req.version_mut() = Version::HTTP_11;
+            let egress = route.map_or(&state.outbound.default_egress, |r| &r.egress);
+            if let Some(proxy) = &egress.proxy
+                && scheme == Scheme::Http
+                && let Some(auth) = &proxy.authorization
+            {
+                // Plain HTTP goes to the upstream proxy in absolute form: it needs its credentials
+                // on each request (HTTPS carries them on the CONNECT instead).
+                upstream_req
+                    .headers_mut()
+                    .insert(header::PROXY_AUTHORIZATION, auth.clone());
+            }
+            let sent = Instant::now();
+            let out = Outgoing {
+                client,
+                pinned,
+                https: scheme == Scheme::Https,
+                authority: &authority,
+                upgrade: asked.is_some(),
+            };
+            let mut response = send(state, &out, upstream_req, upload).await?;
+            state
+                .stats(route)
+                .upstream_latency(sent.elapsed().as_secs_f64());
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some(asked) = asked.take()
+            {
+                let what = format!("upgrade {peer} -> {authority}");
+                let idle = state.config.limits.tunnel_idle_timeout;
+                let stats = state.metrics.relays.websocket.clone();
+                crate::upgrade::join(asked, &mut response, idle, what, stats);
+                return Ok(response);
+            }
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                // Nothing asked for a switch: the connection would be left in an unknown protocol.
+                return Err(ProxyError::Upstream {
+                    host: authority.as_str().to_string(),
+                    cause:
+                        "it answered 101 Switching Protocols to a request that asked for no switch"
+                            .into(),
                 });
             }
-            (target.scheme, target.explicit_port.then_some(target.port))
-        }
-    };
-    // After the routing decision: a host the config denies is denied, whatever Max-Forwards says.
-    if let Some(answer) = max_forwards(&mut parts, arrived.as_ref()) {
-        return Ok(answer);
-    }
-    // From the String's own buffer: parsing a `&str` would copy it into a second allocation.
-    let authority = Authority::from_maybe_shared(bytes::Bytes::from(authority(
-        &target.host,
-        port_in_uri,
-        scheme,
-    )))
-    .map_err(|e| {
-        ProxyError::bad_request("bad_uri", format!("cannot build the upstream URL: {e}"))
-    })?;
-
-    let mut body = prepare_body(state, route, &parts.headers, incoming).await?;
-    let client = state.outbound.client(route);
-    let mut retried = false;
-    // Only token providers resend after a 401: the others give their headers away on the first
-    // (and only) try instead of copying them.
-    let may_resend = route.is_some_and(|r| r.provider.uses_tokens());
-    loop {
-        let mut headers = if may_resend {
-            parts.headers.clone()
-        } else {
-            std::mem::take(&mut parts.headers)
-        };
-        let token = match route {
-            Some(route) => {
-                let req = credentials::Request {
-                    host: &target.host,
-                    method: &parts.method,
-                    path_and_query: target.path_and_query.as_str(),
-                    body: body.bytes(),
-                };
-                credentials::apply(state, route, &req, &mut headers).await?
+            // Only plain HTTP talks to the upstream proxy directly; over HTTPS a 407 comes from
+            // inside the tunnel and is the API's own answer.
+            if response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED
+                && scheme == Scheme::Http
+                && let Some(proxy) = &egress.proxy
+            {
+                // The upstream proxy refused us: that is our configuration, not the client's to answer.
+                return Err(ProxyError::UpstreamConnect {
+                    host: authority.as_str().to_string(),
+                    cause: format!(
+                        "the upstream proxy {} answered 407: proxy authentication failed; check egress.proxy_username/proxy_password",
+                        proxy.display()
+                    ),
+                });
             }
-            None => None,
-        };
-        let (for_send, upload) = body.for_send();
-        let mut upstream_req = Request::new(for_send);
-        *upstream_req.method_mut() = parts.method.clone();
-        // Origin form: `pinned::request` makes it absolute for the pool.
-        *upstream_req.uri_mut() = Uri::from(target.path_and_query.clone());
-        *upstream_req.headers_mut() = headers;
-        if asked.is_some() {
-            crate::upgrade::mark(upstream_req.headers_mut());
-        }
-        // The pool picks HTTP/1.1 or HTTP/2 per connection (ALPN); the client's version is not ours.
-        *upstream_req.version_mut() = Version::HTTP_11;
-        let egress = route.map_or(&state.outbound.default_egress, |r| &r.egress);
-        if let Some(proxy) = &egress.proxy
-            && scheme == Scheme::Http
-            && let Some(auth) = &proxy.authorization
-        {
-            // Plain HTTP goes to the upstream proxy in absolute form: it needs its credentials
-            // on each request (HTTPS carries them on the CONNECT instead).
-            upstream_req
-                .headers_mut()
-                .insert(header::PROXY_AUTHORIZATION, auth.clone());
-        }
-        let sent = Instant::now();
-        let out = Outgoing {
-            client,
-            pinned,
-            https: scheme == Scheme::Https,
-            authority: &authority,
-            upgrade: asked.is_some(),
-        };
-        let mut response = send(state, &out, upstream_req, upload).await?;
-        state
-            .stats(route)
-            .upstream_latency(sent.elapsed().as_secs_f64());
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS
-            && let Some(asked) = asked.take()
-        {
-            let what = format!("upgrade {peer} -> {authority}");
-            let idle = state.config.limits.tunnel_idle_timeout;
-            let stats = state.metrics.relays.websocket.clone();
-            crate::upgrade::join(asked, &mut response, idle, what, stats);
+            if response.status() == StatusCode::FORBIDDEN
+                && let Some(route) = route.filter(|r| r.ip_bound)
+            {
+                ip_bound_hint(route, authority.as_str(), &mut response);
+            }
+
+            if response.status() == StatusCode::UNAUTHORIZED
+                && let (Some(route), Some(token)) = (route, token)
+            {
+                let provider = &route.provider.name;
+                let tokens = state.tokens.get(provider);
+                if retried {
+                    if let Some(tokens) = tokens {
+                        tokens.refused_fresh(&token.scope, token.generation);
+                    }
+                    tracing::error!(
+                        provider = %provider,
+                        route = %route.name,
+                        "the upstream refused a freshly fetched token too: the provider's credentials themselves look wrong (check the id, secret and permissions)"
+                    );
+                } else if body.replayable()
+                    && let Some(tokens) = tokens
+                    && tokens.invalidate(&token.scope, token.generation)
+                {
+                    tokens
+                        .stats
+                        .retries_after_401
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(provider = %provider, route = %route.name, "401 with a cached token: fetching a fresh one and retrying once");
+                    retried = true;
+                    continue;
+                } else if !body.replayable() {
+                    // No replay, but the token is still bad: the next request must not reuse it.
+                    if let Some(tokens) = tokens {
+                        tokens.invalidate(&token.scope, token.generation);
+                    }
+                    response.headers_mut().insert(
+                        "x-credproxy-retry",
+                        http::HeaderValue::from_static("skipped-body-too-large"),
+                    );
+                }
+            }
+            if retried {
+                response.extensions_mut().insert(Retried);
+            }
             return Ok(response);
         }
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            // Nothing asked for a switch: the connection would be left in an unknown protocol.
-            return Err(ProxyError::Upstream {
-                host: authority.as_str().to_string(),
-                cause: "it answered 101 Switching Protocols to a request that asked for no switch"
-                    .into(),
-            });
-        }
-        // Only plain HTTP talks to the upstream proxy directly; over HTTPS a 407 comes from
-        // inside the tunnel and is the API's own answer.
-        if response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED
-            && scheme == Scheme::Http
-            && let Some(proxy) = &egress.proxy
-        {
-            // The upstream proxy refused us: that is our configuration, not the client's to answer.
-            return Err(ProxyError::UpstreamConnect {
-                host: authority.as_str().to_string(),
-                cause: format!(
-                    "the upstream proxy {} answered 407: proxy authentication failed; check egress.proxy_username/proxy_password",
-                    proxy.display()
-                ),
-            });
-        }
-        if response.status() == StatusCode::FORBIDDEN
-            && let Some(route) = route.filter(|r| r.ip_bound)
-        {
-            ip_bound_hint(route, authority.as_str(), &mut response);
-        }
-
-        if response.status() == StatusCode::UNAUTHORIZED
-            && let (Some(route), Some(token)) = (route, token)
-        {
-            let provider = &route.provider.name;
-            let tokens = state.tokens.get(provider);
-            if retried {
-                if let Some(tokens) = tokens {
-                    tokens.refused_fresh(&token.scope, token.generation);
-                }
-                tracing::error!(
-                    provider = %provider,
-                    route = %route.name,
-                    "the upstream refused a freshly fetched token too: the provider's credentials themselves look wrong (check the id, secret and permissions)"
-                );
-            } else if body.replayable()
-                && let Some(tokens) = tokens
-                && tokens.invalidate(&token.scope, token.generation)
-            {
-                tokens
-                    .stats
-                    .retries_after_401
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(provider = %provider, route = %route.name, "401 with a cached token: fetching a fresh one and retrying once");
-                retried = true;
-                continue;
-            } else if !body.replayable() {
-                // No replay, but the token is still bad: the next request must not reuse it.
-                if let Some(tokens) = tokens {
-                    tokens.invalidate(&token.scope, token.generation);
-                }
-                response.headers_mut().insert(
-                    "x-credproxy-retry",
-                    http::HeaderValue::from_static("skipped-body-too-large"),
-                );
-            }
-        }
-        if retried {
-            response.extensions_mut().insert(Retried);
-        }
-        return Ok(response);
     }
 }
 
@@ -756,81 +767,84 @@ struct Outgoing<'a> {
     upgrade: bool,
 }
 
-async fn send(
+// Not an `async fn`: see `serve`.
+fn send(
     state: &State,
     out: &Outgoing<'_>,
     req: Request<Body>,
     mut upload: Option<body::Progress>,
-) -> Result<Response<Body>, ProxyError> {
-    let timeout = state.config.upstream.response_timeout;
-    // The request's future is awaited where it is made: passed by value into another async fn,
-    // it was copied into that one's frame (several kilobytes, ~9,000 instructions per request;
-    // bench/notes.md, "WebSockets, `Via`, ...").
-    let answer = if out.upgrade {
-        // A handshake has no body: the timeout counts from the start.
-        let sent = crate::upgrade::request(out.client, req, out.https, out.authority);
-        Ok(tokio::time::timeout(timeout, sent).await.ok())
-    } else {
-        // Pinned here, and lent to `after_upload`: given by value, it would be stored twice in
-        // that function's future (as its argument and as its pinned local), making the whole
-        // request's future ~1.8 KB larger, and that future is moved several times per request.
-        let sent = std::pin::pin!(pinned::request(
-            out.pinned,
-            out.client,
-            req,
-            out.https,
-            out.authority
-        ));
-        match upload.as_mut() {
-            None => Ok(tokio::time::timeout(timeout, sent).await.ok()),
-            Some(upload) => after_upload(sent, upload, timeout).await,
-        }
-    };
-    let answer = match answer {
-        Ok(answer) => answer,
-        Err(Stalled) => {
-            return Err(ProxyError::UploadStalled {
-                host: out.authority.as_str().to_string(),
-                after: timeout,
-            });
-        }
-    };
-    let response = match answer {
-        Some(Ok(resp)) => resp,
-        Some(Err(e)) => {
-            let (err, connecting) = e.cause();
-            if upload.is_some_and(|u| *u.borrow() == body::Upload::Failed) {
-                // The client broke its upload off: its fault, not the upstream's.
-                return Err(ProxyError::ClientBody {
-                    cause: format!("the request body broke off: {}", root_cause(err)),
+) -> impl std::future::Future<Output = Result<Response<Body>, ProxyError>> + Send {
+    async move {
+        let timeout = state.config.upstream.response_timeout;
+        // The request's future is awaited where it is made: passed by value into another async fn,
+        // it was copied into that one's frame (several kilobytes, ~9,000 instructions per request;
+        // bench/notes.md, "WebSockets, `Via`, ...").
+        let answer = if out.upgrade {
+            // A handshake has no body: the timeout counts from the start.
+            let sent = crate::upgrade::request(out.client, req, out.https, out.authority);
+            Ok(tokio::time::timeout(timeout, sent).await.ok())
+        } else {
+            // Pinned here, and lent to `after_upload`: given by value, it would be stored twice in
+            // that function's future (as its argument and as its pinned local), making the whole
+            // request's future ~1.8 KB larger, and that future is moved several times per request.
+            let sent = std::pin::pin!(pinned::request(
+                out.pinned,
+                out.client,
+                req,
+                out.https,
+                out.authority
+            ));
+            match upload.as_mut() {
+                None => Ok(tokio::time::timeout(timeout, sent).await.ok()),
+                Some(upload) => after_upload(sent, upload, timeout).await,
+            }
+        };
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(Stalled) => {
+                return Err(ProxyError::UploadStalled {
+                    host: out.authority.as_str().to_string(),
+                    after: timeout,
                 });
             }
-            return Err(upstream_error(out.authority.as_str(), err, connecting));
-        }
-        None => {
-            return Err(ProxyError::UpstreamTimeout {
+        };
+        let response = match answer {
+            Some(Ok(resp)) => resp,
+            Some(Err(e)) => {
+                let (err, connecting) = e.cause();
+                if upload.is_some_and(|u| *u.borrow() == body::Upload::Failed) {
+                    // The client broke its upload off: its fault, not the upstream's.
+                    return Err(ProxyError::ClientBody {
+                        cause: format!("the request body broke off: {}", root_cause(err)),
+                    });
+                }
+                return Err(upstream_error(out.authority.as_str(), err, connecting));
+            }
+            None => {
+                return Err(ProxyError::UpstreamTimeout {
+                    host: out.authority.as_str().to_string(),
+                    after: timeout,
+                    setting: "response_timeout",
+                });
+            }
+        };
+        let (mut parts, body) = response.into_parts();
+        if let Some(coding) = strip_hop_by_hop(&mut parts.headers).unknown_coding {
+            return Err(ProxyError::Upstream {
                 host: out.authority.as_str().to_string(),
-                after: timeout,
-                setting: "response_timeout",
+                cause: format!(
+                    "the response uses transfer coding `{coding}`, which credproxy cannot pass on (only chunked)"
+                ),
             });
         }
-    };
-    let (mut parts, body) = response.into_parts();
-    if let Some(coding) = strip_hop_by_hop(&mut parts.headers).unknown_coding {
-        return Err(ProxyError::Upstream {
-            host: out.authority.as_str().to_string(),
-            cause: format!(
-                "the response uses transfer coding `{coding}`, which credproxy cannot pass on (only chunked)"
-            ),
-        });
+        if state.config.upstream.via {
+            parts.headers.append(header::VIA, via(parts.version));
+        }
+        // RFC 9110 §6.2: the proxy speaks its own version (an HTTP/1.0 upstream's would close the
+        // client's connection); hyper answers an HTTP/1.0 client in 1.0 anyway.
+        parts.version = Version::HTTP_11;
+        Ok(Response::from_parts(parts, body))
     }
-    if state.config.upstream.via {
-        parts.headers.append(header::VIA, via(parts.version));
-    }
-    // RFC 9110 §6.2: the proxy speaks its own version (an HTTP/1.0 upstream's would close the
-    // client's connection); hyper answers an HTTP/1.0 client in 1.0 anyway.
-    parts.version = Version::HTTP_11;
-    Ok(Response::from_parts(parts, body))
 }
 
 /// A streamed upload took no frame for the whole response timeout.
@@ -1434,4 +1448,3 @@ mod tests {
         }
     }
 }
-

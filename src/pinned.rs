@@ -184,97 +184,100 @@ impl Failure {
 
 /// Sends `req` (origin-form URI, no Host header) to `authority` over this client connection's
 /// pinned upstream connection when there is one for it, else through `client`'s pool.
-pub async fn request(
+/// Not an `async fn`, to keep the request's future small: see `forward::serve`.
+pub fn request(
     pinned: &Pinned,
     client: &Client,
     mut req: Request<Body>,
     https: bool,
     authority: &Authority,
-) -> Result<Response<Body>, Failure> {
-    let Some(connector) = client.pin_connector() else {
-        return pooled_boxed(client, req, https, authority).await;
-    };
-    let authority_str = authority.as_str();
-    let (kept, ticket) = match pinned.plan(client, https, authority_str) {
-        Plan::Pool { learn } => {
-            let resp = pooled_boxed(client, req, https, authority).await?;
-            if learn {
-                pinned.learn(client.id(), https, authority_str, resp.version());
+) -> impl std::future::Future<Output = Result<Response<Body>, Failure>> + Send {
+    async move {
+        let Some(connector) = client.pin_connector() else {
+            return pooled_boxed(client, req, https, authority).await;
+        };
+        let authority_str = authority.as_str();
+        let (kept, ticket) = match pinned.plan(client, https, authority_str) {
+            Plan::Pool { learn } => {
+                let resp = pooled_boxed(client, req, https, authority).await?;
+                if learn {
+                    pinned.learn(client.id(), https, authority_str, resp.version());
+                }
+                return Ok(resp);
             }
-            return Ok(resp);
+            Plan::Reuse(upstream) => (Some(upstream), None),
+            Plan::Dial(ticket) => (None, ticket),
+        };
+        let mut claim = Claim {
+            pinned,
+            settled: false,
+        };
+        // The pool sets Host itself; a connection of our own needs it set.
+        if let Ok(host) = HeaderValue::from_str(authority_str) {
+            req.headers_mut().insert(header::HOST, host);
         }
-        Plan::Reuse(upstream) => (Some(upstream), None),
-        Plan::Dial(ticket) => (None, ticket),
-    };
-    let mut claim = Claim {
-        pinned,
-        settled: false,
-    };
-    // The pool sets Host itself; a connection of our own needs it set.
-    if let Ok(host) = HeaderValue::from_str(authority_str) {
-        req.headers_mut().insert(header::HOST, host);
-    }
-    let key = || Key {
-        client: client.id(),
-        https,
-        authority: authority_str.to_string(),
-    };
-    // This client connection's kept connection, or a spare: either may have closed meanwhile.
-    let reused = kept.is_some();
-    // The rare paths (dialling, falling back to the pool) are boxed: inline, their futures would
-    // make every request's future several kilobytes larger, and it is copied once per request.
-    let mut upstream = match kept {
-        Some(u) => u,
-        None => match dial_boxed(client, connector, key()).await {
-            Ok(u) => u,
-            Err(_) => {
-                // The pool may still hold a live connection (an API that takes no more of them,
-                // say): it gets this request, and this client connection's next ones.
-                drop(ticket);
-                claim.settle(Slot::Pooled(key()));
-                return pooled_boxed(client, req, https, authority).await;
-            }
-        },
-    };
-    drop(ticket);
-    let mut result = upstream.sender.try_send_request(req).await;
-    if reused
-        && let Err(e) = &mut result
-        && let Some(req) = e.take_message()
-    {
-        // The kept connection closed before the request went out: a new one, or the pool.
-        match dial_boxed(client, connector, key()).await {
-            Ok(u) => {
-                upstream = u;
-                result = upstream.sender.try_send_request(req).await;
-            }
-            Err(_) => {
-                claim.settle(Slot::Pooled(key()));
-                return pooled_boxed(client, req, https, authority).await;
+        let key = || Key {
+            client: client.id(),
+            https,
+            authority: authority_str.to_string(),
+        };
+        // This client connection's kept connection, or a spare: either may have closed meanwhile.
+        let reused = kept.is_some();
+        // The rare paths (dialling, falling back to the pool) are boxed: inline, their futures would
+        // make every request's future several kilobytes larger, and it is copied once per request.
+        let mut upstream = match kept {
+            Some(u) => u,
+            None => match dial_boxed(client, connector, key()).await {
+                Ok(u) => u,
+                Err(_) => {
+                    // The pool may still hold a live connection (an API that takes no more of them,
+                    // say): it gets this request, and this client connection's next ones.
+                    drop(ticket);
+                    claim.settle(Slot::Pooled(key()));
+                    return pooled_boxed(client, req, https, authority).await;
+                }
+            },
+        };
+        drop(ticket);
+        let mut result = upstream.sender.try_send_request(req).await;
+        if reused
+            && let Err(e) = &mut result
+            && let Some(req) = e.take_message()
+        {
+            // The kept connection closed before the request went out: a new one, or the pool.
+            match dial_boxed(client, connector, key()).await {
+                Ok(u) => {
+                    upstream = u;
+                    result = upstream.sender.try_send_request(req).await;
+                }
+                Err(_) => {
+                    claim.settle(Slot::Pooled(key()));
+                    return pooled_boxed(client, req, https, authority).await;
+                }
             }
         }
-    }
-    match result {
-        Ok(resp) => {
-            let (mut parts, incoming) = resp.into_parts();
-            // Only a 403 is looked at for the source address (`forward::ip_bound_hint`); on every
-            // response it would allocate an extensions map per request.
-            if parts.status == http::StatusCode::FORBIDDEN
-                && let Some(local) = upstream.local
-            {
-                parts.extensions.insert(local);
+        match result {
+            Ok(resp) => {
+                let (mut parts, incoming) = resp.into_parts();
+                // Only a 403 is looked at for the source address (`forward::ip_bound_hint`); on every
+                // response it would allocate an extensions map per request.
+                if parts.status == http::StatusCode::FORBIDDEN
+                    && let Some(local) = upstream.local
+                {
+                    parts.extensions.insert(local);
+                }
+                upstream.idle_since.now();
+                let watched = Watched {
+                    inner: incoming,
+                    idle_since: upstream.idle_since.clone(),
+                };
+                claim.settle(Slot::Idle(upstream));
+                Ok(Response::from_parts(parts, body::stream(watched)))
             }
-            upstream.idle_since.now();
-            let watched = Watched {
-                inner: incoming,
-                idle_since: upstream.idle_since.clone(),
-            };
-            claim.settle(Slot::Idle(upstream));
-            Ok(Response::from_parts(parts, body::stream(watched)))
-        }
-        Err(e) => {
-            claim.settle(Slot::Empty);
-            Err(Failure::Http(e.into_error()))
+            Err(e) => {
+                claim.settle(Slot::Empty);
+                Err(Failure::Http(e.into_error()))
+            }
         }
     }
 }
