@@ -96,6 +96,7 @@ fn without_content(response: Response<Body>) -> Response<Body> {
 /// so, the request's future is 4.0 KB instead of 6.8 KB (bench/notes.md, "The request's
 /// future"). An intercepted CONNECT tunnel serves its requests with this too; see
 /// `connect::spawn_intercept`.
+#[expect(clippy::manual_async_fn, reason = "an async fn's future is larger")]
 pub fn serve(
     state: Arc<State>,
     entry: Entry,
@@ -768,6 +769,7 @@ struct Outgoing<'a> {
 }
 
 // Not an `async fn`: see `serve`.
+#[expect(clippy::manual_async_fn, reason = "an async fn's future is larger")]
 fn send(
     state: &State,
     out: &Outgoing<'_>,
