@@ -183,7 +183,7 @@ async fn intercept(
             port,
             scheme: Scheme::Http,
         }));
-        serve(&state, io, entry, peer, keep, &host).await;
+        serve(&state, io, entry, peer, keep, &host, false).await;
         return;
     }
     if !tls_route {
@@ -222,10 +222,13 @@ async fn intercept(
         port,
         scheme: Scheme::Https,
     }));
-    serve(&state, tls, entry, peer, keep, &host).await;
+    // RFC 9113 §3.2: HTTP/2 over TLS is chosen by ALPN, so without `h2` it is HTTP/1.x.
+    let http1_only = tls.get_ref().1.alpn_protocol() != Some(b"h2");
+    serve(&state, tls, entry, peer, keep, &host, http1_only).await;
 }
 
-/// Serves the requests inside an intercepted tunnel (decrypted, or plain HTTP).
+/// Serves the requests inside an intercepted tunnel (decrypted, or plain HTTP). `http1_only`:
+/// the client chose HTTP/1.x by ALPN (plain tunnels may still speak HTTP/2 with prior knowledge).
 async fn serve<I>(
     state: &Arc<State>,
     io: I,
@@ -233,11 +236,11 @@ async fn serve<I>(
     peer: SocketAddr,
     keep: crate::relay::Keep,
     host: &str,
+    http1_only: bool,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let idle = state.config.limits.header_read_timeout;
-    let server = crate::listen::http_server(&state.config);
     let state2 = state.clone();
     let pinned = Arc::new(crate::pinned::Pinned::new());
     let activity = Arc::new(crate::watchdog::Activity::default());
@@ -255,8 +258,6 @@ async fn serve<I>(
         let pinned = pinned.clone();
         crate::watchdog::track(&requests, forward::serve(state, entry, req, peer, pinned))
     });
-    // With upgrades: a WebSocket inside the tunnel (`upgrade`).
-    let conn = server.serve_connection_with_upgrades(TokioIo::new(io), service);
     // Watched like the listeners' connections, so a shutdown lets in-flight requests finish.
     let watcher = state
         .tunnels
@@ -264,12 +265,34 @@ async fn serve<I>(
         .ok()
         .and_then(|g| g.as_ref().map(|g| g.watcher()));
     let Some(watcher) = watcher else { return };
-    let close = |c: std::pin::Pin<&mut _>| {
-        hyper_util::server::conn::auto::UpgradeableConnection::graceful_shutdown(c)
-    };
-    let served = crate::watchdog::serve(conn, close, &activity, idle, watcher).await;
-    if let Err(e) = served {
+    let ended = |e: &dyn std::fmt::Display| {
         tracing::debug!(%peer, host, "intercepted connection ended: {e}");
+    };
+    // With upgrades: a WebSocket inside the tunnel (`upgrade`).
+    if http1_only {
+        // hyper's HTTP/1 server itself: the auto server would first sniff for HTTP/2's preface
+        // and then read every request through a rewind layer.
+        let server = crate::listen::http1_server(&state.config);
+        let conn = std::pin::pin!(
+            server
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades()
+        );
+        let close = |c: std::pin::Pin<&mut _>| {
+            hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(c)
+        };
+        if let Err(e) = crate::watchdog::serve(conn, close, &activity, idle, watcher).await {
+            ended(&e);
+        }
+    } else {
+        let server = crate::listen::http_server(&state.config);
+        let conn = std::pin::pin!(server.serve_connection_with_upgrades(TokioIo::new(io), service));
+        let close = |c: std::pin::Pin<&mut _>| {
+            hyper_util::server::conn::auto::UpgradeableConnection::graceful_shutdown(c)
+        };
+        if let Err(e) = crate::watchdog::serve(conn, close, &activity, idle, watcher).await {
+            ended(&*e);
+        }
     }
 }
 

@@ -397,10 +397,20 @@ pub fn http_server(config: &Config) -> auto::Builder<TokioExecutor> {
         .http1()
         .header_read_timeout(None)
         .max_buf_size(config.limits.max_header_bytes);
+    // The same as `http1_server` (hyper's builder cannot be handed to the auto one).
     server
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(config.limits.max_header_bytes as u32);
+    server
+}
+
+/// `http_server`'s HTTP/1 settings alone, for a TLS tunnel whose client chose HTTP/1.x by ALPN.
+pub fn http1_server(config: &Config) -> hyper::server::conn::http1::Builder {
+    let mut server = hyper::server::conn::http1::Builder::new();
+    server
+        .header_read_timeout(None)
+        .max_buf_size(config.limits.max_header_bytes);
     server
 }
 
@@ -645,7 +655,8 @@ impl Connection {
             let pinned = pinned.clone();
             crate::watchdog::track(&requests, forward::serve(state, entry, req, peer, pinned))
         });
-        let conn = server.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let conn =
+            std::pin::pin!(server.serve_connection_with_upgrades(TokioIo::new(stream), service));
         let close = |c: std::pin::Pin<&mut _>| auto::UpgradeableConnection::graceful_shutdown(c);
         let served = crate::watchdog::serve(conn, close, &activity, idle, watcher).await;
         if let Err(e) = served {

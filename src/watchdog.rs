@@ -133,8 +133,11 @@ impl Drain {
 /// The timer and the drain signal are watched by a companion task, which raises an [`Alarm`]:
 /// the connection's own task, woken a few times per request, then checks one atomic instead of
 /// polling a timer and a channel each time.
+///
+/// `conn` is pinned by the caller: taken by value, it would be stored twice in this function's
+/// future (as taken, and pinned), 1.6 KB more per open connection (2.8 KB for a TLS one).
 pub async fn serve<C, E>(
-    conn: C,
+    mut conn: Pin<&mut C>,
     close: fn(Pin<&mut C>),
     activity: &Arc<Activity>,
     idle: Duration,
@@ -147,7 +150,6 @@ where
     let companion = tokio::spawn(watch_over(activity.clone(), idle, watcher, alarm.clone()));
     // Also when this future is dropped unfinished (the client's task ends another way).
     let _stop = AbortOnDrop(companion.abort_handle());
-    let mut conn = std::pin::pin!(conn);
     let mut seen = QUIET;
     loop {
         tokio::select! {

@@ -706,6 +706,26 @@ async fn an_http_1_0_client_offering_only_http_1_0_by_alpn_is_served() {
 }
 
 #[tokio::test]
+async fn a_client_offering_no_alpn_is_served_http_1_1_with_keep_alive() {
+    // Older TLS clients offer no ALPN at all: without `h2` chosen, the tunnel speaks HTTP/1.x.
+    let s = setup().await;
+    let proxy = s.env.proxy(&s.yaml("")).await;
+    let roots = s.env.proxy_roots();
+    let (answer, mut tls) = tls_tunnel_offering(proxy.addr, "api.example.com", &roots, &[]).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+    // Two requests on the one connection (pipelined), the second closing it.
+    tls.write_all(
+        b"GET /__echo HTTP/1.1\r\nHost: api.example.com\r\n\r\nGET /__echo HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&read_until_closed(&mut tls).await).into_owned();
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 2, "{text}");
+    assert_eq!(text.matches("static-value").count(), 2, "{text}");
+}
+
+#[tokio::test]
 async fn a_head_answer_carries_no_body_over_http2() {
     // The upstream's headers (Content-Length too) reach the client; no content does, even from an
     // upstream that sends some (RFC 9110 §9.3.2): DATA on a HEAD stream is an HTTP/2 protocol
