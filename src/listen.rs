@@ -393,11 +393,11 @@ async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, StartError> {
 pub fn http_server(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut server = auto::Builder::new(TokioExecutor::new());
     // `limits.header_read_timeout` is kept by the watchdog, not by hyper (see watchdog.rs).
+    // The same settings as `http1_server` (hyper's builder cannot be handed to the auto one).
     server
         .http1()
         .header_read_timeout(None)
         .max_buf_size(config.limits.max_header_bytes);
-    // The same as `http1_server` (hyper's builder cannot be handed to the auto one).
     server
         .http2()
         .timer(TokioTimer::new())
@@ -410,7 +410,11 @@ pub fn http1_server(config: &Config) -> hyper::server::conn::http1::Builder {
     let mut server = hyper::server::conn::http1::Builder::new();
     server
         .header_read_timeout(None)
-        .max_buf_size(config.limits.max_header_bytes);
+        .max_buf_size(config.limits.max_header_bytes)
+        // The read buffer's cap alone is checked only while a head is incomplete, so one large
+        // read can bring in a whole head past it; this checks the head itself (hyper-util's auto
+        // server does not offer it).
+        .max_header_size(config.limits.max_header_bytes);
     server
 }
 

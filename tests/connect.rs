@@ -726,6 +726,23 @@ async fn a_client_offering_no_alpn_is_served_http_1_1_with_keep_alive() {
 }
 
 #[tokio::test]
+async fn an_oversized_head_inside_an_http1_tunnel_gets_431() {
+    // limits.max_header_bytes holds inside intercepted tunnels as on the listener.
+    let s = setup().await;
+    let proxy = s.env.proxy(&s.yaml("")).await;
+    let roots = s.env.proxy_roots();
+    let (answer, mut tls) =
+        tls_tunnel_offering(proxy.addr, "api.example.com", &roots, &[b"http/1.1"]).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let mut huge = b"GET /__echo HTTP/1.1\r\nHost: api.example.com\r\n".to_vec();
+    huge.extend(format!("X-Big: {}\r\n\r\n", "a".repeat(100 * 1024)).as_bytes());
+    // The proxy may answer and close before it has read all of it.
+    let _ = tls.write_all(&huge).await;
+    let text = String::from_utf8_lossy(&read_until_closed(&mut tls).await).into_owned();
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+}
+
+#[tokio::test]
 async fn a_head_answer_carries_no_body_over_http2() {
     // The upstream's headers (Content-Length too) reach the client; no content does, even from an
     // upstream that sends some (RFC 9110 §9.3.2): DATA on a HEAD stream is an HTTP/2 protocol
