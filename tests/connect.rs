@@ -726,7 +726,7 @@ async fn a_client_offering_no_alpn_is_served_http_1_1_with_keep_alive() {
 }
 
 #[tokio::test]
-async fn an_oversized_head_inside_an_http1_tunnel_gets_431() {
+async fn an_oversized_head_inside_a_tunnel_gets_431() {
     // limits.max_header_bytes holds inside intercepted tunnels as on the listener.
     let s = setup().await;
     let proxy = s.env.proxy(&s.yaml("")).await;
@@ -740,6 +740,15 @@ async fn an_oversized_head_inside_an_http1_tunnel_gets_431() {
     let _ = tls.write_all(&huge).await;
     let text = String::from_utf8_lossy(&read_until_closed(&mut tls).await).into_owned();
     assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+
+    // And in a plain-HTTP tunnel to port 80 (served by the HTTP/1-or-2 server).
+    let text = through_tunnel(proxy.addr, "api.example.com:80", &huge).await;
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.contains("HTTP/1.1 431"),
+        "{}",
+        &text[..text.len().min(300)]
+    );
+    assert!(s.echo.requests().is_empty(), "nothing reached the upstream");
 }
 
 #[tokio::test]
