@@ -683,24 +683,6 @@ async fn connect_one(
     addr: std::net::SocketAddr,
     bind: Option<std::net::IpAddr>,
 ) -> Result<TcpStream, DialError> {
-    let socket = socket_for(addr, bind)?;
-    let s = socket
-        .connect(addr)
-        .await
-        .map_err(|source| DialError::Connect {
-            addr: addr.to_string(),
-            source,
-        })?;
-    // Small API calls: don't let Nagle hold a request head back.
-    let _ = s.set_nodelay(true);
-    Ok(s)
-}
-
-/// A socket for `addr`, bound to the source address `bind` if there is one.
-fn socket_for(
-    addr: std::net::SocketAddr,
-    bind: Option<std::net::IpAddr>,
-) -> Result<TcpSocket, DialError> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
@@ -711,21 +693,20 @@ fn socket_for(
         source,
     })?;
     if let Some(ip) = bind {
-        // The local port is picked at connect, for this destination, instead of at bind, where
-        // the kernel must pick one free for every destination: so one source address is not
-        // limited to the ~28,000 ports of the ephemeral range in all. Best effort: without it
-        // (not Linux, or a kernel before 4.2) binding still works, with that limit.
-        #[cfg(target_os = "linux")]
-        let _ = nix::sys::socket::setsockopt(
-            &socket,
-            nix::sys::socket::sockopt::IpBindAddressNoPort,
-            &true,
-        );
         socket
             .bind(std::net::SocketAddr::new(ip, 0))
             .map_err(|source| DialError::Bind { bind: ip, source })?;
     }
-    Ok(socket)
+    let s = socket
+        .connect(addr)
+        .await
+        .map_err(|source| DialError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+    // Small API calls: don't let Nagle hold a request head back.
+    let _ = s.set_nodelay(true);
+    Ok(s)
 }
 
 /// What a "what is my IP" service at `url` sees when asked through `egress` (first line of its
@@ -802,28 +783,6 @@ mod tests {
         );
         let v4_first = vec![a("192.0.2.1:80"), a("[2001:db8::1]:80")];
         assert_eq!(interleave_families(v4_first.clone()), v4_first);
-    }
-
-    /// A bound source address reserves no port at bind: the port is chosen at connect, per
-    /// destination, so `egress.bind` is not limited to one ephemeral range for all upstreams.
-    #[cfg(target_os = "linux")]
-    #[tokio::test]
-    async fn a_bound_source_address_takes_its_port_at_connect() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let dest = listener.local_addr().expect("addr");
-        let source: std::net::IpAddr = "127.0.0.1".parse().expect("ip");
-        let socket = socket_for(dest, Some(source)).expect("socket");
-        assert_eq!(
-            socket.local_addr().expect("local").port(),
-            0,
-            "bind reserved a port before the destination was known"
-        );
-        let stream = socket.connect(dest).await.expect("connect");
-        let local = stream.local_addr().expect("local");
-        assert_eq!(local.ip(), source);
-        assert_ne!(local.port(), 0);
     }
 
     /// An address that takes SYNs and never answers (a blackholed route) must not hold up the
