@@ -107,8 +107,8 @@ pub fn serve(
     async move {
         let started = Instant::now();
         let method = req.method().clone();
-        // RFC 9112 §3.2: two Hosts make the target ambiguous (the checks and the upstream could each
-        // read a different one).
+        // RFC 9112 §3.2: two Hosts make the target ambiguous (the checks and the upstream could
+        // each read a different one).
         if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
             let err = ProxyError::bad_request(
                 "duplicate_host",
@@ -153,8 +153,8 @@ pub fn serve(
                 message: format!("{} is not in access.allow_clients", peer.ip()),
             },
             Refusal::ProxyAuth => ProxyError::ProxyAuthRequired,
-            // A client pointed at a local endpoint as if it were the proxy: its `Host` is the API's,
-            // which is not rebinding but a mistake to name.
+            // A client pointed at a local endpoint as if it were the proxy: its `Host` is the
+            // API's, which is not rebinding but a mistake to name.
             Refusal::Host if let Entry::Local(name) = &entry && is_proxy_request(&req) => {
                 not_a_local_request(name)
             }
@@ -449,23 +449,25 @@ fn forward(
     // Split before the future is made, so that it holds the parts and not the request as well.
     let (mut parts, incoming) = req.into_parts();
     async move {
-        // A TRACE the proxy answers itself (Max-Forwards: 0) shows the request as it arrived, before
-        // the changes below. TRACE is rare: the copy costs nothing elsewhere.
+        // A TRACE the proxy answers itself (Max-Forwards: 0) shows the request as it arrived,
+        // before the changes below. TRACE is rare: the copy costs nothing elsewhere.
         let arrived = (parts.method == Method::TRACE).then(|| parts.headers.clone());
         let hop = strip_hop_by_hop(&mut parts.headers);
         if let Some(coding) = hop.unknown_coding {
             return Err(ProxyError::UnsupportedCoding { coding });
         }
         if hop.trailers {
-            // The client takes trailers, so the proxy does too: it passes them on (RFC 9110 §10.1.4).
-            // Not also listed in `Connection`, as that section asks: the pool may pick HTTP/2, whose
-            // client (hyper) removes every header `Connection` names, `TE: trailers` included.
+            // The client takes trailers, so the proxy does too: it passes them on (RFC 9110
+            // §10.1.4). Not also listed in `Connection`, as that section asks: the pool may pick
+            // HTTP/2, whose client (hyper) removes every header `Connection` names, `TE: trailers`
+            // included.
             parts
                 .headers
                 .insert(header::TE, http::HeaderValue::from_static("trailers"));
         }
         if parts.version == Version::HTTP_10 {
-            // RFC 9110 §10.1.1: an HTTP/1.0 client's Expect is ignored, not passed on as HTTP/1.1's.
+            // RFC 9110 §10.1.1: an HTTP/1.0 client's Expect is ignored, not passed on as
+            // HTTP/1.1's.
             parts.headers.remove(header::EXPECT);
         }
         parts.headers.remove(header::HOST);
@@ -480,8 +482,8 @@ fn forward(
         let (scheme, port_in_uri) = match route {
             Some(route) => {
                 reject_dot_segments(target.path())?;
-                // A plain-HTTP client request goes out over the route's scheme: `http://host/x` from a
-                // legacy client becomes `https://host/x`. An explicit port is kept.
+                // A plain-HTTP client request goes out over the route's scheme: `http://host/x`
+                // from a legacy client becomes `https://host/x`. An explicit port is kept.
                 (
                     route.upstream_scheme,
                     target.explicit_port.then_some(target.port),
@@ -514,7 +516,8 @@ fn forward(
                 (target.scheme, target.explicit_port.then_some(target.port))
             }
         };
-        // After the routing decision: a host the config denies is denied, whatever Max-Forwards says.
+        // After the routing decision: a host the config denies is denied, whatever Max-Forwards
+        // says.
         if let Some(answer) = max_forwards(&mut parts, arrived.as_ref()) {
             return Ok(answer);
         }
@@ -561,7 +564,8 @@ fn forward(
             if asked.is_some() {
                 crate::upgrade::mark(upstream_req.headers_mut());
             }
-            // The pool picks HTTP/1.1 or HTTP/2 per connection (ALPN); the client's version is not ours.
+            // The pool picks HTTP/1.1 or HTTP/2 per connection (ALPN); the client's version is not
+            // ours.
             *upstream_req.version_mut() = Version::HTTP_11;
             let egress = route.map_or(&state.outbound.default_egress, |r| &r.egress);
             if let Some(proxy) = &egress.proxy
@@ -610,7 +614,8 @@ fn forward(
                 && scheme == Scheme::Http
                 && let Some(proxy) = &egress.proxy
             {
-                // The upstream proxy refused us: that is our configuration, not the client's to answer.
+                // The upstream proxy refused us: that is our configuration, not the client's to
+                // answer.
                 return Err(ProxyError::UpstreamConnect {
                     host: authority.as_str().to_string(),
                     cause: format!(
@@ -1066,8 +1071,8 @@ fn reject_dot_segments(path: &str) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// RFC 9110 §7.6.1: these describe one connection, not the message, so they never cross the
-/// proxy. `Proxy-Authorization` is for this proxy only; `Proxy-Authenticate` is about another proxy.
+/// RFC 9110 §7.6.1: these describe one connection, not the message, so they never cross the proxy.
+/// `Proxy-Authorization` is for this proxy only; `Proxy-Authenticate` is about another proxy.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     // Header names are stored lower-case.
     matches!(

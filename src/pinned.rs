@@ -224,8 +224,9 @@ pub fn request(
         };
         // This client connection's kept connection, or a spare: either may have closed meanwhile.
         let reused = kept.is_some();
-        // The rare paths (dialling, falling back to the pool) are boxed: inline, their futures would
-        // make every request's future several kilobytes larger, and it is copied once per request.
+        // The rare paths (dialling, falling back to the pool) are boxed: inline, their futures
+        // would make every request's future several kilobytes larger, and it is copied once per
+        // request.
         let mut upstream = match kept {
             Some(u) => u,
             None => match dial_boxed(client, connector, key()).await {
@@ -260,8 +261,8 @@ pub fn request(
         match result {
             Ok(resp) => {
                 let (mut parts, incoming) = resp.into_parts();
-                // Only a 403 is looked at for the source address (`forward::ip_bound_hint`); on every
-                // response it would allocate an extensions map per request.
+                // Only a 403 is looked at for the source address (`forward::ip_bound_hint`); on
+                // every response it would allocate an extensions map per request.
                 if parts.status == http::StatusCode::FORBIDDEN
                     && let Some(local) = upstream.local
                 {
