@@ -220,6 +220,17 @@ async fn tls_tunnel_offering(
     (answer, tls)
 }
 
+/// A proxy with `setup`'s routes and an intercepted tunnel to api.example.com through it, its
+/// client offering `alpn`.
+async fn intercepted_offering(alpn: &[&[u8]]) -> (Setup, credproxy::Running, ClientTls) {
+    let s = setup().await;
+    let proxy = s.env.proxy(&s.yaml("")).await;
+    let roots = s.env.proxy_roots();
+    let (answer, tls) = tls_tunnel_offering(proxy.addr, "api.example.com", &roots, alpn).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    (s, proxy, tls)
+}
+
 /// Opens CONNECT to `host` and completes TLS trusting `roots`; returns the leaf certificate.
 async fn handshake(proxy: SocketAddr, host: &str, roots: &rustls::RootCertStore) -> Vec<u8> {
     let (answer, tls) = tls_tunnel(proxy, host, roots).await;
@@ -690,12 +701,7 @@ async fn plain_http_tunnelled_to_port_80_of_a_routed_host_gets_its_credentials()
 #[tokio::test]
 async fn an_http_1_0_client_offering_only_http_1_0_by_alpn_is_served() {
     // `curl --http1.0 -x … https://…` offers ALPN `http/1.0` alone.
-    let s = setup().await;
-    let proxy = s.env.proxy(&s.yaml("")).await;
-    let roots = s.env.proxy_roots();
-    let (answer, mut tls) =
-        tls_tunnel_offering(proxy.addr, "api.example.com", &roots, &[b"http/1.0"]).await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (_s, _proxy, mut tls) = intercepted_offering(&[b"http/1.0"]).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.0"[..]));
     tls.write_all(b"GET /__echo HTTP/1.0\r\nHost: api.example.com\r\n\r\n")
         .await
@@ -708,11 +714,7 @@ async fn an_http_1_0_client_offering_only_http_1_0_by_alpn_is_served() {
 #[tokio::test]
 async fn a_client_offering_no_alpn_is_served_http_1_1_with_keep_alive() {
     // Older TLS clients offer no ALPN at all: without `h2` chosen, the tunnel speaks HTTP/1.x.
-    let s = setup().await;
-    let proxy = s.env.proxy(&s.yaml("")).await;
-    let roots = s.env.proxy_roots();
-    let (answer, mut tls) = tls_tunnel_offering(proxy.addr, "api.example.com", &roots, &[]).await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (_s, _proxy, mut tls) = intercepted_offering(&[]).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), None);
     // Two requests on the one connection (pipelined), the second closing it.
     tls.write_all(
@@ -728,12 +730,7 @@ async fn a_client_offering_no_alpn_is_served_http_1_1_with_keep_alive() {
 #[tokio::test]
 async fn an_oversized_head_inside_a_tunnel_gets_431() {
     // limits.max_header_bytes holds inside intercepted tunnels as on the listener.
-    let s = setup().await;
-    let proxy = s.env.proxy(&s.yaml("")).await;
-    let roots = s.env.proxy_roots();
-    let (answer, mut tls) =
-        tls_tunnel_offering(proxy.addr, "api.example.com", &roots, &[b"http/1.1"]).await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (s, proxy, mut tls) = intercepted_offering(&[b"http/1.1"]).await;
     let mut huge = b"GET /__echo HTTP/1.1\r\nHost: api.example.com\r\n".to_vec();
     huge.extend(format!("X-Big: {}\r\n\r\n", "a".repeat(100 * 1024)).as_bytes());
     // The proxy may answer and close before it has read all of it.
