@@ -196,13 +196,6 @@ async fn tls_tunnel_offering(
     roots: &rustls::RootCertStore,
     alpn: &[&[u8]],
 ) -> (String, ClientTls) {
-    let mut tcp = TcpStream::connect(proxy).await.unwrap();
-    tcp.write_all(format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = [0u8; 1024];
-    let n = tcp.read(&mut buf).await.unwrap();
-    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
     let mut config =
         rustls::ClientConfig::builder_with_provider(credproxy::outbound::crypto_provider())
             .with_safe_default_protocol_versions()
@@ -210,10 +203,26 @@ async fn tls_tunnel_offering(
             .with_root_certificates(roots.clone())
             .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tls_tunnel_with(proxy, host, Arc::new(config)).await
+}
+
+/// `tls_tunnel` with this client configuration (and its session cache).
+async fn tls_tunnel_with(
+    proxy: SocketAddr,
+    host: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> (String, ClientTls) {
+    let mut tcp = TcpStream::connect(proxy).await.unwrap();
+    tcp.write_all(format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = tcp.read(&mut buf).await.unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
     // `[2001:db8::7]` is the IP address name `2001:db8::7`.
     let name =
         rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string()).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let tls = tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
         .unwrap();
@@ -746,6 +755,70 @@ async fn an_oversized_head_inside_a_tunnel_gets_431() {
         &text[..text.len().min(300)]
     );
     assert!(s.echo.requests().is_empty(), "nothing reached the upstream");
+}
+
+#[tokio::test]
+async fn returning_clients_resume_their_tls_session_with_aes_128_gcm() {
+    // A new connection per request is cheap only if the client resumes: no certificate, no
+    // signature. And the proxy picks AES-128-GCM with SHA-256 (hashed in hardware) even for a
+    // client that lists AES-256-GCM with SHA-384 first, as rustls's default order does.
+    use rustls::{CipherSuite, HandshakeKind};
+    let s = setup().await;
+    let proxy = s.env.proxy(&s.yaml("")).await;
+    let provider = credproxy::outbound::crypto_provider();
+    assert_eq!(
+        provider.cipher_suites[0].suite(),
+        CipherSuite::TLS13_AES_256_GCM_SHA384
+    );
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(s.env.proxy_roots())
+        .with_no_client_auth();
+    let config = Arc::new(config);
+    for (round, kind) in [
+        HandshakeKind::Full,
+        HandshakeKind::Resumed,
+        HandshakeKind::Resumed,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (answer, mut tls) =
+            tls_tunnel_with(proxy.addr, "api.example.com", config.clone()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let conn = tls.get_ref().1;
+        assert_eq!(conn.handshake_kind(), Some(kind), "connection {round}");
+        assert_eq!(
+            conn.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+        // Reading the answer reads the session tickets that come after the handshake.
+        tls.write_all(
+            b"GET /__echo HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&read_until_closed(&mut tls).await).into_owned();
+        assert!(text.contains("static-value"), "{text}");
+    }
+    assert_eq!(proxy.leaf_mints(), 1);
+
+    // A client without AES-128-GCM still gets what it offers.
+    let mut only_256 = (*credproxy::outbound::crypto_provider()).clone();
+    only_256
+        .cipher_suites
+        .retain(|s| s.suite() == CipherSuite::TLS13_AES_256_GCM_SHA384);
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(only_256))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(s.env.proxy_roots())
+        .with_no_client_auth();
+    let (_, tls) = tls_tunnel_with(proxy.addr, "api.example.com", Arc::new(config)).await;
+    assert_eq!(
+        tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(CipherSuite::TLS13_AES_256_GCM_SHA384)
+    );
 }
 
 #[tokio::test]
