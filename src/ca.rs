@@ -227,8 +227,9 @@ impl Ca {
 /// The crypto provider for the client side of an intercepted tunnel: the usual one, but
 /// preferring TLS 1.3's AES-128-GCM with SHA-256 over the default AES-256-GCM with SHA-384.
 /// Clients resume their sessions, so a new connection's cost is mostly the key schedule's
-/// HMACs, and CPUs hash SHA-256 in hardware but not SHA-384 (see BENCHMARKS.md). Both suites
-/// are TLS 1.3 defaults everywhere; clients that offer only the other still get it.
+/// HMACs, and current x86 and ARM CPUs hash SHA-256 in hardware but not SHA-384 (see
+/// BENCHMARKS.md). Both suites are TLS 1.3 defaults everywhere; a client that offers only the
+/// other still gets it.
 fn client_side_provider() -> Arc<rustls::crypto::CryptoProvider> {
     let mut provider = (*crate::outbound::crypto_provider()).clone();
     provider
