@@ -393,7 +393,8 @@ async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, StartError> {
 pub fn http_server(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut server = auto::Builder::new(TokioExecutor::new());
     // `limits.header_read_timeout` is kept by the watchdog, not by hyper (see watchdog.rs).
-    // The same settings as `http1_server` (hyper's builder cannot be handed to the auto one).
+    // The settings of `http1_server` but `max_header_size`, which the auto builder does not
+    // offer (and hyper's builder cannot be handed to it).
     server
         .http1()
         .header_read_timeout(None)
